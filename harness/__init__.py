@@ -1,0 +1,1 @@
+"""Contract harness: YAML falsification contracts become pytest items, verdicts and a report."""
