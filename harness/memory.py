@@ -1,0 +1,208 @@
+"""NVML memory sampler: peak GPU memory of this process while a falsifier runs.
+
+A thread polls NVML at a fixed rate (default 200 Hz) for the device's used
+memory and, where the driver reports it, this process's own usage. The
+baseline is taken when sampling starts, i.e. before the subject loads, so
+``peak_above_baseline`` is what the subject cost. The allocator counters of
+torch and CuPy are read at the end as a cross-check: NVML sees everything the
+driver handed out (contexts, allocator slack), the allocators only what they
+manage, so NVML's peak must not be *below* theirs.
+
+If NVML cannot be initialised or read, ``NvmlUnavailable`` is raised: the
+memory falsifiers then give ERROR with that reason, never a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+GB = 1e9
+GIB = float(1 << 30)
+
+
+class NvmlUnavailable(RuntimeError):
+    """NVML could not be initialised or read; memory cannot be measured."""
+
+
+@dataclass
+class MemoryTimeline:
+    t_s: list[float] = field(default_factory=list)
+    device_used: list[int] = field(default_factory=list)
+    process_used: list[int | None] = field(default_factory=list)
+
+
+def _nvml() -> Any:
+    try:
+        import pynvml
+    except ImportError as exc:  # nvidia-ml-py is a hard dependency, but say so clearly
+        raise NvmlUnavailable(f"pynvml (package nvidia-ml-py) is not importable: {exc}") from exc
+    return pynvml
+
+
+class MemorySampler:
+    """Context manager: ``with MemorySampler(device=0) as mem: ...; mem.peak_above_baseline``.
+
+    ``on_sample(device_used_bytes)`` is called from the sampling thread; a
+    falsifier uses it to stop a run early once a budget is crossed.
+    """
+
+    def __init__(
+        self,
+        device: int = 0,
+        hz: float = 200.0,
+        on_sample: Callable[[int], None] | None = None,
+    ) -> None:
+        if hz <= 0:
+            raise ValueError(f"sampling rate must be positive, got {hz} Hz")
+        self.device = device
+        self.period_s = 1.0 / hz
+        self.on_sample = on_sample
+        self.timeline = MemoryTimeline()
+        self.baseline_device = 0
+        self.baseline_process: int | None = None
+        self.total_device = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._handle: Any = None
+        self._pid = os.getpid()
+        self._nv: Any = None
+
+    # -- sampling ---------------------------------------------------------
+    def _read(self) -> tuple[int, int | None]:
+        nv = self._nv
+        info = nv.nvmlDeviceGetMemoryInfo(self._handle)
+        used = int(info.used)
+        self.total_device = int(info.total)
+        proc: int | None = None
+        try:
+            for p in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if int(p.pid) == self._pid and p.usedGpuMemory is not None:
+                    proc = int(p.usedGpuMemory)
+        except nv.NVMLError:
+            proc = None  # per-process accounting is not available in every container
+        return used, proc
+
+    def _record(self) -> None:
+        used, proc = self._read()
+        self.timeline.t_s.append(time.perf_counter() - self._t0)
+        self.timeline.device_used.append(used)
+        self.timeline.process_used.append(proc)
+        if self.on_sample is not None:
+            self.on_sample(used)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self.period_s):
+                self._record()
+        except Exception as exc:  # keep the reason: a silent sampler would read as "no memory used"
+            self.error = f"NVML sampling failed: {type(exc).__name__}: {exc}"
+
+    def __enter__(self) -> MemorySampler:
+        nv = _nvml()
+        try:
+            nv.nvmlInit()
+            self._handle = nv.nvmlDeviceGetHandleByIndex(self.device)
+            self._nv = nv
+            self._t0 = time.perf_counter()
+            self.baseline_device, self.baseline_process = self._read()
+        except Exception as exc:
+            raise NvmlUnavailable(f"NVML init/read failed on GPU {self.device}: {exc}") from exc
+        self.timeline = MemoryTimeline([0.0], [self.baseline_device], [self.baseline_process])
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        try:
+            self._record()  # one last sample after the work, so a short run still has two
+        except Exception as e:
+            self.error = self.error or f"NVML final read failed: {e}"
+        try:
+            self._nv.nvmlShutdown()
+        except Exception:
+            pass
+
+    # -- results ----------------------------------------------------------
+    def check_ok(self) -> None:
+        if self.error is not None:
+            raise NvmlUnavailable(self.error)
+        if len(self.timeline.t_s) < 2:
+            raise NvmlUnavailable("NVML produced fewer than two samples")
+
+    @property
+    def peak_device(self) -> int:
+        return max(self.timeline.device_used)
+
+    @property
+    def peak_above_baseline(self) -> int:
+        """Peak device-used bytes minus the baseline taken before the subject loaded."""
+        return self.peak_device - self.baseline_device
+
+    @property
+    def peak_process(self) -> int | None:
+        vals = [v for v in self.timeline.process_used if v is not None]
+        return max(vals) if vals else None
+
+    @property
+    def achieved_hz(self) -> float:
+        span = self.timeline.t_s[-1] - self.timeline.t_s[0]
+        return (len(self.timeline.t_s) - 1) / span if span > 0 else 0.0
+
+    def allocator_peaks(self) -> dict[str, int]:
+        """Peak bytes seen by the torch and CuPy allocators (the cross-check)."""
+        out: dict[str, int] = {}
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                out["torch_max_reserved"] = int(torch.cuda.max_memory_reserved(self.device))
+                out["torch_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        except Exception:
+            pass
+        try:
+            import cupy
+
+            pool = cupy.get_default_memory_pool()
+            out["cupy_pool_total"] = int(pool.total_bytes())
+        except Exception:
+            pass
+        return out
+
+    def record(self, ctx: Any, prefix: str = "gpu", budget_gb: float | None = None) -> None:
+        """Put the numbers and the timeline into a falsifier's evidence."""
+        self.check_ok()
+        ctx.measure(f"{prefix}_baseline_gib", self.baseline_device / GIB, "GiB")
+        ctx.measure(f"{prefix}_peak_above_baseline_gib", self.peak_above_baseline / GIB, "GiB")
+        ctx.measure(f"{prefix}_peak_device_gib", self.peak_device / GIB, "GiB")
+        if self.peak_process is not None:
+            ctx.measure(f"{prefix}_peak_process_gib", self.peak_process / GIB, "GiB")
+        ctx.measure(f"{prefix}_nvml_samples", len(self.timeline.t_s))
+        ctx.measure(f"{prefix}_nvml_hz", self.achieved_hz, "Hz")
+        for name, value in self.allocator_peaks().items():
+            ctx.measure(f"{prefix}_{name}_gib", value / GIB, "GiB")
+        meta: dict[str, Any] = {"unit": "GB", "baseline_gb": self.baseline_device / GB}
+        if budget_gb is not None:
+            meta["budget_gb"] = budget_gb
+        ctx.series(
+            f"{prefix}_memory_timeline",
+            self.timeline.t_s,
+            [(u - self.baseline_device) / GB for u in self.timeline.device_used],
+            "line",
+            **meta,
+        )
