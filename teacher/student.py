@@ -1,0 +1,430 @@
+"""The trainable student: a qwen2-family decoder in plain torch.
+
+Architecture (what llama.cpp calls ``qwen2``): token embedding, per layer
+RMSNorm -> GQA attention with q/k/v biases and NEOX-style RoPE -> residual ->
+RMSNorm -> SwiGLU FFN -> residual, final RMSNorm, lm_head (optionally tied to
+the embedding).
+
+Parameters are always F32 (the "master weights"); AdamW keeps its state in the
+parameters' dtype, so it is F32 too. On CUDA the forward runs under bf16
+autocast (matmuls in bf16 on the tensor cores, reductions and the loss in F32),
+which is where mixed precision pays; on CPU it stays F32 because bf16 matmuls
+there are slower, not faster.
+
+A student comes from a recipe (:data:`RECIPES`, or an inline spec such as
+``qwen2:hidden=64,layers=2,heads=4,kv_heads=2,ffn=128,vocab=262144``) or from a
+GGUF file, whose tensors are dequantized into trainable parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_size: int
+    max_context: int = 2048
+    rope_theta: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+    arch: str = "qwen2"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"student config: {name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"student config: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"student config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"student config: head dim {self.hidden_size // self.num_heads} must be even for RoPE")
+        if self.arch != "qwen2":
+            raise ValueError(f"student config: only the qwen2 family is supported, got arch {self.arch!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StudentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"student config: unknown keys {unknown}")
+        return cls(**dict(data))
+
+
+# Named student shapes. `qwen2.5-0.5b-shape` is Qwen2.5-0.5B's; `tiny-student`
+# matches the vocab of the synthetic `tiny-student` recipe (1920) at a size
+# that trains in seconds on a CPU.
+RECIPES: dict[str, StudentConfig] = {
+    "qwen2.5-0.5b-shape": StudentConfig(
+        vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        ffn_size=4864, max_context=32768, rope_theta=1_000_000.0, rms_eps=1e-6, tie_embeddings=True,
+    ),
+    "tiny-student": StudentConfig(
+        vocab_size=1920, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        ffn_size=128, max_context=512, rope_theta=10_000.0, rms_eps=1e-6, tie_embeddings=True,
+    ),
+}
+
+_SPEC_KEYS = {
+    "vocab": "vocab_size", "hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads",
+    "kv_heads": "num_kv_heads", "ffn": "ffn_size", "ctx": "max_context", "rope_theta": "rope_theta",
+    "eps": "rms_eps", "tied": "tie_embeddings",
+}
+
+
+def parse_recipe(spec: str) -> StudentConfig:
+    """A named recipe, or ``qwen2:key=value,...`` (keys: vocab hidden layers heads kv_heads ffn ctx rope_theta eps tied)."""
+    if spec in RECIPES:
+        return RECIPES[spec]
+    if not spec.startswith("qwen2:"):
+        raise ValueError(
+            f"unknown student recipe {spec!r}: use one of {sorted(RECIPES)} or "
+            "'qwen2:vocab=V,hidden=H,layers=L,heads=N,kv_heads=K,ffn=F'"
+        )
+    values: dict[str, Any] = {"tie_embeddings": True}
+    for part in filter(None, spec[len("qwen2:"):].split(",")):
+        key, sep, raw = part.partition("=")
+        if not sep or key.strip() not in _SPEC_KEYS:
+            raise ValueError(f"student recipe {spec!r}: bad entry {part!r}; keys are {sorted(_SPEC_KEYS)}")
+        field = _SPEC_KEYS[key.strip()]
+        raw = raw.strip()
+        try:
+            if field in ("rope_theta", "rms_eps"):
+                values[field] = float(raw)
+            elif field == "tie_embeddings":
+                values[field] = raw.lower() in ("1", "true", "yes")
+            else:
+                values[field] = int(raw)
+        except ValueError:
+            raise ValueError(f"student recipe {spec!r}: {key}={raw!r} is not a number") from None
+    missing = [k for k, f in _SPEC_KEYS.items() if f not in values and f not in ("max_context", "rope_theta", "rms_eps", "tie_embeddings")]
+    if missing:
+        raise ValueError(f"student recipe {spec!r}: missing {missing}")
+    return StudentConfig(**values)
+
+
+# -- the model -----------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in F32 even under autocast: bf16 variance loses the small terms
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)  # [T, D/2]
+    ang = torch.cat([ang, ang], dim=-1)  # NEOX: the two halves share frequencies
+    return ang.cos(), ang.sin()
+
+
+def apply_rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; NEOX style rotates the first half against the second (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rot * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.head_dim
+        self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=True)
+        self.k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=True)
+        self.v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=True)
+        self.o = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope_neox(q, cos, sin), apply_rope_neox(k, cos, sin)
+        rep = c.num_heads // c.num_kv_heads
+        if rep > 1:  # GQA: each KV head serves `rep` query heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig, *, seed: int | None = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int | None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    # scaled init on the residual outputs keeps deep stacks stable (GPT-2 style)
+                    s = std / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("o.weight", "down.weight")) else std
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast)."""
+        if ids.dim() != 2:
+            raise ValueError(f"student input must be [B, T], got shape {tuple(ids.shape)}")
+        t = ids.shape[1]
+        if t > self.cfg.max_context:
+            raise ValueError(f"sequence length {t} exceeds the student context {self.cfg.max_context}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} out of range [0, {self.cfg.vocab_size}) for the student")
+        x = self.embed(ids)
+        cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x)).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def autocast(device: torch.device | str, enabled: bool | None = None) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (default on), nothing elsewhere (default off)."""
+    dev = torch.device(device)
+    if enabled is None:
+        enabled = dev.type == "cuda"
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+# -- GGUF names <-> parameters ----------------------------------------------------
+
+_LAYER_MAP = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q.weight", "attn_q.bias": "attn.q.bias",
+    "attn_k.weight": "attn.k.weight", "attn_k.bias": "attn.k.bias",
+    "attn_v.weight": "attn.v.weight", "attn_v.bias": "attn.v.bias",
+    "attn_output.weight": "attn.o.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
+}
+
+
+def gguf_name_map(cfg: StudentConfig) -> dict[str, str]:
+    """GGUF tensor name -> student parameter name."""
+    out = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight"}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = "lm_head.weight"
+    for i in range(cfg.num_layers):
+        for g, p in _LAYER_MAP.items():
+            out[f"blk.{i}.{g}"] = f"layers.{i}.{p}"
+    return out
+
+
+def _meta(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    if key not in metadata:
+        if default is None:
+            raise ValueError(f"GGUF metadata has no {key!r}: cannot build a qwen2 student from it")
+        return default
+    value = metadata[key]
+    # tolerate a raw gguf ReaderField as well as a decoded Python value
+    if hasattr(value, "contents") and callable(value.contents):
+        value = value.contents()
+    return value
+
+
+def config_from_gguf_metadata(metadata: Mapping[str, Any], tensor_names: set[str]) -> StudentConfig:
+    arch = str(_meta(metadata, "general.architecture"))
+    if arch != "qwen2":
+        raise ValueError(f"a student can be initialised from a qwen2 GGUF only, this file is {arch!r}")
+    p = "qwen2."
+    hidden = int(_meta(metadata, p + "embedding_length"))
+    heads = int(_meta(metadata, p + "attention.head_count"))
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = _meta(metadata, p + "vocab_size", 0) or (len(_meta(metadata, "tokenizer.ggml.tokens")) if tokens is not None else 0)
+    return StudentConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(_meta(metadata, p + "block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_meta(metadata, p + "attention.head_count_kv", heads)),
+        ffn_size=int(_meta(metadata, p + "feed_forward_length")),
+        max_context=int(_meta(metadata, p + "context_length", 2048)),
+        rope_theta=float(_meta(metadata, p + "rope.freq_base", 10_000.0)),
+        rms_eps=float(_meta(metadata, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def student_from_gguf(path: str | Path) -> Student:
+    """Dequantize a qwen2 GGUF into a trainable F32 student (the vocab is the file's token count)."""
+    from teacher.gguf_file import open_gguf  # colleagues' layer: validation + zero-copy tensors
+    from teacher.quants import dequantize
+
+    model = open_gguf(path)
+    names = set(model.tensors)
+    cfg = config_from_gguf_metadata(model.metadata, names)
+    if "token_embd.weight" in names:
+        # the embedding's row count is the truth when vocab_size metadata is absent
+        rows = model.tensors["token_embd.weight"].shape[0]
+        if rows != cfg.vocab_size:
+            cfg = dataclasses.replace(cfg, vocab_size=int(rows))
+    student = Student(cfg, seed=None)
+    params = dict(student.named_parameters())
+    mapping = gguf_name_map(cfg)
+    missing = [g for g in mapping if g not in names]
+    if missing:
+        raise ValueError(f"{path}: GGUF lacks student tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for gname, pname in mapping.items():
+            rec = model.tensors[gname]
+            arr = dequantize(rec.data, rec.qtype, rec.shape)
+            t = torch.from_numpy(arr.reshape(rec.shape).copy()).float()
+            if t.shape != params[pname].shape:
+                raise ValueError(f"{path}: tensor {gname} has shape {tuple(t.shape)}, the student expects {tuple(params[pname].shape)}")
+            params[pname].copy_(t)
+    return student
+
+
+def build_student(spec: str | Path, *, seed: int = 0) -> Student:
+    """A recipe name / inline spec -> fresh student; an existing ``.gguf`` path -> dequantized student;
+    a directory written by :func:`save_student` -> that student."""
+    path = Path(spec)
+    if str(spec).endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"student GGUF {path} does not exist")
+        return student_from_gguf(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return load_student(path)
+    return Student(parse_recipe(str(spec)), seed=seed)
+
+
+# -- save / load ------------------------------------------------------------------
+
+
+def student_state(model: Student) -> dict[str, torch.Tensor]:
+    """Parameters as contiguous CPU tensors; a tied lm_head is stored once (as the embedding)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_student(model: Student, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(student_state(model), str(tmp), metadata={"format": "pt", "arch": model.cfg.arch})
+    tmp.replace(out / WEIGHTS_NAME)  # atomic: an interrupted save never leaves a torn file
+    cfg_tmp = out / (CONFIG_NAME + ".tmp")
+    cfg_tmp.write_text(json.dumps(model.cfg.to_json(), indent=2) + "\n")
+    cfg_tmp.replace(out / CONFIG_NAME)
+    return out
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg_file, w_file = p / CONFIG_NAME, p / WEIGHTS_NAME
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise FileNotFoundError(f"{p} is not a saved student (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = StudentConfig.from_json(json.loads(cfg_file.read_text()))
+    model = Student(cfg, seed=None)
+    state = load_file(str(w_file))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{w_file}: missing tensors {missing}, unexpected tensors {unexpected}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # load_state_dict copies; keep the tie
+    return model.to(device)
+
+
+def iter_trainable(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Unique trainable parameters (a tied weight once)."""
+    seen: set[int] = set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            yield p
