@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from teacher.kd import kd_loss  # the one KD definition (harness-owned); not duplicated here
 from teacher.provider import LogitProvider, VocabMismatchError
 from teacher.student import Student, autocast, iter_trainable, load_student, save_student
 
@@ -36,27 +37,6 @@ log = logging.getLogger("teacher.distill")
 COMPLETION_FORMAT = "Distillation complete: initial_loss={initial:.6f} -> final_loss={final:.6f}"
 STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.pt"
-
-
-def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), from teacher/kd.py (the harness owns the definition)."""
-    try:
-        from teacher.kd import kd_loss as shared
-    except ModuleNotFoundError as exc:
-        if exc.name != "teacher.kd":
-            raise
-        return _kd_loss_interim(teacher_logits, student_logits, temperature)
-    return shared(teacher_logits, student_logits, temperature)
-
-
-def _kd_loss_interim(t: torch.Tensor, s: torch.Tensor, temperature: float) -> torch.Tensor:
-    # Used only until teacher/kd.py lands; same signature and meaning, mean over positions.
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    logp_t = F.log_softmax(t.float() / temperature, dim=-1)
-    logp_s = F.log_softmax(s.float() / temperature, dim=-1)
-    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    return kl.mean() * temperature**2
 
 
 def check_vocab(teacher_vocab: int, student_vocab: int) -> None:

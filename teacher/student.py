@@ -298,37 +298,19 @@ def gguf_name_map(cfg: StudentConfig) -> dict[str, str]:
     return out
 
 
-def _meta(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    if key not in metadata:
-        if default is None:
-            raise ValueError(f"GGUF metadata has no {key!r}: cannot build a qwen2 student from it")
-        return default
-    value = metadata[key]
-    # tolerate a raw gguf ReaderField as well as a decoded Python value
-    if hasattr(value, "contents") and callable(value.contents):
-        value = value.contents()
-    return value
-
-
-def config_from_gguf_metadata(metadata: Mapping[str, Any], tensor_names: set[str]) -> StudentConfig:
-    arch = str(_meta(metadata, "general.architecture"))
-    if arch != "qwen2":
-        raise ValueError(f"a student can be initialised from a qwen2 GGUF only, this file is {arch!r}")
-    p = "qwen2."
-    hidden = int(_meta(metadata, p + "embedding_length"))
-    heads = int(_meta(metadata, p + "attention.head_count"))
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = _meta(metadata, p + "vocab_size", 0) or (len(_meta(metadata, "tokenizer.ggml.tokens")) if tokens is not None else 0)
+def config_from_model(mc: Any, tensor_names: set[str]) -> StudentConfig:
+    """teacher.config.ModelConfig (read from GGUF metadata by the GGUF layer) -> StudentConfig."""
+    if mc.arch != "qwen2":
+        raise ValueError(f"a student can be initialised from a qwen2 GGUF only, this file is {mc.arch!r}")
+    if mc.head_dim * mc.n_heads != mc.hidden or mc.rope_dim != mc.head_dim:
+        raise ValueError(
+            f"unsupported qwen2 geometry for a student: hidden {mc.hidden}, {mc.n_heads} heads of "
+            f"{mc.head_dim}, rope dims {mc.rope_dim}"
+        )
     return StudentConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        num_layers=int(_meta(metadata, p + "block_count")),
-        num_heads=heads,
-        num_kv_heads=int(_meta(metadata, p + "attention.head_count_kv", heads)),
-        ffn_size=int(_meta(metadata, p + "feed_forward_length")),
-        max_context=int(_meta(metadata, p + "context_length", 2048)),
-        rope_theta=float(_meta(metadata, p + "rope.freq_base", 10_000.0)),
-        rms_eps=float(_meta(metadata, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        vocab_size=int(mc.vocab_size), hidden_size=int(mc.hidden), num_layers=int(mc.n_layers),
+        num_heads=int(mc.n_heads), num_kv_heads=int(mc.n_kv_heads), ffn_size=int(mc.ffn),
+        max_context=int(mc.context), rope_theta=float(mc.rope_theta), rms_eps=float(mc.norm_eps),
         tie_embeddings="output.weight" not in tensor_names,
     )
 
@@ -340,12 +322,7 @@ def student_from_gguf(path: str | Path) -> Student:
 
     model = open_gguf(path)
     names = set(model.tensors)
-    cfg = config_from_gguf_metadata(model.metadata, names)
-    if "token_embd.weight" in names:
-        # the embedding's row count is the truth when vocab_size metadata is absent
-        rows = model.tensors["token_embd.weight"].shape[0]
-        if rows != cfg.vocab_size:
-            cfg = dataclasses.replace(cfg, vocab_size=int(rows))
+    cfg = config_from_model(model.config, names)
     student = Student(cfg, seed=None)
     params = dict(student.named_parameters())
     mapping = gguf_name_map(cfg)
