@@ -1,0 +1,365 @@
+"""Falsifiers of contracts/cuda-q4k-frozen-teacher-v1.yaml, FT-Q4K-TEACHER-001..004.
+
+Subjects are *loaders* (path -> teacher), not teachers: the falsifier decides
+when loading happens, so it can capture the load's log lines and sample its
+memory. Controls are deliberately wrong loaders each falsifier must catch.
+"""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.context import Context
+from harness.registry import falsifier, subject
+
+Loader = Callable[..., Any]
+GB = 1e9
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- subjects ------------------------------------------------------------------
+@subject("q4k-teacher", requires=("cuda",))
+def q4k_teacher(ctx: Context) -> Loader:
+    """Q4KTeacher.from_gguf: raw GGUF blocks on the GPU, CuPy kernels."""
+    from teacher.q4k_teacher import Q4KTeacher
+
+    return Q4KTeacher.from_gguf
+
+
+@subject("dequant-teacher-cuda", requires=("cuda",))
+def dequant_teacher_cuda(ctx: Context) -> Loader:
+    """The legacy path: every weight dequantized to F32 on the GPU at load."""
+    from teacher.dequant_teacher import DequantTeacher
+
+    def load(path: Path, target_vocab: int | None = None) -> Any:
+        return DequantTeacher.from_gguf(path, target_vocab=target_vocab, device="cuda")
+
+    return load
+
+
+@subject("q4k-teacher-corrupt-decode", requires=("cuda",))
+def q4k_teacher_corrupt_decode(ctx: Context) -> Loader:
+    """Q4KTeacher whose blocks decode with the nibble order reversed (a plausible decode bug)."""
+    from teacher.q4k_teacher import Q4KTeacher, swap_nibbles
+
+    def load(path: Path, target_vocab: int | None = None) -> Any:
+        return Q4KTeacher.from_gguf(path, target_vocab=target_vocab, transform=swap_nibbles)
+
+    return load
+
+
+class TrainableTeacher(torch.nn.Module):
+    """Negative control for FT-004: the dequantized weights as trainable parameters."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        from teacher.dequant_teacher import DequantTeacher
+
+        self.inner = DequantTeacher.from_gguf(path, device="cuda")
+        self.scale = torch.nn.Parameter(torch.ones((), device="cuda"))
+
+    def vocab_size(self) -> int:
+        return int(self.inner.vocab_size())
+
+    def logits_for_batch(self, input_ids: Any) -> torch.Tensor:
+        return self.inner.logits_for_batch(input_ids) * self.scale
+
+
+@subject("trainable-teacher", requires=("cuda",))
+def trainable_teacher(ctx: Context) -> Loader:
+    """A teacher with a trainable parameter: FT-004 must falsify it."""
+    return lambda path, target_vocab=None: TrainableTeacher(path)
+
+
+# -- shared helpers ------------------------------------------------------------
+def model_path(ctx: Context) -> Path:
+    from teacher.models import ModelUnavailable, resolve_model
+
+    if ctx.model is None:
+        raise ValueError(f"{ctx.ft_id}: check.models must name the model to load")
+    try:
+        return resolve_model(ctx.model)
+    except ModelUnavailable as exc:
+        ctx.not_run(f"model {ctx.model!r} unavailable: {exc}")
+
+
+def warm_cuda() -> None:
+    """Create the torch and CuPy contexts before any baseline: they are the harness's cost."""
+    torch.zeros(1, device="cuda")
+    import cupy
+
+    cupy.zeros(1)
+    torch.cuda.synchronize()
+
+
+def release_gpu() -> None:
+    """Give every cached block back, so the next item's baseline starts clean."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
+    except ImportError:
+        pass
+
+
+def allocated_bytes() -> int:
+    """Bytes held by live tensors/arrays in the torch and CuPy allocators."""
+    total = int(torch.cuda.memory_allocated())
+    try:
+        import cupy
+
+        total += int(cupy.get_default_memory_pool().used_bytes())
+    except ImportError:
+        pass
+    return total
+
+
+def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_len), generator=g)
+
+
+def file_tensor_bytes(path: Path) -> int:
+    from teacher.gguf_file import open_gguf
+
+    return sum(rec.nbytes for rec in open_gguf(path).tensors.values())
+
+
+# -- FT-Q4K-TEACHER-001 ----------------------------------------------------------
+@falsifier("no_dequant_on_load", thresholds={"weight_bytes_ratio_max": float})
+def no_dequant_on_load(ctx: Context) -> None:
+    """Loading logs no dequant line, and the GPU holds the file's bytes, not F32 copies."""
+    path = model_path(ctx)
+    pattern = re.compile(str(ctx.param("dequant_log_pattern")), re.IGNORECASE)
+    loader = ctx.subject()
+    warm_cuda()
+    release_gpu()
+    before = allocated_bytes()
+    with ctx.capture_logs() as lines:
+        teacher = loader(path)
+    torch.cuda.synchronize()
+    on_gpu = allocated_bytes() - before
+    in_file = file_tensor_bytes(path)
+    hits = [ln for ln in lines if pattern.search(ln)]
+    ctx.expect("no dequant log line", not hits, detail=f"first match: {hits[0]!r}" if hits else "")
+    ctx.measure("log_lines_searched", len(lines))
+    ctx.measure("gpu_weight_bytes_gib", on_gpu / 2**30, "GiB")
+    ctx.measure("file_tensor_bytes_gib", in_file / 2**30, "GiB")
+    ctx.check(
+        "gpu_bytes_over_file_bytes", on_gpu / in_file, "<=", ctx.threshold("weight_bytes_ratio_max")
+    )
+    if hasattr(teacher, "device_weights"):
+        _compare_device_bytes(ctx, teacher, path)
+    if hasattr(teacher, "load_seconds"):
+        ctx.measure("load_seconds", teacher.load_seconds, "s")
+    del teacher
+    release_gpu()
+
+
+def _compare_device_bytes(ctx: Context, teacher: Any, path: Path) -> None:
+    """Every quantized weight on the GPU is byte-identical to its tensor in the file."""
+    from teacher.gguf_file import open_gguf
+
+    model = open_gguf(path)
+    mismatched = [
+        name
+        for name, w in teacher.device_weights().items()
+        if not np.array_equal(w.data.get(), np.asarray(model.tensors[name].data).reshape(-1))
+    ]
+    ctx.measure("device_weights_compared", len(teacher.device_weights()))
+    ctx.expect(
+        "device weights byte-identical to the file",
+        not mismatched,
+        detail=f"{len(mismatched)} differ, e.g. {mismatched[:3]}" if mismatched else "",
+    )
+
+
+# -- FT-Q4K-TEACHER-002 ----------------------------------------------------------
+class _OverBudget(Exception):
+    pass
+
+
+@contextmanager
+def _stop_when_over(budget_bytes: float, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """An NVML sample callback that interrupts the main thread once the budget is crossed."""
+    state = {"over": False}
+    base: dict[str, int] = {}
+
+    def on_sample(used: int) -> None:
+        base.setdefault("b", used)
+        if enabled and not state["over"] and used - base["b"] > budget_bytes:
+            state["over"] = True
+            _thread.interrupt_main()
+
+    try:
+        yield on_sample
+    except KeyboardInterrupt:
+        if not state["over"]:
+            raise  # a real Ctrl-C, not ours
+        raise _OverBudget() from None
+
+
+@falsifier("peak_gpu_memory", thresholds={"peak_gpu_gb_max": float})
+def peak_gpu_memory(ctx: Context) -> None:
+    """NVML peak above the pre-load baseline, for load plus the logits of one batch."""
+    from harness.memory import MemorySampler
+
+    path = model_path(ctx)
+    budget = float(ctx.threshold("peak_gpu_gb_max"))
+    batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 256))
+    loader = ctx.subject()
+    warm_cuda()
+    release_gpu()
+    stopped = False
+    with _stop_when_over(budget * GB, bool(ctx.param("stop_over_budget", True))) as on_sample:
+        with MemorySampler(device=torch.cuda.current_device(), on_sample=on_sample) as mem:
+            try:
+                teacher = loader(path)
+                ids = random_ids(teacher.vocab_size(), batch, seq_len, seed=2)
+                logits = teacher.logits_for_batch(ids)
+                torch.cuda.synchronize()
+                ctx.measure("logits_shape", list(logits.shape))
+                del logits, teacher
+            except _OverBudget:
+                stopped = True
+    release_gpu()
+    if stopped:
+        ctx.note(f"stopped early: GPU use crossed the {budget} GB budget during the run")
+    mem.record(ctx, budget_gb=budget)
+    ctx.check("peak_gpu_gb", mem.peak_above_baseline / GB, "<=", budget, "GB")
+
+
+# -- FT-Q4K-TEACHER-003 ----------------------------------------------------------
+@falsifier("logit_parity", thresholds={"cosine_min": float})
+def logit_parity(ctx: Context) -> None:
+    """Last-position cosine of the subject's logits vs the F32-dequant forward of the same file."""
+    from teacher.dequant_teacher import DequantTeacher
+
+    path = model_path(ctx)
+    cos_min = float(ctx.threshold("cosine_min"))
+    batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 32))
+    loader = ctx.subject()
+    subj = loader(path)
+    ids = random_ids(subj.vocab_size(), batch, seq_len, seed=3)
+    got = subj.logits_for_batch(ids).float()[:, -1].cpu().double()
+    del subj
+    release_gpu()
+    ref_teacher = DequantTeacher.from_gguf(path, device="cuda")
+    ref = ref_teacher.logits_for_batch(ids).float()[:, -1].cpu().double()
+    del ref_teacher
+    release_gpu()
+    _record_parity(ctx, "vs_f32_dequant", got, ref, cos_min)
+    if ctx.param("transformers_oracle", False):
+        oracle = _transformers_last_logits(path, ids)
+        if oracle is None:
+            ctx.note("transformers oracle skipped: transformers/gguf not importable")
+        else:
+            _record_parity(ctx, "vs_transformers", got, oracle[:, : got.shape[1]], cos_min)
+
+
+def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor, cos_min: float) -> None:
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    diff = (got - ref).abs()
+    ctx.measure(f"{tag}_cosine_per_sequence", [float(c) for c in cos])
+    ctx.measure(f"{tag}_max_abs_err", float(diff.max()))
+    ctx.measure(f"{tag}_rel_err", float((got - ref).norm() / ref.norm()))
+    ctx.measure(
+        f"{tag}_argmax_agreement", float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    )
+    ctx.check(f"{tag}_min_last_position_cosine", float(cos.min()), ">=", cos_min)
+    # a scatter for the report: a deterministic subsample of the first sequence's logits
+    idx = np.linspace(0, ref.shape[1] - 1, num=min(2000, ref.shape[1])).astype(int)
+    ctx.series(f"{tag}_parity", ref[0, idx].tolist(), got[0, idx].tolist(), "scatter",
+               xlabel="reference logit", ylabel="subject logit")
+
+
+def _transformers_last_logits(path: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    model = model.to("cuda")
+    with torch.inference_mode():
+        out = model(input_ids=ids.to("cuda")).logits[:, -1].double().cpu()
+    del model
+    release_gpu()
+    return out
+
+
+# -- FT-Q4K-TEACHER-004 ----------------------------------------------------------
+MISUSE_SNIPPET = """
+from {module} import {cls}
+
+def misuse(teacher: {cls}) -> None:
+    teacher.requires_grad_(True)
+    teacher.backward()
+"""
+
+
+def typecheck_misuse(cls: type) -> tuple[int, str]:
+    """Run mypy on code that tries to train ``cls``; returns (exit status, mypy output).
+
+    The ``deprecated`` error code turns calls of the frozen teacher's refusing
+    methods into errors; a class that is really trainable type-checks clean.
+    """
+    code = MISUSE_SNIPPET.format(module=cls.__module__, cls=cls.__qualname__)
+    with tempfile.TemporaryDirectory() as tmp:
+        snippet = Path(tmp) / "misuse.py"
+        snippet.write_text(textwrap.dedent(code))
+        proc = subprocess.run(
+            [sys.executable, "-m", "mypy", "--enable-error-code", "deprecated",
+             "--no-error-summary", "--follow-imports=silent", "--ignore-missing-imports",
+             "--cache-dir", str(REPO_ROOT / ".mypy_cache"), str(snippet)],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+        )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@falsifier("frozen_teacher")
+def frozen_teacher(ctx: Context) -> None:
+    """No trainable parameter, logits outside autograd, backward refused, misuse rejected by mypy."""
+    path = model_path(ctx)
+    loader = ctx.subject()
+    teacher = loader(path)
+    params = list(teacher.parameters()) if hasattr(teacher, "parameters") else []
+    trainable = [p for p in params if p.requires_grad]
+    ctx.check("trainable_parameters", len(trainable), "==", 0)
+    ids = random_ids(teacher.vocab_size(), 2, 8, seed=4)
+    logits = teacher.logits_for_batch(ids)
+    ctx.expect("logits outside autograd", not logits.requires_grad and logits.grad_fn is None,
+               detail=f"requires_grad={logits.requires_grad}, grad_fn={logits.grad_fn}")
+    try:
+        logits.float().sum().backward()
+        refused, why = False, "backward() on the logits ran"
+    except RuntimeError as exc:
+        refused, why = True, str(exc).splitlines()[0]
+    ctx.expect("backward through the teacher refused", refused, detail=why)
+    ctx.note(f"backward attempt: {why}")
+    status, output = typecheck_misuse(type(teacher))
+    ctx.measure("mypy_exit_status", status)
+    ctx.note("mypy on training code: " + (output.strip() or "no findings"))
+    ctx.expect("mypy rejects training code", status != 0, detail=output.strip()[-300:])
+    del teacher, logits
+    release_gpu()
+

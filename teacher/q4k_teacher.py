@@ -1,0 +1,308 @@
+"""The Q4K-native frozen teacher: GGUF weights stay in their quantized blocks on the GPU.
+
+Every 2-D weight is uploaded as the raw bytes of its GGUF tensor (streamed:
+memory map -> pinned staging buffer -> device, double-buffered so the host copy
+of one chunk overlaps the DMA of the previous). Matmuls and the embedding
+lookup run the CuPy kernels of ``cupy_kernels`` directly on those bytes; the
+shared forward pass (``teacher.forward``) does the rest in torch on the same
+device. Only 1-D tensors (norms, biases) are held as F32.
+
+Frozen by construction: no ``nn.Parameter`` anywhere, logits computed under
+``torch.no_grad`` and detached, and the training entry points exist only to refuse:
+they raise at run time and are marked ``@deprecated`` so mypy (with the
+``deprecated`` error code on, as in this project) rejects code that calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from typing_extensions import deprecated
+
+from teacher.config import ModelConfig
+from teacher.forward import forward
+from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
+from teacher.provider import as_id_batch, effective_vocab, truncate_logits
+from teacher.quants import dequantize
+
+log = logging.getLogger("teacher.q4k")
+
+MIB = float(1 << 20)
+STAGING_CHUNK = 64 << 20  # bytes per pinned staging buffer (two of them)
+
+
+class FrozenTeacherError(RuntimeError):
+    """Raised by every attempt to train a frozen teacher."""
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    """A weight kept on the GPU as the raw bytes of its GGUF tensor."""
+
+    name: str
+    qtype: QT
+    n: int  # rows (output features)
+    k: int  # row length (input features)
+    data: Any  # cupy.ndarray, uint8, the file's bytes
+
+
+# Byte ranges inside one block that hold packed quant values, per type: (block bytes, start, end).
+# Swapping the two nibbles of those bytes is what a decoder that reads the nibbles in the
+# wrong order would see; the FT-003 negative control uses it as a corrupted block decode.
+_PACKED_REGION: dict[QT, tuple[int, int, int]] = {
+    QT.Q4_0: (18, 2, 18),
+    QT.Q4_1: (20, 4, 20),
+    QT.Q5_0: (22, 6, 22),
+    QT.Q8_0: (34, 2, 34),
+    QT.Q4_K: (144, 16, 144),
+    QT.Q5_K: (176, 48, 176),
+    QT.Q6_K: (210, 0, 128),
+}
+
+Transform = Callable[[QT, np.ndarray], np.ndarray]
+
+
+def swap_nibbles(qtype: QT, raw: np.ndarray) -> np.ndarray:
+    """The corrupted-decode control: nibble order reversed in every block's packed values."""
+    if qtype not in _PACKED_REGION:
+        return raw
+    block, lo, hi = _PACKED_REGION[qtype]
+    blocks = np.array(raw, dtype=np.uint8).reshape(-1, block)
+    packed = blocks[:, lo:hi]
+    blocks[:, lo:hi] = (packed << 4) | (packed >> 4)
+    return blocks.reshape(-1)
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(
+            "Q4KTeacher needs CuPy and a CUDA GPU (pip install '.[cuda]'); "
+            f"cupy is not importable: {exc}"
+        ) from exc
+    return cupy
+
+
+class _Uploader:
+    """Streams tensor bytes from the memory map to the device through two pinned buffers."""
+
+    def __init__(self, cp: Any, chunk: int = STAGING_CHUNK) -> None:
+        self.cp = cp
+        self.chunk = chunk
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.pinned = [cp.cuda.alloc_pinned_memory(chunk) for _ in range(2)]
+        self.views = [np.frombuffer(p, dtype=np.uint8, count=chunk) for p in self.pinned]
+        self.events = [cp.cuda.Event(), cp.cuda.Event()]
+        self.used = [False, False]
+        self.turn = 0
+        self.bytes = 0
+
+    def upload(self, src: np.ndarray) -> Any:
+        cp = self.cp
+        dst = cp.empty(src.size, dtype=cp.uint8)
+        for off in range(0, src.size, self.chunk):
+            n = min(self.chunk, src.size - off)
+            i = self.turn
+            if self.used[i]:
+                self.events[i].synchronize()  # the DMA that last read this buffer is done
+            self.views[i][:n] = src[off : off + n]
+            cp.cuda.runtime.memcpyAsync(
+                dst.data.ptr + off, self.pinned[i].ptr, n, cp.cuda.runtime.memcpyHostToDevice,
+                self.stream.ptr,
+            )
+            self.events[i].record(self.stream)
+            self.used[i] = True
+            self.turn = 1 - i
+        self.bytes += src.size
+        return dst
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
+class Q4KOps:
+    """``teacher.forward.WeightOps`` over raw quantized bytes on the GPU."""
+
+    def __init__(
+        self,
+        weights: dict[str, DeviceWeight],
+        vectors: dict[str, torch.Tensor],
+        device: torch.device,
+        activation_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from cupy_kernels import launch
+
+        self._launch = launch
+        self.weights = weights
+        self.vectors = vectors
+        self.device = device
+        self.activation_dtype = activation_dtype
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in self.weights:  # a small 2-D F32 tensor the kernels have no type for
+            return x.float() @ self.vectors[name].T
+        w = self.weights[name]
+        xin = x.to(self.activation_dtype).contiguous()
+        y = self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k)
+        return torch.from_dlpack(y)
+
+    def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        w = self.weights[name]
+        return torch.from_dlpack(self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k))
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self.vectors[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.weights or name in self.vectors
+
+
+class Q4KTeacher:
+    """Frozen GGUF teacher whose weights never leave their quantized blocks on the GPU."""
+
+    __slots__ = (
+        "_native_vocab",
+        "_ops",
+        "_vocab",
+        "config",
+        "device",
+        "load_seconds",
+        "path",
+        "uploaded_bytes",
+    )
+    path: Path
+    config: ModelConfig
+    device: torch.device
+    load_seconds: float
+    uploaded_bytes: dict[str, int]
+    _native_vocab: int
+    _vocab: int
+    _ops: Q4KOps
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("use Q4KTeacher.from_gguf(path, target_vocab=None, device=0)")
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | Path,
+        target_vocab: int | None = None,
+        device: int = 0,
+        *,
+        transform: Transform | None = None,
+        activation_dtype: torch.dtype = torch.float32,
+    ) -> Q4KTeacher:
+        """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only)."""
+        model = open_gguf(path)  # validates every tensor before anything touches the GPU
+        cfg = model.config
+        vocab = effective_vocab(cfg.vocab_size, target_vocab)
+        from cupy_kernels import launch
+
+        cp = _cupy()
+        with cp.cuda.Device(device):
+            t0 = time.perf_counter()
+            weights, vectors, per_type = _upload(model, cp, device, transform, launch.SUPPORTED)
+            cp.cuda.Device(device).synchronize()
+            seconds = time.perf_counter() - t0
+        obj = object.__new__(cls)
+        obj.path = Path(path)
+        obj.config = cfg
+        obj.device = torch.device("cuda", device)
+        obj._native_vocab = cfg.vocab_size
+        obj._vocab = vocab
+        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype)
+        obj.load_seconds = seconds
+        obj.uploaded_bytes = dict(per_type)
+        total = sum(per_type.values())
+        log.info(
+            "uploaded %s to GPU %d as raw GGUF blocks: %s; total %.1f MiB in %.2f s (%.2f GB/s)",
+            obj.path.name, device,
+            ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in sorted(per_type.items())),
+            total / MIB, seconds, total / seconds / 1e9 if seconds > 0 else float("inf"),
+        )
+        return obj
+
+    # -- provider boundary ------------------------------------------------
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def native_vocab_size(self) -> int:
+        return self._native_vocab
+
+    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, T, vocab_size()] float32 logits on the teacher's GPU, truncated before any softmax."""
+        ids = as_id_batch(input_ids, self._native_vocab, self.config.context)
+        # no_grad, not inference_mode: a KD loss must be able to save these logits for the
+        # student's backward, and inference tensors cannot be saved
+        with torch.no_grad(), torch.cuda.device(self.device):
+            logits = forward(self.config, self._ops, ids.to(self.device))
+        return truncate_logits(logits, self._vocab).detach()
+
+    def device_weights(self) -> dict[str, DeviceWeight]:
+        return dict(self._ops.weights)
+
+    def device_vectors(self) -> dict[str, torch.Tensor]:
+        return dict(self._ops.vectors)
+
+    # -- frozen: these exist only to refuse --------------------------------
+    @deprecated("a frozen Q4K teacher cannot be trained: it has no gradients")
+    def backward(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise FrozenTeacherError("Q4KTeacher is frozen: backward() is not supported")
+
+    @deprecated("a frozen Q4K teacher cannot be trained: it has no parameters")
+    def requires_grad_(self, requires_grad: bool = True) -> NoReturn:
+        raise FrozenTeacherError("Q4KTeacher is frozen: its weights are quantized bytes, not parameters")
+
+    @deprecated("a frozen Q4K teacher cannot be trained")
+    def train(self, mode: bool = True) -> NoReturn:
+        raise FrozenTeacherError("Q4KTeacher is frozen: there is no training mode")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Always empty: an optimizer built from it has nothing to update (and torch refuses it)."""
+        return []
+
+
+def _upload(
+    model: GGUFModel,
+    cp: Any,
+    device: int,
+    transform: Transform | None,
+    supported: frozenset[QT],
+) -> tuple[dict[str, DeviceWeight], dict[str, torch.Tensor], dict[str, int]]:
+    weights: dict[str, DeviceWeight] = {}
+    vectors: dict[str, torch.Tensor] = {}
+    per_type: dict[str, int] = defaultdict(int)
+    uploader = _Uploader(cp)
+    tdev = torch.device("cuda", device)
+    for name, rec in model.tensors.items():
+        if len(rec.shape) == 2 and rec.qtype in supported:
+            raw = rec.data if transform is None else transform(rec.qtype, rec.data)
+            data = uploader.upload(np.ascontiguousarray(raw).reshape(-1))
+            weights[name] = DeviceWeight(name, rec.qtype, rec.shape[0], rec.shape[1], data)
+            per_type[rec.qtype.name] += rec.nbytes
+        else:
+            vectors[name] = _small_f32(model, rec).to(tdev)
+            per_type[f"{rec.qtype.name}->F32 (small)"] += vectors[name].numel() * 4
+    uploader.finish()
+    return weights, vectors, per_type
+
+
+def _small_f32(model: GGUFModel, rec: TensorRecord) -> torch.Tensor:
+    """Norms and biases: tiny, kept as F32. A large tensor here means a type the kernels lack."""
+    numel = int(np.prod(rec.shape))
+    if len(rec.shape) != 1 and numel > (1 << 20):
+        raise ValueError(
+            f"{model.path}: tensor {rec.name} ({rec.qtype.name}, shape {rec.shape}) has no "
+            "quantized kernel and is too large to hold as F32 in a Q4K-native teacher"
+        )
+    return torch.from_numpy(np.ascontiguousarray(dequantize(rec.data, rec.qtype, rec.shape)))
