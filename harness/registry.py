@@ -41,13 +41,30 @@ class SubjectSpec:
 
 FALSIFIERS: dict[str, FalsifierSpec] = {}
 SUBJECTS: dict[str, SubjectSpec] = {}
+# Names a later change will bind (the interface table of docs/ARCHITECTURE.md).
+# A contract may name them before code exists: its item is then UNBOUND. A name
+# that is neither registered nor planned is a typo: a collection error.
+PLANNED_FALSIFIERS: set[str] = set()
+PLANNED_SUBJECTS: set[str] = set()
+
+
+def plan(*, falsifiers: tuple[str, ...] = (), subjects: tuple[str, ...] = ()) -> None:
+    """Declare names that contracts may use before any code is registered for them."""
+    PLANNED_FALSIFIERS.update(falsifiers)
+    PLANNED_SUBJECTS.update(subjects)
+
+
+def _same_definition(old: Callable[..., Any], new: Callable[..., Any]) -> bool:
+    # A module imported afresh (pytester's inline runs, importlib.reload) defines a
+    # new function object for the same code: that is a re-registration, not a clash.
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def falsifier(
     name: str, *, thresholds: Mapping[str, ThresholdType] | None = None
 ) -> Callable[[FalsifierFn], FalsifierFn]:
     def register(fn: FalsifierFn) -> FalsifierFn:
-        if name in FALSIFIERS and FALSIFIERS[name].fn is not fn:
+        if name in FALSIFIERS and not _same_definition(FALSIFIERS[name].fn, fn):
             raise ValueError(f"falsifier {name!r} registered twice")
         FALSIFIERS[name] = FalsifierSpec(name, fn, dict(thresholds or {}), (fn.__doc__ or "").strip())
         return fn
@@ -57,7 +74,7 @@ def falsifier(
 
 def subject(name: str, *, requires: tuple[str, ...] = ()) -> Callable[[SubjectFactory], SubjectFactory]:
     def register(factory: SubjectFactory) -> SubjectFactory:
-        if name in SUBJECTS and SUBJECTS[name].factory is not factory:
+        if name in SUBJECTS and not _same_definition(SUBJECTS[name].factory, factory):
             raise ValueError(f"subject {name!r} registered twice")
         SUBJECTS[name] = SubjectSpec(name, factory, tuple(requires), (factory.__doc__ or "").strip())
         return factory
@@ -74,3 +91,8 @@ def load_bindings() -> None:
     if not _LOADED:
         importlib.import_module("falsifiers")
         _LOADED = True
+
+
+# falsifier module -> why it failed to import. One broken module must not hide
+# the others: its names stay unregistered (UNBOUND) and the report says why.
+BINDING_ERRORS: dict[str, str] = {}
