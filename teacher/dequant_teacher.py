@@ -1,0 +1,125 @@
+"""The legacy teacher: every GGUF weight dequantized to F32 at load (CPU or CUDA).
+
+It is the parity reference for small models on CPU and the negative control of
+the GPU memory contracts (it inflates a 4.5-bit file to 32 bits per weight, and
+says so in its log). It implements the provider boundary of
+:mod:`teacher.provider` and is frozen: weights are plain tensors (no
+``nn.Parameter``), nothing requires grad, the logits are detached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from teacher.config import ModelConfig
+from teacher.forward import forward
+from teacher.provider import as_id_batch, effective_vocab, truncate_logits
+
+log = logging.getLogger("teacher.dequant")
+
+
+class DenseOps:
+    """WeightOps over dense torch tensors, keyed by GGUF tensor name.
+
+    ``dtype`` is the storage dtype of the 2-D weights (float32 for the legacy
+    teacher, bfloat16 for a dense-bf16 baseline); matmuls run in that dtype and
+    return float32. 1-D tensors (norms, biases) always stay float32.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._w: dict[str, torch.Tensor] = {}
+        for name, w in weights.items():
+            w = w.detach().to(self.device, dtype=dtype if w.dim() >= 2 else torch.float32)
+            w.requires_grad_(False)
+            self._w[name] = w
+
+    def _get(self, name: str) -> torch.Tensor:
+        try:
+            return self._w[name]
+        except KeyError:
+            raise KeyError(f"weight {name!r} is not loaded") from None
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        w = self._get(name)
+        return (x.to(w.dtype) @ w.T).float()
+
+    def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        return self._get(name)[ids].float()
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self._w
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self._w.values())
+
+    def rows(self, name: str) -> int:
+        return int(self._get(name).shape[0])
+
+
+class DequantTeacher:
+    """Frozen F32 teacher over dense weights; build it with :meth:`from_gguf`."""
+
+    def __init__(self, cfg: ModelConfig, ops: DenseOps, target_vocab: int | None = None) -> None:
+        head = "output.weight" if ops.has("output.weight") else "token_embd.weight"
+        if ops.has(head) and ops.rows(head) != cfg.vocab_size:
+            raise ValueError(
+                f"the lm_head {head} has {ops.rows(head)} rows but the config says vocab {cfg.vocab_size}"
+            )
+        self.cfg = cfg
+        self.ops = ops
+        self.native_vocab = cfg.vocab_size
+        self._vocab = effective_vocab(cfg.vocab_size, target_vocab)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | Path,
+        target_vocab: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> DequantTeacher:
+        # imported here so that DenseOps/forward users do not pay for (or depend on)
+        # the GGUF layer
+        from teacher.gguf_file import open_gguf
+        from teacher.quants import dequantize
+
+        model = open_gguf(path)
+        cfg = model.config
+        effective_vocab(cfg.vocab_size, target_vocab)  # a bad target fails before any dequant
+        log.info("dequantizing %d layers to F32", cfg.n_layers)
+        weights: dict[str, torch.Tensor] = {}
+        for name, rec in model.tensors.items():
+            dense = dequantize(rec.data, rec.qtype, rec.shape)
+            weights[name] = torch.from_numpy(dense.reshape(rec.shape)).to(device)
+        ops = DenseOps(weights, device=device, dtype=torch.float32)
+        log.info(
+            "dequantized %d tensors: %.1f MiB of F32 on %s",
+            len(weights),
+            ops.nbytes() / 2**20,
+            device,
+        )
+        return cls(cfg, ops, target_vocab)
+
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        ids = as_id_batch(input_ids, self.native_vocab, self.cfg.context)  # before any compute
+        # no_grad rather than inference_mode: inference tensors cannot be saved for
+        # backward, and a KD loss against a trainable student must save them
+        with torch.no_grad():
+            logits = forward(self.cfg, self.ops, ids.to(self.ops.device))
+        return truncate_logits(logits, self._vocab).detach()
