@@ -308,6 +308,7 @@ def _build_pair(ctx: Context, aligned: bool) -> Pair:
     student = build_student(str(ctx.param("student", "tiny-student")), seed=int(ctx.param("seed", 0))).to(device)
     backend = str(ctx.param("teacher_backend", "dequant"))
     target = student.vocab_size if aligned else None
+    teacher: Any
     if backend == "q4k":
         if not device.startswith("cuda"):
             ctx.not_run("teacher_backend q4k needs CUDA")
