@@ -43,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Verbs that wrap another tool (falsify -> pytest) take the options they do
+    # not know through to it; for every other verb an unknown option is an error.
+    args, extra = parser.parse_known_args(argv)
+    run = getattr(args, "_run", None)
+    if extra:
+        if run is None or not getattr(sys.modules.get(run.__module__), "accepts_extra_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
     if args.verb is None:
         parser.print_help()
         return 2

@@ -1,0 +1,57 @@
+"""``q4k falsify [--signoff] [pytest options...]``: run the contracts' falsification tests.
+
+Runs pytest in this process on the contracts directory with the harness plugin
+(registered explicitly, with the installed entry point blocked so it is never
+loaded twice) and prints where the report is. Options it does not know are
+passed to pytest unchanged, e.g. ``q4k falsify --signoff -k VOCAB -x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+accepts_extra_args = True  # harness.cli passes unknown options through as args.extra_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--signoff", action="store_true",
+                        help="fail unless every test is CORROBORATED and every control FALSIFIED")
+    parser.add_argument("--contracts-dir", type=Path, default=Path("contracts"), help="default: ./contracts")
+    parser.add_argument("--reports-dir", type=Path, default=Path("reports"), help="default: ./reports")
+    parser.add_argument("--run-id", default=None, help="report folder name (default: UTC time and pid)")
+
+
+def pytest_argv(args: argparse.Namespace) -> list[str]:
+    extra = list(getattr(args, "extra_args", []) or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    argv = [
+        str(args.contracts_dir),
+        "-p", "no:q4k_contracts", "-p", "harness.plugin",
+        "--contracts-dir", str(args.contracts_dir),
+        "--reports-dir", str(args.reports_dir),
+        "-rfEs",  # say why each item failed, errored or was skipped (NOT RUN / UNBOUND reasons)
+    ]
+    if args.signoff:
+        argv.append("--signoff")
+    if args.run_id:
+        argv += ["--run-id", args.run_id]
+    return argv + extra
+
+
+def run(args: argparse.Namespace) -> int:
+    import pytest  # imported here so `q4k --help` stays fast
+
+    if not args.contracts_dir.is_dir():
+        print(f"q4k falsify: contracts directory {args.contracts_dir} does not exist")
+        return 2
+    code = int(pytest.main(pytest_argv(args)))
+    from harness.results import read_latest
+
+    run_id = args.run_id or read_latest(args.reports_dir)
+    if run_id and (args.reports_dir / run_id / "report.html").exists():
+        print(f"q4k falsify: report {args.reports_dir / run_id / 'report.html'} (exit {code})")
+    else:
+        print(f"q4k falsify: no report was written (exit {code})")
+    return code

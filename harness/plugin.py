@@ -1,0 +1,224 @@
+"""The pytest plugin: contracts/*.yaml -> one item per (FT, model) and per (FT, model, control).
+
+Loaded through the ``pytest11`` entry point ``q4k_contracts`` when the project is
+installed, or from a plain checkout with ``-p harness.plugin`` (use
+``-p no:q4k_contracts -p harness.plugin`` where it may also be installed, as
+``q4k falsify`` does, so it is never registered twice).
+
+Pytest outcomes: a prediction passes when CORROBORATED; a control passes when
+FALSIFIED; ERROR fails; NOT RUN and UNBOUND skip with the reason (and fail under
+``--signoff``). The plugin stays silent (writes nothing) in a run that collects
+no contract.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import registry
+from harness.contract import ContractError, load_contract
+from harness.results import append_line, environment, new_run_id, utc_now, write_latest
+from harness.runner import ItemSpec, run_item
+
+
+@dataclass
+class _State:
+    contracts_dir: Path
+    reports_dir: Path
+    run_id: str
+    signoff: bool
+    seen_ids: dict[str, str] = field(default_factory=dict)
+    contracts: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    results_path: Path | None = None
+    report_paths: dict[str, Path] = field(default_factory=dict)
+    overall: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.reports_dir / self.run_id
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("q4k", "Q4K falsification contracts")
+    group.addoption("--signoff", action="store_true", default=False,
+                    help="fail the run unless every test is CORROBORATED and every control FALSIFIED "
+                    "(NOT RUN and UNBOUND fail it)")
+    group.addoption("--contracts-dir", default=None,
+                    help="collect contract YAML files from this directory (default: <rootdir>/contracts)")
+    group.addoption("--reports-dir", default=None,
+                    help="write reports/<run-id>/ here (default: <rootdir>/reports)")
+    group.addoption("--run-id", default=None, help="name of this run's report folder (default: UTC time and pid)")
+
+
+def _resolve(config: pytest.Config, value: str | None, default: str) -> Path:
+    path = Path(value) if value else config.rootpath / default
+    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "contract: an item collected from a contract's falsification test")
+    config.addinivalue_line("markers", "control: a negative-control item (passes when FALSIFIED)")
+    # The controller picks the run id so xdist workers (which receive its options) share it.
+    if not config.option.run_id:
+        config.option.run_id = new_run_id()
+    config.stash[_STATE] = _State(
+        contracts_dir=_resolve(config, config.option.contracts_dir, "contracts"),
+        reports_dir=_resolve(config, config.option.reports_dir, "reports"),
+        run_id=str(config.option.run_id),
+        signoff=bool(config.option.signoff),
+    )
+
+
+def _is_contract(state: _State, path: Path) -> bool:
+    if path.suffix not in (".yaml", ".yml"):
+        return False
+    return path.resolve().is_relative_to(state.contracts_dir)
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    state = parent.config.stash[_STATE]
+    if _is_contract(state, file_path):
+        return ContractFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ContractFile(pytest.File):
+    def collect(self) -> list[pytest.Item]:
+        state = self.config.stash[_STATE]
+        try:
+            contract = load_contract(self.path, state.seen_ids)
+        except ContractError as exc:
+            state.errors.append({"type": "collection_error", "nodeid": self.nodeid, **exc.to_json(), "text": str(exc)})
+            raise
+        state.contracts.append(contract.summary())
+        items: list[pytest.Item] = []
+        for ft in contract.tests:
+            models: tuple[str | None, ...] = ft.check.models if ft.check and ft.check.models else (None,)
+            for model in models:
+                base = f"{ft.id}[{model}]" if model else ft.id
+                items.append(ContractItem.from_parent(self, name=base, spec=None, ft=ft, model=model, control=None))
+                for control in ft.check.controls if ft.check else ():
+                    items.append(ContractItem.from_parent(
+                        self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model, control=control
+                    ))
+        return items
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:  # type: ignore[override]
+        if isinstance(excinfo.value, ContractError):
+            return f"contract error: {excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+
+class _ItemFailed(Exception):
+    """A contract item did not pass; the message is the verdict and reason."""
+
+
+class ContractItem(pytest.Item):
+    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid)
+        self.record: dict[str, Any] | None = None
+        self.add_marker(pytest.mark.contract)
+        if control:
+            self.add_marker(pytest.mark.control)
+
+    def runtest(self) -> None:
+        state = self.config.stash[_STATE]
+        record = run_item(self.spec, run_id=state.run_id, options={"run_dir": str(state.run_dir)})
+        self.record = record
+        if state.results_path is not None:
+            append_line(state.results_path, record)
+        verdict, reason = record["verdict"], record["reason"]
+        if record["passed"] is None:
+            if state.signoff:
+                raise _ItemFailed(f"{verdict} fails a sign-off run: {reason}")
+            # reported at the contract's line, not at this line of the plugin
+            raise pytest.skip.Exception(f"{verdict}: {reason}", _use_item_location=True)
+        if not record["passed"]:
+            raise _ItemFailed(f"{verdict}: {reason}" + (f"\n{record['traceback']}" if record["traceback"] else ""))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:  # type: ignore[override]
+        if isinstance(excinfo.value, _ItemFailed):
+            return str(excinfo.value)
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, self.spec.ft.line - 1, f"{self.spec.ft.id}: {self.spec.ft.rule}"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash[_STATE]
+    items = [i for i in session.items if isinstance(i, ContractItem)]
+    if not items and not state.errors:
+        return  # not a contract run: write nothing
+    if state.errors:
+        # A broken contract is reported as its own collection error; it must not stop the others.
+        config.option.continue_on_collection_errors = True
+    state.run_dir.mkdir(parents=True, exist_ok=True)
+    state.results_path = state.run_dir / "results.jsonl"
+    registry.load_bindings()
+    append_line(state.results_path, {
+        "type": "header",
+        "schema": 1,
+        "run_id": state.run_id,
+        "started_at": utc_now(),
+        "signoff": state.signoff,
+        "argv": sys.argv,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+        "environment": environment(config.rootpath),
+        "expected": [i.nodeid for i in items],
+        "expected_items": [
+            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "control": i.spec.control,
+             "contract": i.spec.ft.path}
+            for i in items
+        ],
+        "contracts": state.contracts,
+        "binding_errors": dict(registry.BINDING_ERRORS),
+    })
+    for error in state.errors:
+        append_line(state.results_path, {**error, "run_id": state.run_id})
+    if not hasattr(config, "workerinput"):
+        write_latest(state.reports_dir, state.run_id)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    state = config.stash.get(_STATE, None)
+    if state is None or hasattr(config, "workerinput"):
+        return  # xdist workers append results; the controller writes the report
+    results = state.run_dir / "results.jsonl"
+    if not results.exists():
+        return
+    append_line(results, {"type": "footer", "run_id": state.run_id, "finished_at": utc_now(), "exitstatus": int(exitstatus)})
+    from harness.report import build_report
+
+    built = build_report(results, state.run_dir)
+    state.report_paths = built.paths
+    state.overall = built.overall
+    if state.signoff and not built.overall["ready"] and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None or not state.report_paths:
+        return
+    overall = state.overall
+    counts = ", ".join(f"{n} {v}" for v, n in overall["counts"].items() if n)
+    terminalreporter.section("q4k contracts")
+    terminalreporter.write_line(f"{overall['label']}: {counts or 'no items'}")
+    for line in overall["problems"][:20]:
+        terminalreporter.write_line(f"  - {line}")
+    terminalreporter.write_line(f"report: {state.report_paths['html']}")
+
