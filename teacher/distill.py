@@ -313,6 +313,9 @@ def distill(
     stopped = False
     t0 = time.perf_counter()
     epoch, next_batch = start_epoch, start_batch
+    # where a resumed run must start: advanced only once a step's update and bookkeeping are done,
+    # so an interrupt mid-step redoes that batch from the unchanged weights
+    resume_at = (start_epoch, start_batch)
     student.train()
     bar: Any = None
     try:
@@ -339,6 +342,7 @@ def distill(
                 ce_losses.append(out.ce)
                 step += 1
                 tokens += ids.numel()
+                resume_at = (epoch, next_batch + 1)
                 elapsed = prior_elapsed + time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
@@ -353,8 +357,7 @@ def distill(
             break  # max_steps reached inside the epoch
     except KeyboardInterrupt:
         if ckpt is not None:
-            # `next_batch` is the batch that was interrupted: it is redone on resume
-            save_checkpoint(ckpt, student, opt, snapshot(epoch, next_batch, prior_elapsed + time.perf_counter() - t0))
+            save_checkpoint(ckpt, student, opt, snapshot(*resume_at, prior_elapsed + time.perf_counter() - t0))
             log.warning("interrupted: checkpoint saved in %s (step %d)", ckpt, step)
         raise
     finally:

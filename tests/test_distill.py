@@ -1,0 +1,193 @@
+"""The KD step and the training loop, on a small fake LogitProvider (no GGUF needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from teacher.distill import (
+    COMPLETION_FORMAT,
+    DistillConfig,
+    DistillResult,
+    distill,
+    evaluate,
+    kd_step_loss,
+    load_token_ids,
+    windows,
+)
+from teacher.provider import LogitProvider, VocabMismatchError, effective_vocab
+from teacher.student import Student, StudentConfig, load_student
+
+CFG = StudentConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffn_size=64, max_context=64, rope_theta=10_000.0)
+
+
+class FakeTeacher:
+    """A frozen bigram-like teacher: logits depend on the current token only."""
+
+    def __init__(self, native: int = 112, target: int | None = None, seed: int = 7,
+                 report: int | None = None) -> None:
+        self.native = native
+        self.vocab = effective_vocab(native, target)
+        self.report = report  # a lying vocab_size(), for the defensive check
+        self.table = torch.randn(native, native, generator=torch.Generator().manual_seed(seed)) * 2
+        self.calls = 0
+
+    def vocab_size(self) -> int:
+        return self.report if self.report is not None else self.vocab
+
+    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        self.calls += 1
+        ids = torch.as_tensor(input_ids)
+        return self.table[ids][..., : self.vocab].clone()
+
+
+def _data(n_windows: int = 24, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return windows(torch.randint(0, CFG.vocab_size, (n_windows * seq_len,), generator=g), seq_len)
+
+
+def test_fake_is_a_provider() -> None:
+    assert isinstance(FakeTeacher(), LogitProvider)
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.0), (2.0, 0.0), (4.0, 0.3), (0.5, 1.0)])
+def test_kd_step_loss_matches_float64_reference(temperature: float, alpha: float) -> None:
+    teacher = FakeTeacher(target=CFG.vocab_size)
+    student = Student(CFG, seed=2)
+    ids = _data()[:3]
+    out = kd_step_loss(teacher, student, ids, temperature=temperature, alpha=alpha)
+    with torch.no_grad():
+        s = student(ids).double()
+    t = teacher.logits_for_batch(ids).double()
+    p_t = torch.softmax(t / temperature, -1)
+    kl = (p_t * (torch.log_softmax(t / temperature, -1) - torch.log_softmax(s / temperature, -1))).sum(-1)
+    kd_ref = temperature**2 * kl.mean()
+    ce_ref = F.cross_entropy(s[:, :-1].reshape(-1, CFG.vocab_size), ids[:, 1:].reshape(-1))
+    ref = (1 - alpha) * kd_ref + alpha * ce_ref
+    assert out.kd == pytest.approx(float(kd_ref), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-5)
+    out.loss.backward()  # the loss reaches the student's parameters
+    assert student.embed.weight.grad is not None and torch.isfinite(student.embed.weight.grad).all()
+
+
+def test_mismatch_stops_before_any_teacher_compute() -> None:
+    teacher = FakeTeacher()  # native 112, no target: disagrees with the student's 96
+    student = Student(CFG)
+    with pytest.raises(VocabMismatchError, match=r"teacher vocab 112 != student vocab 96"):
+        kd_step_loss(teacher, student, _data()[:2], temperature=2.0)
+    assert teacher.calls == 0
+    with pytest.raises(VocabMismatchError, match=r"112.*96"):
+        distill(teacher, student, _data(), DistillConfig(seq_len=16, progress=False))
+    assert teacher.calls == 0
+
+
+def test_provider_that_misreports_its_vocab_is_caught() -> None:
+    teacher = FakeTeacher(report=CFG.vocab_size)  # says 96, returns 112-wide logits
+    with pytest.raises(VocabMismatchError, match=r"vocab 112 but the student vocab is 96"):
+        kd_step_loss(teacher, Student(CFG), _data()[:2], temperature=2.0)
+
+
+def _run(tmp: Path, **kw: object) -> tuple[Student, DistillResult]:
+    student = Student(CFG, seed=11)
+    cfg = DistillConfig(**{"epochs": 2, "batch_size": 5, "seq_len": 16, "lr": 3e-3, "progress": False,
+                           "checkpoint_every": 2, **kw})  # type: ignore[arg-type]
+    res = distill(FakeTeacher(target=CFG.vocab_size), student, _data(), cfg,
+                  output_dir=tmp / "out", checkpoint_dir=tmp / "ckpt", resume=True)
+    return student, res
+
+
+def test_loss_falls_and_completion_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    student, res = _run(tmp_path, epochs=4, lr=1e-2)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert res.completed and res.steps == 4 * 5  # 24 windows / batch 5 -> 5 batches per epoch
+    assert res.tokens == 4 * 24 * 16
+    assert out[-1] == COMPLETION_FORMAT.format(initial=res.initial_loss, final=res.final_loss)
+    assert out[-1].startswith("Distillation complete: initial_loss=")
+    assert res.final_loss < 0.8 * res.initial_loss
+    assert res.finite and res.tokens_per_s > 0 and res.peak_memory_bytes is None
+    back = load_student(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), back.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("stop_at", [3, 7])  # inside epoch 0, and inside epoch 1 after a boundary
+def test_interrupted_run_resumes_to_the_same_state(tmp_path: Path, stop_at: int) -> None:
+    ref_student, ref = _run(tmp_path / "ref")
+    _, part = _run(tmp_path / "run", max_steps=stop_at)
+    assert not part.completed and part.steps == stop_at
+    state = json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())
+    assert state["step"] == stop_at
+    # a new process would rebuild the student from scratch: the checkpoint must carry everything
+    resumed_student, resumed = _run(tmp_path / "run")
+    assert resumed.resumed_from_step == stop_at
+    assert resumed.losses == ref.losses
+    for a, b in zip(ref_student.state_dict().values(), resumed_student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ctrl_c_checkpoints_and_resumes(tmp_path: Path) -> None:
+    ref_student, ref = _run(tmp_path / "ref")
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    student = Student(CFG, seed=11)
+    cfg = DistillConfig(epochs=2, batch_size=5, seq_len=16, lr=3e-3, progress=False, checkpoint_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        distill(FakeTeacher(target=CFG.vocab_size), student, _data(), cfg, checkpoint_dir=tmp_path / "c",
+                on_step=interrupt)
+    # the interrupted step's update happened before on_step: the checkpoint is after step 4
+    assert json.loads((tmp_path / "c" / "state.json").read_text())["step"] == 4
+    again = Student(CFG, seed=99)  # different init: resume must overwrite it
+    res = distill(FakeTeacher(target=CFG.vocab_size), again, _data(), cfg, checkpoint_dir=tmp_path / "c",
+                  resume=True)
+    assert res.losses == ref.losses
+    for a, b in zip(ref_student.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    _run(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="checkpoint was made with"):
+        _run(tmp_path, lr=1e-2)
+
+
+def test_bad_inputs() -> None:
+    teacher, student = FakeTeacher(target=CFG.vocab_size), Student(CFG)
+    with pytest.raises(ValueError, match="temperature"):
+        distill(teacher, student, _data(), DistillConfig(seq_len=16, temperature=0.0))
+    with pytest.raises(ValueError, match="alpha"):
+        distill(teacher, student, _data(), DistillConfig(seq_len=16, alpha=1.5))
+    with pytest.raises(ValueError, match=r"seq_len=32"):
+        distill(teacher, student, _data(), DistillConfig(seq_len=32))
+    bad = _data().clone()
+    bad[0, 0] = CFG.vocab_size
+    with pytest.raises(ValueError, match="outside the student vocab"):
+        distill(teacher, student, bad, DistillConfig(seq_len=16))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        windows(torch.arange(5), 16)
+
+
+def test_load_token_ids(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("1 2, 3\n4")
+    (tmp_path / "b.json").write_text("[5, 6]")
+    (tmp_path / "c.txt").write_text("1 two 3")
+    assert load_token_ids(tmp_path / "a.txt").tolist() == [1, 2, 3, 4]
+    assert load_token_ids(tmp_path / "b.json").tolist() == [5, 6]
+    with pytest.raises(ValueError, match="not a file of integer token ids"):
+        load_token_ids(tmp_path / "c.txt")
+
+
+def test_evaluate_reports_ce_and_kd() -> None:
+    teacher, student = FakeTeacher(target=CFG.vocab_size), Student(CFG)
+    res = evaluate(student, _data()[:4], teacher=teacher, temperature=2.0)
+    # an untrained student with small weights is close to uniform: CE ~ log(vocab)
+    assert abs(res["ce"] - math.log(CFG.vocab_size)) < 0.5
+    assert res["kd"] > 0
