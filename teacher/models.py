@@ -66,7 +66,7 @@ def _tmp_name(target: Path) -> Path:
 
 
 def _synthetic(name: str) -> Path:
-    from teacher import synth  # lazy: numpy-heavy, and only needed on first use
+    import teacher.synth as synth  # lazy: numpy-heavy, and only needed on first use
 
     recipe = synth.RECIPES[name]
     target = cache_dir() / f"{name}-{synth.WRITER_VERSION}.gguf"
