@@ -82,17 +82,17 @@ class StudentConfig:
         return cls(**dict(data))
 
 
-# Named student shapes. `qwen2.5-0.5b-shape` is Qwen2.5-0.5B's; `tiny-student`
-# matches the vocab of the synthetic `tiny-student` recipe (1920) at a size
-# that trains in seconds on a CPU.
+# Named student shapes, the same as teacher/synth.py's recipes of those names
+# (built here fresh and randomly initialised; pass the GGUF path to start from
+# the file's weights instead). `qwen2.5-0.5b-shape` is Qwen2.5-0.5B's.
 RECIPES: dict[str, StudentConfig] = {
     "qwen2.5-0.5b-shape": StudentConfig(
         vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
         ffn_size=4864, max_context=32768, rope_theta=1_000_000.0, rms_eps=1e-6, tie_embeddings=True,
     ),
     "tiny-student": StudentConfig(
-        vocab_size=1920, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        ffn_size=128, max_context=512, rope_theta=10_000.0, rms_eps=1e-6, tie_embeddings=True,
+        vocab_size=1920, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+        ffn_size=256, max_context=512, rope_theta=1_000_000.0, rms_eps=1e-6, tie_embeddings=True,
     ),
 }
 

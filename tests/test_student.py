@@ -134,3 +134,13 @@ def test_student_from_tiny_student_gguf() -> None:
     with torch.no_grad():
         ours = student(ids)
     torch.testing.assert_close(ours, ref.logits_for_batch(ids), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tiny-student", "qwen2.5-0.5b-shape"])
+def test_named_recipes_match_the_synthetic_model_shapes(name: str) -> None:
+    synth = pytest.importorskip("teacher.synth")
+    r = synth.RECIPES[name]
+    ours = RECIPES[name]
+    assert (ours.vocab_size, ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads,
+            ours.ffn_size) == (r.vocab, r.hidden, r.layers, r.heads, r.kv_heads, r.ffn)
+    assert ours.rope_theta == r.rope_theta
