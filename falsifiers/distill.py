@@ -207,6 +207,10 @@ def distill_epoch(ctx: Context) -> None:
     sampler_error: str | None = None
     t0 = time.perf_counter()
 
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line)  # also into the captured log the report shows
+
     def body() -> None:
         nonlocal result, error
         try:
@@ -215,7 +219,7 @@ def distill_epoch(ctx: Context) -> None:
             ctx.measure("teacher_vocab", teacher.vocab_size())
             ctx.measure("student_vocab", st.vocab_size)
             result = distill(teacher, st, data, cfg, output_dir=out_dir / "student",
-                             checkpoint_dir=out_dir / "checkpoint", print_fn=lines.append)
+                             checkpoint_dir=out_dir / "checkpoint", print_fn=emit)
         except (ValueError, RuntimeError, torch.OutOfMemoryError) as exc:
             # the run failing IS evidence (exit status != 0), not a crash of the falsifier
             error = f"{type(exc).__name__}: {exc}"
