@@ -48,7 +48,7 @@ __all__ = [
 Q = GGMLQuantizationType
 
 #: Bumped whenever the bytes a recipe produces change; part of the cache file name.
-WRITER_VERSION = "w1"
+WRITER_VERSION = "w2"
 
 Arch = Literal["llama", "qwen2"]
 WeightMode = Literal["quantized", "random-blocks"]
@@ -375,7 +375,9 @@ def _random_blocks(r: Recipe, t: TensorPlan, rows: int, slab: int) -> np.ndarray
     block, size = BLOCK[t.qtype]
     n_blocks = rows * (t.shape[-1] // block)
     rng = _rng(r, t, slab)
-    raw = rng.integers(0, 1 << 63, size=(n_blocks * size + 7) // 8, dtype=np.int64)
+    # full 64-bit words: every byte uniform (an int64 draw in [0, 2**63) would leave top bits 0)
+    top = np.iinfo(np.uint64).max
+    raw = rng.integers(0, top, size=(n_blocks * size + 7) // 8, dtype=np.uint64, endpoint=True)
     blocks = raw.view(np.uint8)[: n_blocks * size].reshape(n_blocks, size)
     # per-block jitter of the scale in [0.75, 1.25): blocks differ like real ones do
     jitter = (0.75 + 0.5 * rng.random(n_blocks, dtype=np.float32)).astype(np.float32)
