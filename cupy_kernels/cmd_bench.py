@@ -1,0 +1,325 @@
+"""``q4k bench``: GPU benchmarks.
+
+Sub-verbs: ``kernels`` (this module: the quantized matmul kernels against torch
+bf16 matmul and the copy roofline, all measured in one process on one GPU) and
+``teacher`` (``teacher.bench``, imported only when that sub-verb is built).
+
+Method (DESIGN.md "Performance: how to measure"): every kernel call is captured
+R times into a CUDA graph (so Python launch overhead is not timed), weights and
+activations rotate over enough copies to exceed L2, each graph replay is timed
+with CUDA events, and the median replay / R is the time of one call.  The same
+is done for torch's bf16 matmul on the same shape and for a 1 GiB device copy,
+so every ratio in the JSON comes from the same run on the same card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# sub-verb -> (module, help); the module provides add_arguments(parser) and run(args)
+SUB_VERBS: dict[str, tuple[str, str]] = {
+    "kernels": (__name__, "quantized matmul kernels vs torch bf16 matmul and copy bandwidth"),
+    "teacher": ("teacher.bench", "end-to-end teacher forward throughput"),
+}
+
+SHAPES_7B: list[tuple[int, int]] = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584)]
+M_LIST = [1, 8, 64, 512, 2048]
+ROTATE_BYTES = 256 << 20  # rotate buffers until the set is ~5x the 50 MiB L2
+TARGET_GRAPH_S = 3e-3  # each timed graph replay runs ~3 ms of work
+
+# f16 scale fields per format (byte offsets in the block): random bytes elsewhere
+_F16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_what", metavar="WHAT")
+    for name, (module, help_text) in SUB_VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if module == __name__:
+            add_kernel_arguments(p)
+            p.set_defaults(_bench_run=run_kernels)
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+            p.set_defaults(_bench_missing=f"'q4k bench {name}' is not available ({module} missing)")
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_bench_run=mod.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "_bench_missing", None):
+        print(f"q4k bench: {args._bench_missing}", file=sys.stderr)
+        return 2
+    fn = getattr(args, "_bench_run", None)
+    if fn is None:
+        print("q4k bench: choose one of: " + ", ".join(SUB_VERBS), file=sys.stderr)
+        return 2
+    return int(fn(args) or 0)
+
+
+def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("reports/bench_kernels.json"), help="JSON output")
+    p.add_argument("--types", default="Q4_K,Q6_K", help="comma-separated formats (default Q4_K,Q6_K)")
+    p.add_argument("--m", default=",".join(map(str, M_LIST)), help="comma-separated M values")
+    p.add_argument(
+        "--shapes",
+        default=",".join(f"{n}x{k}" for n, k in SHAPES_7B),
+        help="comma-separated NxK weight shapes (default: the 7B teacher's)",
+    )
+    p.add_argument("--x-dtype", choices=("bf16", "f32"), default="bf16", help="activation dtype")
+    p.add_argument("--replays", type=int, default=15, help="timed graph replays per case")
+    p.add_argument("--check", action="store_true", help="also check each shape against torch (f32)")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _median_graph_time(cp: Any, launch: Callable[[int], None], replays: int) -> tuple[float, int, bool]:
+    """Median seconds of one launch(i) call; (time, calls per replay, graph used)."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for i in range(3):
+            launch(i)
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(s)
+        for i in range(5):
+            launch(i)
+        e1.record(s)
+        e1.synchronize()
+        est = max(cp.cuda.get_elapsed_time(e0, e1) / 5e3, 1e-6)
+    reps = int(min(200, max(4, math.ceil(TARGET_GRAPH_S / est))))
+    graph = None
+    try:
+        with s:
+            s.begin_capture()
+            try:
+                for i in range(reps):
+                    launch(i)
+            finally:
+                graph = s.end_capture()
+    except Exception as exc:  # capture unsupported: time plain launches instead
+        print(f"  (graph capture failed, timing plain launches: {exc})", file=sys.stderr)
+        graph = None
+    times = []
+    with s:
+        for _ in range(replays + 2):
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(s)
+            if graph is not None:
+                graph.launch(s)
+            else:
+                for i in range(reps):
+                    launch(i)
+            e1.record(s)
+            e1.synchronize()
+            times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps)
+    return statistics.median(times[2:]), reps, graph is not None
+
+
+def _median_torch_time(torch: Any, launch: Callable[[int], None], replays: int) -> tuple[float, int, bool]:
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for i in range(3):
+            launch(i)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record(s)
+        for i in range(5):
+            launch(i)
+        e1.record(s)
+    torch.cuda.synchronize()
+    est = max(e0.elapsed_time(e1) / 5e3, 1e-6)
+    reps = int(min(200, max(4, math.ceil(TARGET_GRAPH_S / est))))
+    g: Any = None
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for i in range(reps):
+                launch(i)
+    except Exception as exc:
+        print(f"  (torch graph capture failed, timing plain launches: {exc})", file=sys.stderr)
+        g = None
+    times = []
+    for _ in range(replays + 2):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(s):
+            e0.record(s)
+            if g is not None:
+                g.replay()
+            else:
+                for i in range(reps):
+                    launch(i)
+            e1.record(s)
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3 / reps)
+    return statistics.median(times[2:]), reps, g is not None
+
+
+def copy_bandwidth(torch: Any, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write."""
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t, _, _ = _median_torch_time(torch, lambda i: b.copy_(a), 20)
+    return 2 * nbytes / t
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_weight_gpu(cp: Any, qtype: Any, n: int, k: int) -> Any:
+    """Random valid raw blocks on the GPU (finite scales; never zeros)."""
+    from cupy_kernels.launch import kernel_block
+
+    qk, nb = kernel_block(qtype)
+    nblocks = n * k // qk
+    name = qtype.name
+    if name in ("F16", "BF16"):
+        v = cp.random.standard_normal(n * k, dtype=cp.float32)
+        if name == "F16":
+            return v.astype(cp.float16).view(cp.uint8)
+        return (v.view(cp.uint32) >> 16).astype(cp.uint16).view(cp.uint8)
+    raw = cp.random.randint(0, 256, size=nblocks * nb, dtype=cp.uint8)
+    blocks = raw.reshape(nblocks, nb)
+    for off in _F16_FIELDS[name]:
+        s = cp.random.uniform(-0.02, 0.02, nblocks).astype(cp.float16)
+        blocks[:, off : off + 2] = s.view(cp.uint8).reshape(nblocks, 2)
+    return raw
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    from gguf import GGMLQuantizationType as QT
+
+    from cupy_kernels.launch import CudaUnavailable, _cp, qembed, qmatmul, row_bytes
+
+    try:
+        cp = _cp()
+    except CudaUnavailable as exc:
+        print(f"q4k bench kernels: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    types = [QT[t.strip()] for t in args.types.split(",") if t.strip()]
+    ms = [int(v) for v in args.m.split(",")]
+    shapes = [tuple(int(a) for a in s.lower().split("x")) for s in args.shapes.split(",")]
+    xbf = args.x_dtype == "bf16"
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+    env = {
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
+        "sm_count": props["multiProcessorCount"],
+        "cupy": cp.__version__,
+        "torch": torch.__version__,
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"device {env['device']} ({env['sm_count']} SMs)", flush=True)
+    copy_bw = copy_bandwidth(torch)
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write)", flush=True)
+    rows: list[dict[str, Any]] = []
+    for n, k in shapes:
+        # torch bf16 baseline per M, on a bf16 copy of a random weight
+        wt_bytes = n * k * 2
+        nwt = max(1, min(8, math.ceil(ROTATE_BYTES / wt_bytes)))
+        wts = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nwt)]
+        torch_t: dict[int, float] = {}
+        for m in ms:
+            nx = max(1, min(8, math.ceil(ROTATE_BYTES / (m * k * 2))))
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nx)]
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+
+            def tl(i: int, xs: Any = xs, outs: Any = outs, wts: Any = wts) -> None:
+                torch.matmul(xs[i % len(xs)], wts[i % len(wts)].t(), out=outs[i % 2])
+
+            torch_t[m], _, _ = _median_torch_time(torch, tl, args.replays)
+            del xs, outs
+        del wts
+        torch.cuda.empty_cache()
+        for qt in types:
+            rb = row_bytes(qt, k)
+            wbytes = n * rb
+            nw = max(1, min(16, math.ceil(ROTATE_BYTES / wbytes)))
+            ws = [random_weight_gpu(cp, qt, n, k) for _ in range(nw)]
+            check: dict[int, float] = {}
+            if args.check:
+                deq = qembed(cp.arange(n, dtype=cp.int32), ws[0], qt, n, k) if n <= 65535 else None
+                if deq is not None:
+                    for m in (1, 64):
+                        x = cp.random.standard_normal((m, k), dtype=cp.float32)
+                        y = qmatmul(x, ws[0], qt, n, k)
+                        ref = x.astype(cp.float64) @ deq.astype(cp.float64).T
+                        check[m] = float(cp.linalg.norm(y - ref) / cp.linalg.norm(ref))
+                    del deq
+            for m in ms:
+                nx = max(1, min(8, math.ceil(ROTATE_BYTES / (m * k * (2 if xbf else 4)))))
+                if xbf:
+                    xs_t = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nx)]
+                    # bf16 bits as CuPy views, made before graph capture (DLPack
+                    # exchange may synchronise streams, which capture forbids)
+                    xin: list[Any] = [cp.from_dlpack(t.view(torch.int16)) for t in xs_t]
+                else:
+                    xs_t = []
+                    xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
+                outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
+
+                def ql(
+                    i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
+                    n: int = n, k: int = k,
+                ) -> None:
+                    qmatmul(xin[i % len(xin)], ws[i % len(ws)], qt, n, k, out=outs_c[i % 2], x_is_bf16=xbf)
+
+                t, reps, graph = _median_graph_time(cp, ql, args.replays)
+                flops = 2.0 * m * n * k
+                row = {
+                    "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,
+                    "path": "gemv" if m <= 8 else "mma",
+                    "median_us": t * 1e6, "tflops": flops / t / 1e12,
+                    "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,
+                    "copy_GBps": copy_bw / 1e9, "frac_of_copy_bw": wbytes / t / copy_bw,
+                    "torch_bf16_us": torch_t[m] * 1e6, "torch_bf16_tflops": flops / torch_t[m] / 1e12,
+                    "speedup_vs_torch_bf16": torch_t[m] / t,
+                    "calls_per_graph": reps, "graph": graph, "weight_copies": nw,
+                    "rel_err_vs_f32_dequant": check.get(m),
+                }
+                rows.append(row)
+                print(
+                    f"{qt.name:5s} M={m:5d} N={n:6d} K={k:5d} {t * 1e6:9.1f} us "
+                    f"{row['tflops']:7.1f} TF/s {row['weight_GBps']:7.0f} GB/s "
+                    f"({row['frac_of_copy_bw']:.2f} of copy) torch {torch_t[m] * 1e6:8.1f} us "
+                    f"x{row['speedup_vs_torch_bf16']:.2f}",
+                    flush=True,
+                )
+                del xs_t, xin, outs_c
+            del ws
+            cp.get_default_memory_pool().free_all_blocks()
+    result = {"env": env, "copy_GBps": copy_bw / 1e9, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_table(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['env']['device']}: copy {result['copy_GBps']:.0f} GB/s (r+w)")
+    hdr = f"{'type':5s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
+    print(hdr)
+    for r in result["rows"]:
+        print(
+            f"{r['type']:5s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
+            f"{r['tflops']:7.1f} {r['weight_GBps']:6.0f} {100 * r['frac_of_copy_bw']:5.0f}% "
+            f"{r['torch_bf16_us']:9.1f} {r['torch_bf16_tflops']:7.1f} {r['speedup_vs_torch_bf16']:6.2f}"
+        )

@@ -1,0 +1,372 @@
+"""Thin launchers for the quantized-weight CUDA kernels (kernels.cu + dequant.cuh).
+
+Two kernel families, one launcher each:
+
+* :func:`qmatmul` -- ``y = x @ W.T`` from the raw GGUF bytes of ``W`` ([N, K]);
+  a float GEMV for M <= 8 and a bf16 tensor-core GEMM (weights decoded tile by
+  tile into shared memory) above that.
+* :func:`qembed` -- embedding row gather from a quantized table.
+
+CuPy is imported lazily: this module imports on a machine without CuPy or a
+GPU, and :class:`CudaUnavailable` is raised at the first launch instead.  Each
+format's module is compiled once per process (``cupy.RawModule`` with
+``name_expressions``) and cached.  Inputs may be CuPy arrays or torch CUDA
+tensors (taken through DLPack, no copy); results are CuPy arrays
+(``torch.from_dlpack(y)`` gives a torch view).  Every argument is validated
+before any launch: a wrong dtype, shape, device, alignment or a K that is not
+a multiple of the format's block raises ``ValueError`` naming the argument and
+the number at fault.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import Any
+
+from gguf import GGMLQuantizationType as QT
+
+__all__ = [
+    "SUPPORTED",
+    "CudaUnavailable",
+    "kernel_block",
+    "qembed",
+    "qmatmul",
+    "row_bytes",
+]
+
+
+class CudaUnavailable(RuntimeError):
+    """No usable CUDA device (or CuPy is not installed)."""
+
+
+# Format -> (values per kernel block, bytes per kernel block).  F16/BF16 are
+# decoded in blocks of 16 values (see dequant.cuh), so their K must be a
+# multiple of 16; every other format uses its GGUF block.
+_BLOCKS: dict[QT, tuple[int, int]] = {
+    QT.F16: (16, 32),
+    QT.BF16: (16, 32),
+    QT.Q4_0: (32, 18),
+    QT.Q4_1: (32, 20),
+    QT.Q5_0: (32, 22),
+    QT.Q8_0: (32, 34),
+    QT.Q4_K: (256, 144),
+    QT.Q5_K: (256, 176),
+    QT.Q6_K: (256, 210),
+}
+
+SUPPORTED: frozenset[QT] = frozenset(_BLOCKS)
+
+# M at or below which the GEMV kernel runs; above it the tensor-core GEMM.
+GEMV_MAX_M = 8
+_GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
+_GEMV_R = 2  # rows per warp (see kernels.cu)
+_GEMM_TILE = 128  # BM = BN
+_GEMM_SMEM = 2 * _GEMM_TILE * (128 + 8) * 2  # As + Bs, bf16, padded rows
+
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+
+
+def _qtype(qtype: Any) -> QT:
+    try:
+        q = QT(int(qtype))
+    except (ValueError, TypeError):
+        raise ValueError(f"qtype={qtype!r} is not a GGML quantization type") from None
+    if q not in SUPPORTED:
+        names = ", ".join(sorted(t.name for t in SUPPORTED))
+        raise ValueError(f"qtype={q.name} is not supported by the CUDA kernels (supported: {names})")
+    return q
+
+
+def kernel_block(qtype: Any) -> tuple[int, int]:
+    """(values, bytes) of one decode block of ``qtype``: K must be a multiple of values."""
+    return _BLOCKS[_qtype(qtype)]
+
+
+def row_bytes(qtype: Any, k: int) -> int:
+    """Bytes of one row of K values (raises ValueError if K is not a block multiple)."""
+    q = _qtype(qtype)
+    qk, nb = _BLOCKS[q]
+    if k <= 0 or k % qk:
+        raise ValueError(f"k={k} is not a positive multiple of the {q.name} block of {qk} values")
+    return k // qk * nb
+
+
+# --------------------------------------------------------------------------- cupy access
+
+
+@functools.cache
+def _cp() -> Any:
+    """Import CuPy and check for a device; raise CudaUnavailable with the reason."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        raise CudaUnavailable(
+            f"CuPy is not importable ({exc}); install the 'cuda' extra on a CUDA machine"
+        ) from exc
+    try:
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:
+        raise CudaUnavailable(f"no CUDA device: {exc}") from exc
+    if n < 1:
+        raise CudaUnavailable("no CUDA device: cudaGetDeviceCount() returned 0")
+    return cupy
+
+
+def _source() -> str:
+    # Inline the header: CuPy's kernel cache keys on the source text, so a
+    # change to dequant.cuh must change the text that is compiled.
+    header = (_HERE / "dequant.cuh").read_text()
+    body = (_HERE / "kernels.cu").read_text().replace('#include "dequant.cuh"', "")
+    return header + "\n" + body
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _names(qt: int) -> list[str]:
+    names = []
+    for xb in (False, True):
+        for mt in _GEMV_MT:
+            names.append(f"gemv<{qt}, {mt}, {_GEMV_R}, {_b(xb)}>")
+        names.append(f"mma_gemm<{qt}, {_b(xb)}>")
+        names.append(f"embed<{qt}, {_b(xb)}>")
+    return names
+
+
+_modules: dict[tuple[int, int], Any] = {}
+
+
+def _module(qt: QT) -> Any:
+    """The compiled module of one format on the current device, compiled once."""
+    cp = _cp()
+    key = (int(qt), int(cp.cuda.runtime.getDevice()))
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            mod = cp.RawModule(
+                code=_source(), options=("--std=c++17",), name_expressions=_names(int(qt))
+            )
+            mod.compile()
+            _modules[key] = mod
+    return mod
+
+
+def _kernel(qt: QT, name: str) -> Any:
+    return _module(qt).get_function(name)
+
+
+def compile_all() -> dict[str, str]:
+    """Compile every format's module; returns {format: 'ok' or the compiler error}."""
+    out: dict[str, str] = {}
+    for q in sorted(SUPPORTED, key=int):
+        try:
+            mod = _module(q)
+            for n in _names(int(q)):
+                mod.get_function(n)
+            out[q.name] = "ok"
+        except Exception as exc:
+            out[q.name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _is_torch(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "torch"
+
+
+def _as_cupy(a: Any, arg: str, *, bf16_ok: bool = False) -> tuple[Any, bool]:
+    """CuPy view of a CuPy array or torch CUDA tensor (no copy).
+
+    Returns (array, is_bf16); bf16 data comes back as a uint16/int16 view of its bits
+    because CuPy has no bfloat16 dtype.
+    """
+    cp = _cp()
+    if isinstance(a, cp.ndarray):
+        if a.dtype.name == "bfloat16":  # ml_dtypes bfloat16, if CuPy carries one
+            if not bf16_ok:
+                raise ValueError(f"{arg} has dtype bfloat16, which is not accepted here")
+            return a.view(cp.uint16), True
+        return a, False
+    if _is_torch(a):
+        import torch
+
+        if a.device.type != "cuda":
+            raise ValueError(f"{arg} is a torch tensor on device {a.device}; a CUDA tensor is required")
+        if a.dtype == torch.bfloat16:
+            if not bf16_ok:
+                raise ValueError(f"{arg} has dtype torch.bfloat16, which is not accepted here")
+            return cp.from_dlpack(a.view(torch.int16)), True
+        return cp.from_dlpack(a), False
+    raise ValueError(
+        f"{arg} must be a CuPy array or a torch CUDA tensor, got {type(a).__module__}.{type(a).__name__}"
+    )
+
+
+def _check_device(arrs: dict[str, Any]) -> int:
+    devs = {name: int(a.device.id) for name, a in arrs.items()}
+    ids = set(devs.values())
+    if len(ids) != 1:
+        raise ValueError(f"arguments are on different CUDA devices: {devs}")
+    return ids.pop()
+
+
+def _check_w(w: Any, q: QT, n: int, k: int) -> Any:
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n={n!r} must be a positive int (rows of W)")
+    rb = row_bytes(q, k)
+    cp = _cp()
+    if w.dtype not in (cp.uint8, cp.int8):
+        raise ValueError(f"w must hold raw bytes (uint8), got dtype {w.dtype}")
+    if not w.flags.c_contiguous:
+        raise ValueError("w must be C-contiguous raw GGUF bytes")
+    if w.size != n * rb:
+        raise ValueError(
+            f"w has {w.size} bytes but a {q.name} [{n}, {k}] tensor needs n*row_bytes = "
+            f"{n}*{rb} = {n * rb}"
+        )
+    if w.data.ptr % 16:
+        raise ValueError(f"w's data pointer {w.data.ptr:#x} is not 16-byte aligned")
+    return w
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def qmatmul(
+    x: Any,
+    w: Any,
+    qtype: Any,
+    n: int,
+    k: int,
+    *,
+    out: Any = None,
+    path: str = "auto",
+    x_is_bf16: bool = False,
+) -> Any:
+    """``y = x @ W.T`` with W the raw GGUF bytes of an [n, k] tensor of ``qtype``.
+
+    x: [M, k] float32 or bfloat16 (CuPy or torch CUDA).  Returns a new (or the
+    given ``out``) CuPy float32 array [M, n].  ``path``: "auto" (GEMV for
+    M <= 8, tensor-core GEMM above), "gemv" (M <= 8 only) or "mma".
+    ``x_is_bf16``: x is a CuPy uint16/int16 array holding bf16 bit patterns
+    (CuPy has no bfloat16 dtype; torch bf16 tensors are recognised by themselves).
+    """
+    q = _qtype(qtype)
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k={k!r} must be a positive int (row length of W)")
+    cp = _cp()
+    xc, xb = _as_cupy(x, "x", bf16_ok=True)
+    if x_is_bf16:
+        if xc.dtype not in (cp.uint16, cp.int16):
+            raise ValueError(f"x_is_bf16=True needs x as uint16/int16 bf16 bits, got dtype {xc.dtype}")
+        xb = True
+    wc, _ = _as_cupy(w, "w")
+    _check_w(wc, q, n, k)
+    if xc.ndim != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(xc.shape)}")
+    m = int(xc.shape[0])
+    if m < 1:
+        raise ValueError("x has M=0 rows")
+    if int(xc.shape[1]) != k:
+        raise ValueError(f"x has K={xc.shape[1]} columns but k={k}")
+    if not xb and xc.dtype != cp.float32:
+        raise ValueError(f"x must be float32 or bfloat16, got dtype {xc.dtype}")
+    if not xc.flags.c_contiguous:
+        # activations are small next to W; a contiguous copy keeps the kernels' 16-byte loads
+        xc = cp.ascontiguousarray(xc)
+    if xc.data.ptr % 16:
+        raise ValueError(f"x's data pointer {xc.data.ptr:#x} is not 16-byte aligned")
+    if path not in ("auto", "gemv", "mma"):
+        raise ValueError(f"path={path!r} must be 'auto', 'gemv' or 'mma'")
+    use_gemv = path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
+    if use_gemv and m > GEMV_MAX_M:
+        raise ValueError(f"path='gemv' supports M <= {GEMV_MAX_M}, got M={m}")
+    if max(m, n, k) >= 2**31:
+        raise ValueError(f"dimension too large for 32-bit indexing: M={m}, n={n}, k={k}")
+    arrs = {"x": xc, "w": wc}
+    if out is not None:
+        oc, _ = _as_cupy(out, "out")
+        if oc.dtype != cp.float32 or tuple(oc.shape) != (m, n) or not oc.flags.c_contiguous:
+            raise ValueError(
+                f"out must be a C-contiguous float32 [{m}, {n}] array, got {oc.dtype} {tuple(oc.shape)}"
+            )
+        arrs["out"] = oc
+    dev = _check_device(arrs)
+    with cp.cuda.Device(dev):
+        y = arrs.get("out")
+        if y is None:
+            y = cp.empty((m, n), dtype=cp.float32)
+        i32 = cp.int32
+        if use_gemv:
+            mt = next(t for t in _GEMV_MT if t >= m)
+            units = k // 16
+            groups = -(-n // _GEMV_R)
+            # split a row across warps only while short-N shapes lack warps and
+            # each lane keeps >= 2 decode groups
+            wpr = 1
+            while wpr < 8 and groups * wpr < 8448 and units >= 32 * wpr * 2 * 2:
+                wpr *= 2
+            rows_per_block = 8 // wpr
+            grid = (-(-groups // rows_per_block),)
+            fn = _kernel(q, f"gemv<{int(q)}, {mt}, {_GEMV_R}, {_b(xb)}>")
+            fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)))
+        else:
+            fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>")
+            if fn.max_dynamic_shared_size_bytes < _GEMM_SMEM:
+                fn.max_dynamic_shared_size_bytes = _GEMM_SMEM
+            grid2 = (-(-m // _GEMM_TILE), -(-n // _GEMM_TILE))
+            if grid2[1] > 65535:
+                raise ValueError(f"n={n} exceeds the GEMM grid limit of {65535 * _GEMM_TILE} rows")
+            fn(grid2, (256,), (wc, xc, y, i32(m), i32(n), i32(k)), shared_mem=_GEMM_SMEM)
+    return y
+
+
+def qembed(ids: Any, w: Any, qtype: Any, n: int, k: int, *, out: Any = None) -> Any:
+    """Rows ``ids`` of the quantized [n, k] table ``w``, decoded: float32 [M, k].
+
+    ids: 1-D int32/int64 (CuPy or torch CUDA).  Every id must be in [0, n): checked
+    (one device reduction and a host sync) before the gather launches.
+    """
+    q = _qtype(qtype)
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k={k!r} must be a positive int (row length of W)")
+    cp = _cp()
+    ic, _ = _as_cupy(ids, "ids")
+    wc, _ = _as_cupy(w, "w")
+    _check_w(wc, q, n, k)
+    if ic.ndim != 1:
+        raise ValueError(f"ids must be 1-D [M], got shape {tuple(ic.shape)}")
+    if ic.dtype not in (cp.int32, cp.int64):
+        raise ValueError(f"ids must be int32 or int64, got dtype {ic.dtype}")
+    m = int(ic.shape[0])
+    if m < 1:
+        raise ValueError("ids is empty (M=0)")
+    if m > 65535:
+        raise ValueError(f"ids has M={m} rows; at most 65535 per call")
+    ic = cp.ascontiguousarray(ic)
+    arrs = {"ids": ic, "w": wc}
+    if out is not None:
+        oc, _ = _as_cupy(out, "out")
+        if oc.dtype != cp.float32 or tuple(oc.shape) != (m, k) or not oc.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 [{m}, {k}] array")
+        arrs["out"] = oc
+    dev = _check_device(arrs)
+    with cp.cuda.Device(dev):
+        lo, hi = int(ic.min()), int(ic.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"ids contains {bad}, outside the table's [0, {n}) rows")
+        y = arrs.get("out")
+        if y is None:
+            y = cp.empty((m, k), dtype=cp.float32)
+        units = k // 16
+        gx = max(1, min(-(-units // 256), 64))
+        fn = _kernel(q, f"embed<{int(q)}, {_b(ic.dtype == cp.int64)}>")
+        fn((gx, m), (256,), (wc, ic, y, cp.int32(m), cp.int32(n), cp.int32(k)))
+    return y

@@ -1,0 +1,238 @@
+"""CUDA kernels (cupy_kernels.launch) against gguf.quants.dequantize + a float64
+host matmul.  CUDA only: skipped with the reason elsewhere (see conftest.py).
+
+Error bounds, relative Frobenius error ||out - ref|| / ||ref||, ref in float64
+from the very activations the kernel saw (bf16 activations are compared with
+their bf16 values, so the difference between F32 and BF16 inputs lives in the
+reference, not in the bound):
+
+* GEMV and embedding: weights are decoded in float32 exactly as gguf does
+  (tests/gpu/test_dequant_host.py checks that to the last bit on the host), so
+  the only error is float32 accumulation in a different order: about
+  sqrt(K) * 2^-24 ~ 2e-6 at K = 896.  Bound GEMV_TOL = 1e-5; embedding 1e-6
+  (no accumulation at all: values must equal gguf's).
+* tensor-core GEMM: weights (and F32 activations) are rounded to bf16 (unit
+  roundoff 2^-9) before an exact-product, float32-accumulated mma.  Each
+  rounding is a uniform relative error of rms 2^-9/sqrt(3) = 1.1e-3, so a
+  random-sign dot product lands at ~1.1e-3 relative (BF16 x: one rounding) to
+  ~1.6e-3 (F32 x: two).  Bound MMA_TOL = 6e-3, under the 1e-2 at which a
+  wrong scale or a dropped sub-block would still hide.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from .blocks import LAYOUT, random_weight
+
+GEMV_TOL = 1e-5
+MMA_TOL = 6e-3
+EMBED_TOL = 1e-6
+
+FORMATS = list(LAYOUT)
+
+
+def _k_for(qt: T, big: bool = False) -> int:
+    qk = LAYOUT[qt][0]
+    if qk == 256:
+        return 768 if big else 512
+    if qk == 32:
+        return 352 if big else 160  # 352 = 2.75 GEMM K-steps: a partial last step
+    return 208 if big else 48  # 16-value blocks: 208 = 1.625 K-steps
+
+
+@pytest.fixture(scope="module")
+def cp() -> Any:
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture()
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    # fresh inputs per test, reproducible from the test id
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+def _x(rng: np.random.Generator, m: int, k: int, bf16: bool) -> np.ndarray:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if bf16:  # round to nearest even to bf16, keep as float32 values
+        u = x.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        x = r.astype(np.uint32).view(np.float32)
+    return x
+
+
+def _to_device_x(cp: Any, x: np.ndarray, bf16: bool) -> Any:
+    """CuPy f32, or a torch bf16 CUDA tensor (the DLPack path) for bf16."""
+    if not bf16:
+        return cp.asarray(x)
+    import torch
+
+    return torch.from_numpy(x).to("cuda").to(torch.bfloat16)
+
+
+def _rel(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def _run_matmul(cp: Any, qt: T, m: int, n: int, k: int, bf16: bool, path: str, rng: np.random.Generator) -> float:
+    from cupy_kernels.launch import qmatmul
+
+    raw, deq = random_weight(qt, n, k, rng)
+    x = _x(rng, m, k, bf16)
+    ref = x.astype(np.float64) @ deq.astype(np.float64).T
+    out = cp.full((m, n), cp.nan, dtype=cp.float32)  # poison: every element must be written
+    y = qmatmul(_to_device_x(cp, x, bf16), cp.asarray(raw), qt, n, k, out=out, path=path)
+    assert y is out
+    got = cp.asnumpy(y)
+    assert np.isfinite(got).all(), f"{int((~np.isfinite(got)).sum())} outputs not written"
+    return _rel(got, ref)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["x_f32", "x_bf16"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_gemv(cp: Any, rng: np.random.Generator, qt: T, m: int, bf16: bool) -> None:
+    # N = 77: odd, not a multiple of the 2-row warp or the 8-warp block
+    err = _run_matmul(cp, qt, m, 77, _k_for(qt, big=True), bf16, "gemv", rng)
+    print(f"gemv {qt.name} M={m} bf16={bf16}: rel err {err:.3g}")
+    assert err < GEMV_TOL
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["x_f32", "x_bf16"])
+@pytest.mark.parametrize("m,n", [(7, 200), (61, 129), (257, 300), (1, 131)])
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_mma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, bf16: bool) -> None:
+    # N not a multiple of the 128 tile, prime M, M = 1 through the tile path
+    err = _run_matmul(cp, qt, m, n, _k_for(qt, big=True), bf16, "mma", rng)
+    print(f"mma {qt.name} M={m} N={n} bf16={bf16}: rel err {err:.3g}")
+    assert err < MMA_TOL
+
+
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K, T.Q8_0])
+def test_auto_path_large_shape(cp: Any, rng: np.random.Generator, qt: T) -> None:
+    # a 7B-like row length, both dispatch sides (M=8 GEMV, M=64 GEMM)
+    for m, tol in ((8, GEMV_TOL), (64, MMA_TOL)):
+        err = _run_matmul(cp, qt, m, 384, 3584, True, "auto", rng)
+        print(f"auto {qt.name} M={m}: rel err {err:.3g}")
+        assert err < tol
+
+
+@pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_embed(cp: Any, rng: np.random.Generator, qt: T, id64: bool) -> None:
+    from cupy_kernels.launch import qembed
+
+    n, k = 300, _k_for(qt, big=True)
+    raw, deq = random_weight(qt, n, k, rng)
+    ids = rng.integers(0, n, size=37)
+    ids[:3] = [0, n - 1, ids[5]]  # both ends and a duplicate
+    ids_d = cp.asarray(ids.astype(np.int64 if id64 else np.int32))
+    out = cp.full((ids.size, k), cp.nan, dtype=cp.float32)
+    qembed(ids_d, cp.asarray(raw), qt, n, k, out=out)
+    got = cp.asnumpy(out)
+    assert np.isfinite(got).all()
+    err = _rel(got, deq[ids].astype(np.float64))
+    assert err < EMBED_TOL
+
+
+def test_torch_inputs_zero_copy(cp: Any) -> None:
+    import torch
+
+    from cupy_kernels.launch import _as_cupy
+
+    t = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    a, is_bf16 = _as_cupy(t, "x", bf16_ok=True)
+    assert is_bf16 and a.data.ptr == t.data_ptr()
+    w = torch.randint(0, 255, (100,), device="cuda", dtype=torch.uint8)
+    b, _ = _as_cupy(w, "w")
+    assert b.data.ptr == w.data_ptr()
+
+
+def test_bad_arguments_raise_before_launch(cp: Any) -> None:
+    import torch
+
+    from cupy_kernels.launch import qembed, qmatmul
+
+    n, k = 16, 512
+    w = cp.zeros(n * k // 256 * 144, dtype=cp.uint8)
+    x = cp.ones((2, k), dtype=cp.float32)
+    out = cp.full((2, n), 7.0, dtype=cp.float32)
+    cases: list[tuple[str, Any]] = [
+        ("k=500", lambda: qmatmul(cp.ones((2, 500), cp.float32), w, T.Q4_K, n, 500, out=out)),
+        ("float64", lambda: qmatmul(x.astype(cp.float64), w, T.Q4_K, n, k, out=out)),
+        ("K=256 columns", lambda: qmatmul(x[:, :256], w, T.Q4_K, n, k, out=out)),
+        ("needs", lambda: qmatmul(x, w[:-1], T.Q4_K, n, k, out=out)),
+        ("CUDA tensor", lambda: qmatmul(torch.ones(2, k), w, T.Q4_K, n, k, out=out)),
+        ("not supported", lambda: qmatmul(x, w, T.Q2_K, n, k, out=out)),
+        ("outside", lambda: qembed(cp.asarray([0, n]), w, T.Q4_K, n, k)),
+        ("M <= 8", lambda: qmatmul(cp.ones((9, k), cp.float32), w, T.Q4_K, n, k, path="gemv")),
+    ]
+    for needle, call in cases:
+        with pytest.raises(ValueError, match=needle):
+            call()
+    assert bool((out == 7.0).all()), "a rejected call wrote to out"
+
+
+# ---------------------------------------------------------------- real model tensors
+
+REAL = {
+    "smollm2-135m": "Q4K_MODEL_SMOLLM2_135M",
+    "gemma3-270m": "Q4K_MODEL_GEMMA3_270M",
+}
+
+
+def _real_path(name: str) -> Path | None:
+    env = os.environ.get(REAL[name])
+    if env and Path(env).is_file():
+        return Path(env)
+    try:
+        from teacher.models import resolve_model  # the teacher package's resolver, if built
+
+        return Path(resolve_model(name))
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize("model", list(REAL))
+def test_real_model_tensors(cp: Any, model: str) -> None:
+    path = _real_path(model)
+    if path is None:
+        pytest.skip(f"NOT RUN: {model} GGUF not available here (set ${REAL[model]})")
+    from gguf import GGUFReader
+
+    from cupy_kernels.launch import SUPPORTED, qembed, qmatmul
+
+    rng = np.random.default_rng(0)
+    seen: set[T] = set()
+    reader = GGUFReader(str(path))
+    from gguf import quants
+
+    for t in reader.tensors:
+        qt = T(int(t.tensor_type))
+        if qt not in SUPPORTED or qt in seen or len(t.shape) != 2:
+            continue
+        seen.add(qt)
+        k, n = int(t.shape[0]), int(t.shape[1])  # GGUF lists ne0 (row length) first
+        n_use = min(n, 4096)  # a slice of rows keeps the host reference fast
+        raw = np.ascontiguousarray(np.asarray(t.data).view(np.uint8).reshape(n, -1)[:n_use])
+        deq = quants.dequantize(raw, qt).reshape(n_use, k).astype(np.float64)
+        w = cp.asarray(raw)
+        for m, path_, tol in ((1, "gemv", GEMV_TOL), (33, "mma", MMA_TOL)):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            out = cp.full((m, n_use), cp.nan, dtype=cp.float32)
+            qmatmul(cp.asarray(x), w, qt, n_use, k, out=out, path=path_)
+            err = _rel(cp.asnumpy(out), x.astype(np.float64) @ deq.T)
+            print(f"{model} {t.name} {qt.name} [{n_use},{k}] M={m} {path_}: rel err {err:.3g}")
+            assert err < tol, t.name
+        ids = cp.asarray(rng.integers(0, n_use, size=9))
+        emb = cp.asnumpy(qembed(ids, w, qt, n_use, k))
+        assert _rel(emb, deq[cp.asnumpy(ids)]) < EMBED_TOL
+    assert seen, f"no supported 2-D tensor in {path}"
