@@ -125,7 +125,7 @@ def load_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ContractError(path, None, "<file>", f"cannot read: {exc}") from None
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+        return yaml.load(text, Loader=_LineLoader)  # _LineLoader is a SafeLoader: plain types only
     except _DuplicateKey as exc:
         raise ContractError(path, exc.line, exc.key, "key appears twice in the same mapping") from None
     except yaml.MarkedYAMLError as exc:

@@ -113,7 +113,7 @@ class ContractFile(pytest.File):
                     ))
         return items
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:  # type: ignore[override]
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ContractError):
             return f"contract error: {excinfo.value}"
         return str(super().repr_failure(excinfo))
@@ -147,7 +147,7 @@ class ContractItem(pytest.Item):
         if not record["passed"]:
             raise _ItemFailed(f"{verdict}: {reason}" + (f"\n{record['traceback']}" if record["traceback"] else ""))
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:  # type: ignore[override]
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, _ItemFailed):
             return str(excinfo.value)
         return str(super().repr_failure(excinfo))
