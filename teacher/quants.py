@@ -196,8 +196,13 @@ def _nearest_int(x: np.ndarray) -> np.ndarray:
     return np.rint(x.astype(F32)).astype(np.int32)
 
 
-def _to_f16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).reshape(-1, 1).view(_U8)
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, like ggml's C loops.
+
+    np.sum adds pairwise, which rounds differently and can flip near-ties in the
+    scale search; a cumulative sum reproduces the reference's order.
+    """
+    return np.cumsum(a, axis=1, dtype=F32)[:, -1]
 
 
 def _make_qkx2_quants(
@@ -206,8 +211,8 @@ def _make_qkx2_quants(
     """make_qkx2_quants (use_mad=false) over rows of ``x``: returns (L uint8, scale, -min)."""
     mn = np.minimum(x.min(axis=1), F32(0))
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1)
-    sum_x = (w * x).sum(axis=1)
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
     rng = mx - mn
     flat = rng == 0  # max == min: all L 0, scale 0
     safe = np.where(flat, F32(1), rng)
@@ -215,7 +220,7 @@ def _make_qkx2_quants(
     scale = F32(1) / iscale
     L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     diff = scale[:, None] * L.astype(F32) + mn[:, None] - x
-    best = (w * diff * diff).sum(axis=1)
+    best = _seqsum(w * (diff * diff))
     best_min = mn.copy()
     for step in range(nstep + 1):
         # ggml updates `min` when a candidate wins and later candidates start from it
@@ -224,9 +229,9 @@ def _make_qkx2_quants(
         isc = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
         la = np.clip(_nearest_int(isc[:, None] * (x - best_min[:, None])), 0, nmax)
         lf = la.astype(F32)
-        sum_l = (w * lf).sum(axis=1)
-        sum_l2 = (w * lf * lf).sum(axis=1)
-        sum_xl = (w * lf * x).sum(axis=1)
+        sum_l = _seqsum(w * lf)
+        sum_l2 = _seqsum(w * lf * lf)
+        sum_xl = _seqsum(w * lf * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, F32(1))
@@ -237,7 +242,7 @@ def _make_qkx2_quants(
             this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, F32(1)), this_scale)
         this_min = np.where(pos, F32(0), this_min)
         d2 = this_scale[:, None] * lf + this_min[:, None] - x
-        cur = (w * d2 * d2).sum(axis=1)
+        cur = _seqsum(w * (d2 * d2))
         better = ok & (cur < best)
         L = np.where(better[:, None], la, L)
         best = np.where(better, cur, best)
@@ -257,7 +262,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     xb = x.reshape(-1, 8, 32)  # blocks x sub-blocks x values
     nb = xb.shape[0]
     xs = xb.reshape(-1, 32)
-    av_x = np.sqrt((xs * xs).sum(axis=1) / F32(32))
+    av_x = np.sqrt(_seqsum(xs * xs) / F32(32))
     weights = av_x[:, None] + np.abs(xs)
     L, scales, mins = _make_qkx2_quants(xs, weights, 15, -1.0, 0.1, 20)
     scales = scales.reshape(nb, 8)
@@ -304,7 +309,7 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     def attempt(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = lv.astype(F32)
-        return lv, (w * x * lf).sum(axis=1), (w * lf * lf).sum(axis=1)
+        return lv, _seqsum(w * x * lf), _seqsum(w * lf * lf)
 
     iscale = F32(-nmax) / mx_safe
     L, sumlx, suml2 = attempt(iscale)

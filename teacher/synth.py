@@ -48,7 +48,7 @@ __all__ = [
 Q = GGMLQuantizationType
 
 #: Bumped whenever the bytes a recipe produces change; part of the cache file name.
-WRITER_VERSION = "w2"
+WRITER_VERSION = "w3"
 
 Arch = Literal["llama", "qwen2"]
 WeightMode = Literal["quantized", "random-blocks"]
