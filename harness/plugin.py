@@ -167,6 +167,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         config.option.continue_on_collection_errors = True
     state.run_dir.mkdir(parents=True, exist_ok=True)
     state.results_path = state.run_dir / "results.jsonl"
+    if not hasattr(config, "workerinput") and state.results_path.exists():
+        # a --run-id used again: keep the old evidence, but never mix two runs in one file
+        state.results_path.rename(state.run_dir / f"results.jsonl.{new_run_id()}.old")
     registry.load_bindings()
     append_line(state.results_path, {
         "type": "header",
