@@ -22,6 +22,7 @@ import _thread
 import gc
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -287,7 +288,14 @@ def distill_epoch(ctx: Context) -> None:
     if peak_bytes is not None:
         ctx.check(label, peak_bytes / GB, "<", budget, "GB", detail=f"source: {peak_source}")
     if cuda:
+        # cross-check: what torch's allocator saw (misses CuPy's pool and the CUDA context)
+        ctx.measure("torch_max_memory_allocated_gb", torch.cuda.max_memory_allocated() / GB, "GB")
         _release_gpu()
+    if not ctx.param("keep_outputs", False):
+        # a 0.5B student's checkpoint with AdamW state is ~6 GB: do not leave it in /tmp
+        shutil.rmtree(out_dir, ignore_errors=True)
+    else:
+        ctx.note(f"outputs kept in {out_dir}")
 
 
 # -- FT-VOCAB-ALIGN-001 --------------------------------------------------------------------
