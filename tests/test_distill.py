@@ -191,3 +191,16 @@ def test_evaluate_reports_ce_and_kd() -> None:
     # an untrained student with small weights is close to uniform: CE ~ log(vocab)
     assert abs(res["ce"] - math.log(CFG.vocab_size)) < 0.5
     assert res["kd"] > 0
+
+
+def test_bf16_autocast_path_keeps_f32_master_weights() -> None:
+    """The CUDA mixed-precision path (bf16 autocast), exercised on CPU: F32 params and grads, close loss."""
+    teacher, student = FakeTeacher(target=CFG.vocab_size), Student(CFG, seed=4)
+    ids = _data()[:2]
+    ref = kd_step_loss(teacher, student, ids, temperature=2.0, amp=False)
+    out = kd_step_loss(teacher, student, ids, temperature=2.0, amp=True)
+    assert out.loss.dtype == torch.float32
+    assert out.kd == pytest.approx(ref.kd, rel=0.05)
+    out.loss.backward()
+    assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+               for p in student.parameters())
