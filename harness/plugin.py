@@ -36,6 +36,7 @@ class _State:
     seen_ids: dict[str, str] = field(default_factory=dict)
     contracts: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    deselected: list[str] = field(default_factory=list)
     results_path: Path | None = None
     report_paths: dict[str, Path] = field(default_factory=dict)
     overall: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +157,12 @@ class ContractItem(pytest.Item):
         return self.path, self.spec.ft.line - 1, f"{self.spec.ft.id}: {self.spec.ft.rule}"
 
 
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, ContractItem):
+            item.config.stash[_STATE].deselected.append(item.nodeid)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     state = config.stash[_STATE]
@@ -186,6 +193,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
              "contract": i.spec.ft.path}
             for i in items
         ],
+        "deselected": state.deselected,  # a partial run (-k, -m) is never sign-off ready
         "contracts": state.contracts,
         "binding_errors": dict(registry.BINDING_ERRORS),
     })

@@ -69,6 +69,10 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
     ]
     problems += [f"collection error: {e.get('text') or e.get('message')}" for e in run.collection_errors]
     problems += [f"results.jsonl line {c['line']} is corrupt: {c['error']}" for c in run.corrupt_lines]
+    if run.deselected:
+        problems.append(
+            f"{len(run.deselected)} contract item(s) were deselected (-k/-m): a partial run is not a sign-off"
+        )
     if not records:
         problems.append("no contract item ran")
     ready = not problems

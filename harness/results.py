@@ -160,6 +160,10 @@ class RunData:
         return list(merged.values())
 
     @property
+    def deselected(self) -> list[str]:
+        return sorted({n for h in self.headers for n in h.get("deselected", [])})
+
+    @property
     def finished_ids(self) -> set[str]:
         return {r.get("nodeid", "") for r in self.results}
 

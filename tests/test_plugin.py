@@ -351,3 +351,14 @@ def test_killed_run_keeps_finished_items_and_the_report_marks_the_rest_unfinishe
     }
     assert built.overall["ready"] is False and built.overall["counts"]["UNFINISHED"] == 2
     assert "did not finish" in built.paths["html"].read_text()
+
+
+def test_a_partial_run_is_never_sign_off_ready(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract(
+        _ft("FT-OK", "t_below", thresholds="{limit: 2.0}") + _ft("FT-OTHER", "t_below", thresholds="{limit: 2.0}")
+    ))
+    result = run(project, "--signoff", "-k", "FT-OK")
+    result.assert_outcomes(passed=1, deselected=1)
+    assert result.ret != 0
+    overall = build_report(project.path / "reports" / "r1" / "results.jsonl").overall
+    assert overall["ready"] is False and any("deselected" in p for p in overall["problems"])
