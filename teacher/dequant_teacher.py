@@ -63,6 +63,9 @@ class DenseOps:
     def has(self, name: str) -> bool:
         return name in self._w
 
+    def names(self) -> list[str]:
+        return list(self._w)
+
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self._w.values())
 
