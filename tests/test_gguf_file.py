@@ -346,7 +346,9 @@ def _compare_with_reader(path: Path) -> None:
         if isinstance(theirs, float) or (
             isinstance(theirs, list) and theirs and isinstance(theirs[0], float)
         ):
-            np.testing.assert_array_equal(np.float32(ours), np.float32(theirs))
+            np.testing.assert_array_equal(
+                np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+            )
         else:
             assert ours == theirs, key
 

@@ -12,6 +12,8 @@ steps max/32 -> ~0.018, between gguf's Q8_0 (0.0054) and Q5_0 (0.043).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gguf
 import numpy as np
 import pytest
@@ -313,7 +315,9 @@ def _test_blocks() -> np.ndarray:
     ("encoder", "ref"), [(quantize_q4_k, ref_quantize_q4_k_block), (quantize_q6_k, ref_quantize_q6_k_block)],
     ids=["q4_k", "q6_k"],
 )  # fmt: skip
-def test_vectorised_encoder_matches_scalar_reference_port(encoder, ref) -> None:  # type: ignore[no-untyped-def]
+def test_vectorised_encoder_matches_scalar_reference_port(
+    encoder: Callable[[np.ndarray], np.ndarray], ref: Callable[[np.ndarray], bytes]
+) -> None:
     """The numpy encoder reproduces a line-by-line port of ggml's C reference, byte for byte.
 
     The port accumulates in float32 left to right like the C loops (and so does the
