@@ -11,8 +11,10 @@ Weights come two ways:
   Same recipe -> same bytes, so the file's sha256 is stable.
 * ``"random-blocks"`` (large models): random bytes, with each block's f16 scale
   fields overwritten by finite values chosen so the decoded weights have std
-  ``recipe.std`` and mean ~0. Every block is valid; nothing is quantized, which
-  is what makes a 4.4 GiB file take seconds of compute, not hours.
+  ``recipe.std`` and mean ~0 (Q4_K also gets its 6-bit sub-block mins set equal
+  to its scales, so each sub-block is centred; symmetric types get a random
+  sign on d, as real encoders produce). Every block is valid; nothing is
+  quantized, which is what makes a 4.4 GiB file take seconds, not hours.
 
 Tensor types follow ``llama_tensor_get_type`` (src/llama-quant.cpp) for
 ``LLAMA_FTYPE_MOSTLY_Q4_K_M``; see :func:`q4_k_m_type`.
@@ -48,7 +50,7 @@ __all__ = [
 Q = GGMLQuantizationType
 
 #: Bumped whenever the bytes a recipe produces change; part of the cache file name.
-WRITER_VERSION = "w3"
+WRITER_VERSION = "w4"
 
 Arch = Literal["llama", "qwen2"]
 WeightMode = Literal["quantized", "random-blocks"]
@@ -355,9 +357,10 @@ def _scale_spec(qtype: GGMLQuantizationType, std: float) -> list[tuple[int, floa
     have standard deviation ``std`` and a mean near 0 (derivations inline).
     """
     if qtype == Q.Q4_K:
-        # w = d*sc*q - dmin*m; sc, m uniform 0..63, q uniform 0..15.
-        # dmin = 7.5 d zeroes the mean; Var = d^2 (Var(sc q) + 7.5^2 Var(m)) = d^2 * 66727
-        d = std / np.sqrt(66727.0)
+        # w = d*sc*q - dmin*m with q uniform 0..15; _random_blocks sets m = sc per sub-block
+        # and dmin = 7.5 d, so w = d*sc*(q - 7.5): every sub-block has mean 0.
+        # Var = d^2 E[sc^2] E[(q-7.5)^2] = d^2 * 1333.5 * 21.25 (sc uniform 0..63)
+        d = std / np.sqrt(1333.5 * 21.25)
         return [(0, d), (2, 7.5 * d)]
     if qtype == Q.Q6_K:
         # w = d*sc*(q-32); sc int8 uniform (E sc^2 = 5461.5), q-32: E = -0.5, E^2 = 341.5
@@ -381,6 +384,17 @@ def _random_blocks(r: Recipe, t: TensorPlan, rows: int, slab: int) -> np.ndarray
     blocks = raw.view(np.uint8)[: n_blocks * size].reshape(n_blocks, size)
     # per-block jitter of the scale in [0.75, 1.25): blocks differ like real ones do
     jitter = (0.75 + 0.5 * rng.random(n_blocks, dtype=np.float32)).astype(np.float32)
+    if t.qtype != Q.Q4_K:
+        # symmetric types decode d * (q - zero) with q uniform, whose mean is -0.5 d; real
+        # encoders give d either sign (d = max / -nmax), and so do we: the mean cancels
+        jitter *= np.where(rng.random(n_blocks) < 0.5, np.float32(-1), np.float32(1))
+    if t.qtype == Q.Q4_K:
+        # 6-bit sub-block scales with min == scale (see _scale_spec), packed as get_scale_min_k4 reads them
+        ls = rng.integers(0, 64, size=(n_blocks, 8), dtype=np.uint8)
+        lo, hi = ls[:, :4], ls[:, 4:]
+        blocks[:, 4:8] = lo | ((hi >> 4) << 6)
+        blocks[:, 8:12] = blocks[:, 4:8]
+        blocks[:, 12:16] = (hi & 0x0F) | ((hi & 0x0F) << 4)
     for offs, value in _scale_spec(t.qtype, r.std):
         scale = (np.float32(value) * jitter).astype(np.float16)
         blocks[:, offs : offs + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
