@@ -84,7 +84,12 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--x-dtype", choices=("bf16", "f32"), default="bf16", help="activation dtype")
     p.add_argument("--replays", type=int, default=15, help="timed graph replays per case")
-    p.add_argument("--check", action="store_true", help="also check each shape against torch (f32)")
+    p.add_argument("--check", action="store_true", help="also check M=1 and M=64 against an f32 dequant")
+    p.add_argument(
+        "--compare-paths",
+        action="store_true",
+        help="for M <= 8 also time the tensor-core path, and for M <= 2 the 2-rows-per-warp GEMV",
+    )
 
 
 # --------------------------------------------------------------------------- timing
@@ -204,6 +209,7 @@ def random_weight_gpu(cp: Any, qtype: Any, n: int, k: int) -> Any:
 def run_kernels(args: argparse.Namespace) -> int:
     from gguf import GGMLQuantizationType as QT
 
+    from cupy_kernels import launch
     from cupy_kernels.launch import CudaUnavailable, _cp, qembed, qmatmul, row_bytes
 
     try:
@@ -274,34 +280,48 @@ def run_kernels(args: argparse.Namespace) -> int:
                     xs_t = []
                     xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
                 outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
+                variants: list[tuple[str, str, int]] = [("auto", "gemv" if m <= 8 else "mma", 0)]
+                if args.compare_paths and m <= 8:
+                    variants.append(("mma", "mma", 0))
+                if args.compare_paths and m <= 2:
+                    variants.append(("gemv", "gemv-r2", 2))
+                for path, label, gemv_r in variants:
+                    saved_r = launch.GEMV_R_SMALL_M
+                    if gemv_r:
+                        launch.GEMV_R_SMALL_M = gemv_r
 
-                def ql(
-                    i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
-                    n: int = n, k: int = k,
-                ) -> None:
-                    qmatmul(xin[i % len(xin)], ws[i % len(ws)], qt, n, k, out=outs_c[i % 2], x_is_bf16=xbf)
+                    def ql(
+                        i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
+                        n: int = n, k: int = k, path: str = path,
+                    ) -> None:
+                        qmatmul(xin[i % len(xin)], ws[i % len(ws)], qt, n, k, out=outs_c[i % 2],
+                                x_is_bf16=xbf, path=path)
 
-                t, reps, graph = _median_graph_time(cp, ql, args.replays)
-                flops = 2.0 * m * n * k
-                row = {
-                    "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,
-                    "path": "gemv" if m <= 8 else "mma",
-                    "median_us": t * 1e6, "tflops": flops / t / 1e12,
-                    "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,
-                    "copy_GBps": copy_bw / 1e9, "frac_of_copy_bw": wbytes / t / copy_bw,
-                    "torch_bf16_us": torch_t[m] * 1e6, "torch_bf16_tflops": flops / torch_t[m] / 1e12,
-                    "speedup_vs_torch_bf16": torch_t[m] / t,
-                    "calls_per_graph": reps, "graph": graph, "weight_copies": nw,
-                    "rel_err_vs_f32_dequant": check.get(m),
-                }
-                rows.append(row)
-                print(
-                    f"{qt.name:5s} M={m:5d} N={n:6d} K={k:5d} {t * 1e6:9.1f} us "
-                    f"{row['tflops']:7.1f} TF/s {row['weight_GBps']:7.0f} GB/s "
-                    f"({row['frac_of_copy_bw']:.2f} of copy) torch {torch_t[m] * 1e6:8.1f} us "
-                    f"x{row['speedup_vs_torch_bf16']:.2f}",
-                    flush=True,
-                )
+                    try:
+                        t, reps, graph = _median_graph_time(cp, ql, args.replays)
+                    finally:
+                        launch.GEMV_R_SMALL_M = saved_r
+                    flops = 2.0 * m * n * k
+                    row = {
+                        "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,
+                        "path": label, "default_path": path == "auto",
+                        "median_us": t * 1e6, "tflops": flops / t / 1e12,
+                        "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,
+                        "copy_GBps": copy_bw / 1e9, "frac_of_copy_bw": wbytes / t / copy_bw,
+                        "torch_bf16_us": torch_t[m] * 1e6,
+                        "torch_bf16_tflops": flops / torch_t[m] / 1e12,
+                        "speedup_vs_torch_bf16": torch_t[m] / t,
+                        "calls_per_graph": reps, "graph": graph, "weight_copies": nw,
+                        "rel_err_vs_f32_dequant": check.get(m) if path == "auto" else None,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{qt.name:5s} M={m:5d} N={n:6d} K={k:5d} {label:8s} {t * 1e6:9.1f} us "
+                        f"{row['tflops']:7.1f} TF/s {row['weight_GBps']:7.0f} GB/s "
+                        f"({row['frac_of_copy_bw']:.2f} of copy) torch {torch_t[m] * 1e6:8.1f} us "
+                        f"x{row['speedup_vs_torch_bf16']:.2f}",
+                        flush=True,
+                    )
                 del xs_t, xin, outs_c
             del ws
             cp.get_default_memory_pool().free_all_blocks()
@@ -315,11 +335,11 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['env']['device']}: copy {result['copy_GBps']:.0f} GB/s (r+w)")
-    hdr = f"{'type':5s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
+    hdr = f"{'type':5s} {'path':8s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
     print(hdr)
     for r in result["rows"]:
         print(
-            f"{r['type']:5s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
+            f"{r['type']:5s} {r['path']:8s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
             f"{r['tflops']:7.1f} {r['weight_GBps']:6.0f} {100 * r['frac_of_copy_bw']:5.0f}% "
             f"{r['torch_bf16_us']:9.1f} {r['torch_bf16_tflops']:7.1f} {r['speedup_vs_torch_bf16']:6.2f}"
         )

@@ -161,15 +161,25 @@ DQ_DEV void dq_q8_0(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     p1 = 16 * g + 8;
 }
 
-// llama.cpp get_scale_min_k4: 6-bit scale and min of sub-block j (0..7)
-DQ_DEV void scale_min_k4(int j, const u8* s, float& sc, float& m) {
-    if (j < 4) {
-        sc = (float)(s[j] & 63);
-        m = (float)(s[j + 4] & 63);
-    } else {
-        sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
-        m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+// 6-bit scales and mins of sub-blocks 2il and 2il+1 (llama.cpp get_scale_min_k4
+// for j = 2il, 2il+1), branch-free: lanes of one warp hold different il, and a
+// branch there diverges.  The 12 scale bytes are 3 aligned words; both
+// sub-blocks sit in one 16-bit half of each word, so the pair is decoded at once.
+DQ_DEV void scale_min_k4_pair(int il, const u8* s, float& sc0, float& m0, float& sc1, float& m1) {
+    const int sh = 16 * (il & 1);
+    const u32 a = ld32(s) >> sh, b = ld32(s + 4) >> sh, c = ld32(s + 8) >> sh;
+    u32 sc, m;
+    if (il < 2) {  // j < 4: low 6 bits of bytes j (scale) and j+4 (min)
+        sc = a & 0x3F3Fu;
+        m = b & 0x3F3Fu;
+    } else {  // j >= 4: low/high nibble of byte j+4, top 2 bits of bytes j-4 / j
+        sc = (c & 0x0F0Fu) | ((a >> 2) & 0x3030u);
+        m = ((c >> 4) & 0x0F0Fu) | ((b >> 2) & 0x3030u);
     }
+    sc0 = ubyte_f(sc, 0);
+    sc1 = ubyte_f(sc, 1);
+    m0 = ubyte_f(m, 0);
+    m1 = ubyte_f(m, 1);
 }
 
 // Q4_K group g (0..15): il = g/4 picks the 64-value chunk, r = g%4 the 8 bytes
@@ -178,8 +188,7 @@ DQ_DEV void dq_q4_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
     const int il = g >> 2, r = g & 3;
     float sc0, m0, sc1, m1;
-    scale_min_k4(2 * il, b + 4, sc0, m0);
-    scale_min_k4(2 * il + 1, b + 4, sc1, m1);
+    scale_min_k4_pair(il, b + 4, sc0, m0, sc1, m1);
     const float ds0 = d * sc0, dm0 = -(dmin * m0), ds1 = d * sc1, dm1 = -(dmin * m1);
     const u8* qs = b + 16 + 32 * il + 8 * r;  // 8-byte aligned: blocks are 144 B
     const u32 w[2] = {ld32(qs), ld32(qs + 4)};
@@ -200,8 +209,7 @@ DQ_DEV void dq_q5_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
     const int il = g >> 2, r = g & 3;
     float sc0, m0, sc1, m1;
-    scale_min_k4(2 * il, b + 4, sc0, m0);
-    scale_min_k4(2 * il + 1, b + 4, sc1, m1);
+    scale_min_k4_pair(il, b + 4, sc0, m0, sc1, m1);
     const float ds0 = d * sc0, dm0 = -(dmin * m0), ds1 = d * sc1, dm1 = -(dmin * m1);
     const u8* qs = b + 48 + 32 * il + 8 * r;
     const u8* qh = b + 16 + 8 * r;

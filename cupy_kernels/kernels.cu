@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void
 // decode cost is shared by 128 rows of X) and converts its X tile to bf16.
 // No global scratch: the only dequantized copy lives in shared memory.
 // Rows are padded to 136 bf16 (272 B): ldmatrix rows then start 4 banks apart,
-// conflict-free.  Two blocks per SM (2 x 68 KiB) overlap one block's loads and
-// decode with the other's mma.
+// conflict-free.  Shared memory = 68 KiB of tiles + 12-34 KiB of raw staging,
+// so two blocks fit per SM and one block's loads/decode overlap the other's mma.
 #define GBM 128
 #define GBN 128
 #define GBK 128
@@ -146,19 +146,67 @@ __device__ __forceinline__ uint4 pack8(const float* v) {
                       pack_bf16(v[6], v[7]));
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Raw weight bytes of one K-step, per row: BPS blocks (a K-quant step is half a
+// super-block, but its header is at the block start, so the whole block is
+// staged), copied as the 16-byte chunks that cover them (Q6_K/Q8_0/... rows are
+// not 16-byte aligned); RAWP = bytes per staged row.
+template <int QT> struct Stage {
+    static const int BPS = Fmt<QT>::QK >= GBK ? 1 : GBK / Fmt<QT>::QK;
+    static const int SPAN = BPS * Fmt<QT>::BYTES;
+    static const int RCH = (SPAN + 15) / 16 + 1;
+    static const int RAWP = RCH * 16;
+};
+
+// cp.async the raw bytes of rows n0..n0+127 for the K-step at k0 (one commit group)
+template <int QT>
+__device__ __forceinline__ void stage_w(u8* Raw, const u8* __restrict__ W, long long rb, int n0, int N,
+                                        int K, int k0, int tid) {
+    typedef Fmt<QT> F;
+    typedef Stage<QT> S;
+    const int klen = min(GBK, K - k0);
+    const int blk0 = k0 / F::QK;
+    const int span = F::QK >= GBK ? F::BYTES : (klen / F::QK) * F::BYTES;
+    for (int c = tid; c < GBN * S::RCH; c += 256) {
+        const int r = c / S::RCH, ch = c - r * S::RCH, n = n0 + r;
+        if (n < N) {
+            const long long gs = (long long)n * rb + (long long)blk0 * F::BYTES;
+            const int nch = (int)(((gs + span + 15) >> 4) - (gs >> 4));
+            if (ch < nch) cp_async16(Raw + r * S::RAWP + ch * 16, W + (gs & ~15LL) + ch * 16);
+        }
+    }
+    cp_async_commit();
+}
+
+// Per K-step: (1) wait for this step's raw weight bytes (cp.async, issued one
+// step ahead so the copy overlaps the previous step's mma); (2) load the X tile
+// (global -> bf16 smem) and decode the raw weights smem -> bf16 smem, which
+// reuses Fmt<QT>::dq on shared-memory pointers; (3) issue the next step's raw
+// copy; (4) mma.  Split-K (gridDim.z > 1) for grids too small to fill the GPU:
+// each z-slice takes a range of K-steps and atomically adds into a zeroed Y.
 template <int QT, bool XB>
 __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, const void* __restrict__ X,
-                                                   float* __restrict__ Y, int M, int N, int K) {
+                                                   float* __restrict__ Y, int M, int N, int K,
+                                                   int steps_per_split) {
     typedef Fmt<QT> F;
+    typedef Stage<QT> S;
     extern __shared__ __align__(16) u8 smem[];
     u16* As = (u16*)smem;         // [GBM][GPITCH] bf16, row m, col k
     u16* Bs = As + GBM * GPITCH;  // [GBN][GPITCH] bf16, row n, col k
+    u8* Raw = (u8*)(Bs + GBN * GPITCH);  // [GBN][RAWP] raw GGUF bytes
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // M tiles vary fastest so the blocks sharing one weight tile run together
     // and that tile comes from DRAM once (X stays in L2).
     const int m0 = blockIdx.x * GBM, n0 = blockIdx.y * GBN;
     const int wm = warp >> 2, wn = warp & 3;
     const long long rb = (long long)(K / F::QK) * F::BYTES;
+    const int kbeg = blockIdx.z * steps_per_split * GBK;
+    const int kend = min(K, kbeg + steps_per_split * GBK);
 
     float acc[4][4][4];
 #pragma unroll
@@ -168,42 +216,59 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-    for (int k0 = 0; k0 < K; k0 += GBK) {
+    if (kbeg < kend) stage_w<QT>(Raw, W, rb, n0, N, K, kbeg, tid);
+    for (int k0 = kbeg; k0 < kend; k0 += GBK) {
         const int klen = min(GBK, K - k0);  // multiple of 16
-        __syncthreads();                    // the previous step's mma is done with smem
-        // X tile -> bf16: 128 rows x 16 chunks of 8 values
-#pragma unroll 4
-        for (int c = tid; c < GBM * (GBK / 8); c += 256) {
-            const int r = c >> 4, kk = (c & 15) * 8, m = m0 + r;
-            if (m < M && kk < klen) {
-                uint4 pk;
-                if (XB) {
-                    pk = __ldg((const uint4*)((const u16*)X + (long long)m * K + k0 + kk));
-                } else {
-                    float xs[8];
-                    load_x8<false>(X, (long long)m * K + k0 + kk, xs);
-                    pk = pack8(xs);
+        // X tile -> bf16: 128 rows x 16 chunks of 8 values, loads issued together
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint4 pk[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = tid + (4 * h + i) * 256;
+                const int r = c >> 4, kk = (c & 15) * 8, m = m0 + r;
+                pk[i] = make_uint4(0u, 0u, 0u, 0u);
+                if (m < M && kk < klen) {
+                    if (XB) {
+                        pk[i] = __ldg((const uint4*)((const u16*)X + (long long)m * K + k0 + kk));
+                    } else {
+                        float xs[8];
+                        load_x8<false>(X, (long long)m * K + k0 + kk, xs);
+                        pk[i] = pack8(xs);
+                    }
                 }
-                *(uint4*)(As + r * GPITCH + kk) = pk;
+            }
+            if (h == 0) {
+                cp_async_wait_all();
+                __syncthreads();  // raw bytes visible to all; previous mma done with As/Bs
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = tid + (4 * h + i) * 256;
+                *(uint4*)(As + (c >> 4) * GPITCH + (c & 15) * 8) = pk[i];
             }
         }
-        // W tile -> bf16: 128 rows x 8 decode groups of 16 values
+        // raw W (smem) -> bf16 W tile: 128 rows x 8 decode groups of 16 values
         const int gpr = klen >> 4;
-#pragma unroll 2
-        for (int c = tid; c < GBN * 8; c += 256) {
+        const int blk0 = k0 / F::QK;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = tid + i * 256;
             const int r = c >> 3, u = c & 7, n = n0 + r;
             if (n < N && u < gpr) {
                 const int G = (k0 >> 4) + u;
                 const int blk = G / F::G, g = G - blk * F::G;
+                const long long gs = (long long)n * rb + (long long)blk0 * F::BYTES;
                 float v[16];
                 int p0, p1;
-                F::dq(W + (long long)n * rb + (long long)blk * F::BYTES, g, v, p0, p1);
+                F::dq(Raw + r * S::RAWP + (int)(gs & 15) + (blk - blk0) * F::BYTES, g, v, p0, p1);
                 const int c0 = blk * F::QK + p0 - k0, c1 = blk * F::QK + p1 - k0;
                 *(uint4*)(Bs + r * GPITCH + c0) = pack8(v);
                 *(uint4*)(Bs + r * GPITCH + c1) = pack8(v + 8);
             }
         }
-        __syncthreads();
+        __syncthreads();  // As/Bs complete; Raw free
+        if (k0 + GBK < kend) stage_w<QT>(Raw, W, rb, n0, N, K, k0 + GBK, tid);
         for (int kk = 0; kk < klen; kk += 16) {
             u32 a[4][4], b[4][2];
 #pragma unroll
@@ -224,8 +289,10 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) mma_bf16(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
         }
+        __syncthreads();  // mma done reading As/Bs before the next step overwrites them
     }
     // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g+8
+    const bool split = gridDim.z > 1;
     const int gq = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
@@ -238,8 +305,13 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
                 const int rr = row + 8 * h;
                 if (rr < M) {
                     float* y = Y + (long long)rr * N + col;
-                    if (col < N) y[0] = acc[mt][nt][2 * h];
-                    if (col + 1 < N) y[1] = acc[mt][nt][2 * h + 1];
+                    if (split) {
+                        if (col < N) atomicAdd(y, acc[mt][nt][2 * h]);
+                        if (col + 1 < N) atomicAdd(y + 1, acc[mt][nt][2 * h + 1]);
+                    } else {
+                        if (col < N) y[0] = acc[mt][nt][2 * h];
+                        if (col + 1 < N) y[1] = acc[mt][nt][2 * h + 1];
+                    }
                 }
             }
         }

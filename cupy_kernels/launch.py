@@ -61,9 +61,19 @@ SUPPORTED: frozenset[QT] = frozenset(_BLOCKS)
 # M at or below which the GEMV kernel runs; above it the tensor-core GEMM.
 GEMV_MAX_M = 8
 _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
-_GEMV_R = 2  # rows per warp (see kernels.cu)
-_GEMM_TILE = 128  # BM = BN
-_GEMM_SMEM = 2 * _GEMM_TILE * (128 + 8) * 2  # As + Bs, bf16, padded rows
+# rows per warp (see kernels.cu): R rows share each activation load; more rows
+# also put more weight bytes in flight per warp.  Compiled: R=2 for every MT,
+# R=4 for MT <= 2.
+GEMV_R_SMALL_M = 4
+_GEMM_TILE = 128  # BM = BN = BK
+
+
+def _gemm_smem(q: QT) -> int:
+    """Dynamic shared memory of mma_gemm<q>: bf16 X and W tiles + raw W staging."""
+    qk, nb = _BLOCKS[q]
+    span = (1 if qk >= _GEMM_TILE else _GEMM_TILE // qk) * nb  # Stage<QT>::SPAN
+    rch = -(-span // 16) + 1
+    return 2 * _GEMM_TILE * (_GEMM_TILE + 8) * 2 + _GEMM_TILE * rch * 16
 
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
@@ -131,7 +141,9 @@ def _names(qt: int) -> list[str]:
     names = []
     for xb in (False, True):
         for mt in _GEMV_MT:
-            names.append(f"gemv<{qt}, {mt}, {_GEMV_R}, {_b(xb)}>")
+            names.append(f"gemv<{qt}, {mt}, 2, {_b(xb)}>")
+            if mt <= 2:
+                names.append(f"gemv<{qt}, {mt}, 4, {_b(xb)}>")
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
@@ -153,6 +165,11 @@ def _module(qt: QT) -> Any:
             mod.compile()
             _modules[key] = mod
     return mod
+
+
+@functools.cache
+def _sm_count(dev: int) -> int:
+    return int(_cp().cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
 
 
 def _kernel(qt: QT, name: str) -> Any:
@@ -305,8 +322,9 @@ def qmatmul(
         i32 = cp.int32
         if use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
+            r = GEMV_R_SMALL_M if mt <= 2 else 2
             units = k // 16
-            groups = -(-n // _GEMV_R)
+            groups = -(-n // r)
             # split a row across warps only while short-N shapes lack warps and
             # each lane keeps >= 2 decode groups
             wpr = 1
@@ -314,16 +332,29 @@ def qmatmul(
                 wpr *= 2
             rows_per_block = 8 // wpr
             grid = (-(-groups // rows_per_block),)
-            fn = _kernel(q, f"gemv<{int(q)}, {mt}, {_GEMV_R}, {_b(xb)}>")
+            fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {_b(xb)}>")
             fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)))
         else:
             fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>")
-            if fn.max_dynamic_shared_size_bytes < _GEMM_SMEM:
-                fn.max_dynamic_shared_size_bytes = _GEMM_SMEM
-            grid2 = (-(-m // _GEMM_TILE), -(-n // _GEMM_TILE))
-            if grid2[1] > 65535:
-                raise ValueError(f"n={n} exceeds the GEMM grid limit of {65535 * _GEMM_TILE} rows")
-            fn(grid2, (256,), (wc, xc, y, i32(m), i32(n), i32(k)), shared_mem=_GEMM_SMEM)
+            smem = _gemm_smem(q)
+            if fn.max_dynamic_shared_size_bytes < smem:
+                fn.max_dynamic_shared_size_bytes = smem
+            t = _GEMM_TILE
+            mt_, nt_ = -(-m // t), -(-n // t)
+            if nt_ > 65535:
+                raise ValueError(f"n={n} exceeds the GEMM grid limit of {65535 * t} rows")
+            # split K when the tile grid would not fill two waves of 2 blocks/SM;
+            # each split keeps >= 4 K-steps
+            steps = -(-k // t)
+            target = 4 * _sm_count(dev)
+            splits = 1
+            if mt_ * nt_ < target:
+                splits = max(1, min(-(-target // (mt_ * nt_)), steps // 4))
+            sps = -(-steps // splits)
+            splits = -(-steps // sps)
+            if splits > 1:  # partial sums are atomically added into zeros
+                cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
+            fn((mt_, nt_, splits), (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(sps)), shared_mem=smem)
     return y
 
 

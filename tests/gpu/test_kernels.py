@@ -116,13 +116,30 @@ def test_mma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, bf16: boo
     assert err < MMA_TOL
 
 
-@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K, T.Q8_0])
-def test_auto_path_large_shape(cp: Any, rng: np.random.Generator, qt: T) -> None:
-    # a 7B-like row length, both dispatch sides (M=8 GEMV, M=64 GEMM)
-    for m, tol in ((8, GEMV_TOL), (64, MMA_TOL)):
-        err = _run_matmul(cp, qt, m, 384, 3584, True, "auto", rng)
-        print(f"auto {qt.name} M={m}: rel err {err:.3g}")
+@pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
+def test_auto_path_large_shape(cp: Any, rng: np.random.Generator, qt: T, k: int) -> None:
+    # a 7B-like row length, both dispatch sides (M=8 GEMV, M=33/64 GEMM); the
+    # small tile grid makes the GEMM split K over blocks (atomic adds), and
+    # K=3520/3504 end on a partial K-step inside the last split
+    for m, n, tol in ((8, 384, GEMV_TOL), (64, 384, MMA_TOL), (33, 200, MMA_TOL)):
+        err = _run_matmul(cp, qt, m, n, k, True, "auto", rng)
+        print(f"auto {qt.name} M={m} N={n} K={k}: rel err {err:.3g}")
         assert err < tol
+
+
+@pytest.mark.parametrize("r", [2, 4])
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K, T.Q4_0])
+def test_gemv_rows_per_warp(cp: Any, rng: np.random.Generator, qt: T, r: int) -> None:
+    from cupy_kernels import launch
+
+    saved = launch.GEMV_R_SMALL_M
+    launch.GEMV_R_SMALL_M = r
+    try:
+        for m in (1, 2):
+            err = _run_matmul(cp, qt, m, 131, _k_for(qt, big=True), False, "gemv", rng)
+            assert err < GEMV_TOL
+    finally:
+        launch.GEMV_R_SMALL_M = saved
 
 
 @pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
