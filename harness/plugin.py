@@ -167,8 +167,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     state = config.stash[_STATE]
     items = [i for i in session.items if isinstance(i, ContractItem)]
-    if not items and not state.errors:
-        return  # not a contract run: write nothing
+    if (not items and not state.errors) or config.option.collectonly:
+        return  # not a contract run (or only listing items): write nothing
     if state.errors:
         # A broken contract is reported as its own collection error; it must not stop the others.
         config.option.continue_on_collection_errors = True

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from harness.requirements import Missing, check_requirements
-from harness.results import append_line, environment, read_latest, read_results, truncate_logs, write_latest
+from harness.results import (
+    append_line,
+    environment,
+    read_latest,
+    read_results,
+    truncate_logs,
+    write_latest,
+)
 
 
 def _writer(path: str, worker: int, n: int) -> None:
@@ -81,7 +88,7 @@ def test_requirements_package_and_model(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.raises(Missing, match="gone needs a download"):
         check_requirements(["model:gone"])
     monkeypatch.setitem(sys.modules, "teacher.models", None)  # an import that fails
-    with pytest.raises(Missing, match="teacher.models is not available"):
+    with pytest.raises(Missing, match=r"teacher\.models is not available"):
         check_requirements(["model:here"])
 
 

@@ -144,6 +144,7 @@ def test_prediction_and_control_items_with_ft_ids_in_node_ids(project: pytest.Py
         "contracts/a.yaml::FT-A-001[m1]", "contracts/a.yaml::FT-A-001[m1]::control[t-bad]",
         "contracts/a.yaml::FT-A-001[m2]", "contracts/a.yaml::FT-A-001[m2]::control[t-bad]",
     }
+    assert not (project.path / "reports").exists()  # listing items is not a run
 
 
 def test_verdicts_map_to_pytest_outcomes(project: pytest.Pytester) -> None:
