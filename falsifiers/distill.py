@@ -161,6 +161,17 @@ def _gpu_sampler(budget_bytes: float, stop_over: bool) -> Iterator[Any]:
         raise _OverBudget() from None
 
 
+def _allocator_peak() -> float:
+    total = float(torch.cuda.max_memory_allocated())
+    try:
+        import cupy
+
+        total += float(cupy.get_default_memory_pool().total_bytes())  # the Q4K weights live here
+    except ImportError:
+        pass
+    return total
+
+
 def _release_gpu() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -229,30 +240,38 @@ def distill_epoch(ctx: Context) -> None:
     peak_source = ""
     with ctx.capture_logs():
         if cuda:
+            from harness.memory import NvmlUnavailable
+
+            mem: Any = None
             try:
                 with _gpu_sampler(budget * GB, bool(ctx.param("stop_over_budget", True))) as mem:
                     body()
                     torch.cuda.synchronize()
-                mem.record(ctx, budget_gb=budget)
-                peak_bytes, peak_source = float(mem.peak_above_baseline), "nvml"
             except _OverBudget:
                 stopped_over_budget = True
                 error = error or f"stopped: GPU memory crossed the {budget} GB budget"
-                peak_bytes, peak_source = float(mem.peak_above_baseline), "nvml"
-            except Exception as exc:  # NVML missing/broken: fall back, say so
-                if type(exc).__name__ != "NvmlUnavailable":
-                    raise
+            except NvmlUnavailable as exc:
+                # raised by the sampler's start, before the run: nothing has been trained yet
+                if not ctx.param("allow_allocator_fallback", False):
+                    raise  # the design's rule: no NVML -> ERROR with the reason, never a pass
                 sampler_error = str(exc)
+            if mem is not None and sampler_error is None:
+                mem.record(ctx, budget_gb=budget)  # raises NvmlUnavailable if sampling broke mid-run
+                peak_bytes, peak_source = float(mem.peak_above_baseline), "nvml"
+            else:
+                # Hook for machines without NVML (opt-in): the allocators' counters. They miss the
+                # CUDA context and allocator slack, so they read low; the note says so.
                 torch.cuda.reset_peak_memory_stats()
                 body()
-                peak_bytes, peak_source = float(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+                peak_bytes, peak_source = _allocator_peak(), "torch + CuPy allocator counters"
         else:
             with _HostPeak() as host:
                 body()
             peak_bytes, peak_source = float(host.above_baseline), "host RSS (no CUDA device)"
     elapsed = time.perf_counter() - t0
     if sampler_error:
-        ctx.note(f"NVML unavailable ({sampler_error}); peak from torch's allocator, which misses CuPy and context memory")
+        ctx.note(f"NVML unavailable ({sampler_error}); peak from the allocator counters, "
+                 "which miss the CUDA context and allocator slack")
     if stopped_over_budget:
         ctx.note(f"stopped early: memory crossed the {budget} GB budget")
 
