@@ -88,7 +88,7 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compare-paths",
         action="store_true",
-        help="for M <= 8 also time the tensor-core path, and for M <= 2 the 2-rows-per-warp GEMV",
+        help="also time the non-default paths (gemv/mma/dequant) and, for M <= 2, the other GEMV rows-per-warp",
     )
 
 
@@ -280,11 +280,17 @@ def run_kernels(args: argparse.Namespace) -> int:
                     xs_t = []
                     xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
                 outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
-                variants: list[tuple[str, str, int]] = [("auto", "gemv" if m <= 8 else "mma", 0)]
-                if args.compare_paths and m <= 8:
-                    variants.append(("mma", "mma", 0))
-                if args.compare_paths and m <= 2:
-                    variants.append(("gemv", "gemv-r2", 2))
+                auto = (
+                    "gemv" if m <= launch.GEMV_MAX_M
+                    else "dequant" if m >= launch.DEQUANT_MIN_M else "mma"
+                )
+                variants: list[tuple[str, str, int]] = [("auto", auto, 0)]
+                if args.compare_paths:
+                    others = ["mma", "dequant"] + (["gemv"] if m <= launch.GEMV_MAX_M else [])
+                    variants += [(p, p, 0) for p in others if p != auto]
+                    if m <= 2:
+                        alt_r = 4 if launch.GEMV_R_SMALL_M == 2 else 2
+                        variants.append(("gemv", f"gemv-r{alt_r}", alt_r))
                 for path, label, gemv_r in variants:
                     saved_r = launch.GEMV_R_SMALL_M
                     if gemv_r:

@@ -351,3 +351,37 @@ __global__ void __launch_bounds__(256) embed(const u8* __restrict__ W, const voi
         b[1] = make_float4(v[12], v[13], v[14], v[15]);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Chunked dequantization for the large-M path: rows [row0, row0+nrows) of W
+// decoded to a bf16 (OUTBF = true) or f32 scratch [nrows, K] that cuBLAS then
+// multiplies.  The launcher bounds the scratch (64 MiB by default), so the
+// whole weight never exists dequantized.
+template <int QT, bool OUTBF>
+__global__ void __launch_bounds__(256) dequant_rows(const u8* __restrict__ W, void* __restrict__ Out,
+                                                    int nrows, int K, long long row0) {
+    typedef Fmt<QT> F;
+    const long long rb = (long long)(K / F::QK) * F::BYTES;
+    const int units = K >> 4;
+    const int total = nrows * units;
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        const int r = t / units, u = t - r * units;
+        const int blk = u / F::G, g = u - blk * F::G;
+        float v[16];
+        int p0, p1;
+        F::dq(W + (row0 + r) * rb + (long long)blk * F::BYTES, g, v, p0, p1);
+        const long long o = (long long)r * K + (long long)blk * F::QK;
+        if (OUTBF) {
+            u16* out = (u16*)Out + o;
+            *(uint4*)(out + p0) = pack8(v);
+            *(uint4*)(out + p1) = pack8(v + 8);
+        } else {
+            float4* a = (float4*)((float*)Out + o + p0);
+            float4* b = (float4*)((float*)Out + o + p1);
+            a[0] = make_float4(v[0], v[1], v[2], v[3]);
+            a[1] = make_float4(v[4], v[5], v[6], v[7]);
+            b[0] = make_float4(v[8], v[9], v[10], v[11]);
+            b[1] = make_float4(v[12], v[13], v[14], v[15]);
+        }
+    }
+}

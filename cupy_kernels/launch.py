@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 __all__ = [
@@ -58,13 +59,17 @@ _BLOCKS: dict[QT, tuple[int, int]] = {
 
 SUPPORTED: frozenset[QT] = frozenset(_BLOCKS)
 
-# M at or below which the GEMV kernel runs; above it the tensor-core GEMM.
+# M at or below which the GEMV kernel runs; above it the fused tensor-core GEMM,
+# and from DEQUANT_MIN_M on the chunked dequantize + cuBLAS path (see qmatmul).
 GEMV_MAX_M = 8
+DEQUANT_MIN_M = 128
+# bound of the transient dequantized weight scratch of the chunked path
+DEQUANT_SCRATCH_BYTES = 64 << 20
 _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
 # rows per warp (see kernels.cu): R rows share each activation load; more rows
 # also put more weight bytes in flight per warp.  Compiled: R=2 for every MT,
 # R=4 for MT <= 2.
-GEMV_R_SMALL_M = 4
+GEMV_R_SMALL_M = 2  # R=4 measured 0-17% slower on the 7B shapes (NOTES.md v2)
 _GEMM_TILE = 128  # BM = BN = BK
 
 
@@ -145,6 +150,7 @@ def _names(qt: int) -> list[str]:
             if mt <= 2:
                 names.append(f"gemv<{qt}, {mt}, 4, {_b(xb)}>")
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
+        names.append(f"dequant_rows<{qt}, {_b(xb)}>")
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
 
@@ -269,8 +275,15 @@ def qmatmul(
     """``y = x @ W.T`` with W the raw GGUF bytes of an [n, k] tensor of ``qtype``.
 
     x: [M, k] float32 or bfloat16 (CuPy or torch CUDA).  Returns a new (or the
-    given ``out``) CuPy float32 array [M, n].  ``path``: "auto" (GEMV for
-    M <= 8, tensor-core GEMM above), "gemv" (M <= 8 only) or "mma".
+    given ``out``) CuPy float32 array [M, n].  ``path``:
+
+    * "gemv" (M <= 8): float32 decode and accumulation, exact weights;
+    * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
+      to mma.sync (x rounded to bf16), float32 accumulation;
+    * "dequant": rows of W decoded in chunks into a scratch of at most
+      DEQUANT_SCRATCH_BYTES (bf16 for bf16 x, f32 for f32 x) and multiplied by
+      cuBLAS (bf16, or TF32 tensor cores for f32 x), float32 output;
+    * "auto": gemv for M <= GEMV_MAX_M, dequant for M >= DEQUANT_MIN_M, mma between.
     ``x_is_bf16``: x is a CuPy uint16/int16 array holding bf16 bit patterns
     (CuPy has no bfloat16 dtype; torch bf16 tensors are recognised by themselves).
     """
@@ -299,9 +312,11 @@ def qmatmul(
         xc = cp.ascontiguousarray(xc)
     if xc.data.ptr % 16:
         raise ValueError(f"x's data pointer {xc.data.ptr:#x} is not 16-byte aligned")
-    if path not in ("auto", "gemv", "mma"):
-        raise ValueError(f"path={path!r} must be 'auto', 'gemv' or 'mma'")
-    use_gemv = path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
+    if path not in ("auto", "gemv", "mma", "dequant"):
+        raise ValueError(f"path={path!r} must be 'auto', 'gemv', 'mma' or 'dequant'")
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "dequant" if m >= DEQUANT_MIN_M else "mma"
+    use_gemv = path == "gemv"
     if use_gemv and m > GEMV_MAX_M:
         raise ValueError(f"path='gemv' supports M <= {GEMV_MAX_M}, got M={m}")
     if max(m, n, k) >= 2**31:
@@ -334,6 +349,8 @@ def qmatmul(
             grid = (-(-groups // rows_per_block),)
             fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {_b(xb)}>")
             fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)))
+        elif path == "dequant":
+            _dequant_matmul(cp, q, xc, xb, wc, y, m, n, k)
         else:
             fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>")
             smem = _gemm_smem(q)
@@ -356,6 +373,44 @@ def qmatmul(
                 cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
             fn((mt_, nt_, splits), (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(sps)), shared_mem=smem)
     return y
+
+
+_ONE = np.ones(1, dtype=np.float32)
+_ZERO = np.zeros(1, dtype=np.float32)
+_CUDA_R_32F, _CUDA_R_16BF = 0, 14
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+
+
+def _dequant_matmul(cp: Any, q: QT, xc: Any, xb: bool, wc: Any, y: Any, m: int, n: int, k: int) -> None:
+    """Large-M path: decode row chunks of W into a bounded scratch, cuBLAS each chunk.
+
+    Row-major y[m, n0:n1] = x @ Wc.T is, column-major, Wc^T(n1-n0 x k) @ x^T(k x m)
+    with ldc = n: one gemmEx per chunk writes its column slice of y in place.
+    """
+    from cupy.cuda import cublas
+
+    elem = 2 if xb else 4
+    rows = max(128, DEQUANT_SCRATCH_BYTES // (k * elem) // 128 * 128)
+    rows = min(rows, n)
+    scratch = cp.empty(rows * k * elem, dtype=cp.uint8)
+    fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(xb)}>")
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, 0)  # host alpha/beta
+    dtype = _CUDA_R_16BF if xb else _CUDA_R_32F
+    compute = _CUBLAS_COMPUTE_32F if xb else _CUBLAS_COMPUTE_32F_FAST_TF32
+    units = k // 16
+    for n0 in range(0, n, rows):
+        nr = min(rows, n - n0)
+        grid = max(1, min(-(-nr * units // 256), 16 * _sm_count(int(y.device.id))))
+        fn((grid,), (256,), (wc, scratch, cp.int32(nr), cp.int32(k), cp.int64(n0)))
+        cublas.gemmEx(
+            handle, _CUBLAS_OP_T, _CUBLAS_OP_N, nr, m, k,
+            _ONE.ctypes.data, scratch.data.ptr, dtype, k,
+            xc.data.ptr, dtype, k,
+            _ZERO.ctypes.data, y.data.ptr + n0 * 4, _CUDA_R_32F, n,
+            compute, -1,
+        )
 
 
 def qembed(ids: Any, w: Any, qtype: Any, n: int, k: int, *, out: Any = None) -> Any:

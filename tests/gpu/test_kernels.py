@@ -116,12 +116,30 @@ def test_mma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, bf16: boo
     assert err < MMA_TOL
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["x_f32_tf32", "x_bf16"])
+@pytest.mark.parametrize("m", [9, 257])
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_dequant_cublas(cp: Any, rng: np.random.Generator, qt: T, m: int, bf16: bool) -> None:
+    # a scratch of 128 rows forces chunks of 128, 128, 44 rows over N = 300;
+    # f32 x runs TF32 (unit roundoff 2^-11, under the bf16 bound)
+    from cupy_kernels import launch
+
+    saved = launch.DEQUANT_SCRATCH_BYTES
+    launch.DEQUANT_SCRATCH_BYTES = 1
+    try:
+        err = _run_matmul(cp, qt, m, 300, _k_for(qt, big=True), bf16, "dequant", rng)
+    finally:
+        launch.DEQUANT_SCRATCH_BYTES = saved
+    print(f"dequant {qt.name} M={m} bf16={bf16}: rel err {err:.3g}")
+    assert err < MMA_TOL
+
+
 @pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
 def test_auto_path_large_shape(cp: Any, rng: np.random.Generator, qt: T, k: int) -> None:
     # a 7B-like row length, both dispatch sides (M=8 GEMV, M=33/64 GEMM); the
     # small tile grid makes the GEMM split K over blocks (atomic adds), and
     # K=3520/3504 end on a partial K-step inside the last split
-    for m, n, tol in ((8, 384, GEMV_TOL), (64, 384, MMA_TOL), (33, 200, MMA_TOL)):
+    for m, n, tol in ((8, 384, GEMV_TOL), (64, 384, MMA_TOL), (33, 200, MMA_TOL), (200, 300, MMA_TOL)):
         err = _run_matmul(cp, qt, m, n, k, True, "auto", rng)
         print(f"auto {qt.name} M={m} N={n} K={k}: rel err {err:.3g}")
         assert err < tol
