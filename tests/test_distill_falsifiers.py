@@ -93,3 +93,18 @@ def test_distill_epoch_fails_a_budget_it_cannot_meet() -> None:
                params={**EPOCH_PARAMS, "steps": 2}, thresholds={"peak_gpu_gb_max": 0.0})
     verdict, why = ctx.verdict()
     assert verdict is Verdict.FALSIFIED and "peak_host_gb" in why, why
+
+
+def test_distill_epoch_accepts_a_ready_provider() -> None:
+    """ctx.subject() may hand over a teacher object instead of a loader."""
+    from teacher.dequant_teacher import DequantTeacher
+    from teacher.models import resolve_model
+
+    def factory(ctx: Context) -> Any:
+        return DequantTeacher.from_gguf(resolve_model("tiny"), target_vocab=1920)
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-005", contract_path="tests", subject_name="ready", model="tiny",
+                  thresholds=EPOCH_THRESHOLDS, params={**EPOCH_PARAMS, "steps": 2}, subject_factory=factory)
+    FALSIFIERS["distill_epoch"].fn(ctx)
+    verdict, why = ctx.verdict()
+    assert verdict is Verdict.CORROBORATED, why
