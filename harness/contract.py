@@ -118,12 +118,16 @@ class _DuplicateKey(Exception):
         self.key, self.line = key, line
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse one YAML file safely; syntax errors become a ContractError with the line."""
+def load_yaml(path: Path, shown: Path | None = None) -> Any:
+    """Parse one YAML file safely; syntax errors become a ContractError with the line.
+
+    ``shown`` is the name errors use for the file (default: ``path``).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ContractError(path, None, "<file>", f"cannot read: {exc}") from None
+        raise ContractError(shown or path, None, "<file>", f"cannot read: {exc}") from None
+    path = shown or path
     try:
         return yaml.load(text, Loader=_LineLoader)  # _LineLoader is a SafeLoader: plain types only
     except _DuplicateKey as exc:
@@ -379,8 +383,14 @@ def parse_contract(path: Path, data: Any, seen_ids: dict[str, str] | None = None
     return Contract(str(path), metadata, tests, not_applicable, unknown)
 
 
-def load_contract(path: str | Path, seen_ids: dict[str, str] | None = None) -> Contract:
-    """Load, parse and validate one contract file (loads the falsifier bindings first)."""
+def load_contract(
+    path: str | Path, seen_ids: dict[str, str] | None = None, shown: str | Path | None = None
+) -> Contract:
+    """Load, parse and validate one contract file (loads the falsifier bindings first).
+
+    ``shown`` names the file in errors and the report (e.g. relative to the rootdir).
+    """
     registry.load_bindings()
     p = Path(path)
-    return parse_contract(p, load_yaml(p), seen_ids)
+    name = Path(shown) if shown is not None else p
+    return parse_contract(name, load_yaml(p, name), seen_ids)

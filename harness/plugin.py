@@ -96,8 +96,13 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 class ContractFile(pytest.File):
     def collect(self) -> list[pytest.Item]:
         state = self.config.stash[_STATE]
+        # name the file as the user sees it (relative to the rootdir) in errors and the report
         try:
-            contract = load_contract(self.path, state.seen_ids)
+            shown = self.path.relative_to(self.config.rootpath)
+        except ValueError:
+            shown = self.path
+        try:
+            contract = load_contract(self.path, state.seen_ids, shown=shown)
         except ContractError as exc:
             state.errors.append({"type": "collection_error", "nodeid": self.nodeid, **exc.to_json(), "text": str(exc)})
             raise

@@ -91,26 +91,31 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
 
 
 def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Contracts -> FT rows (one per FT and model) with the prediction and its controls."""
-    contracts = {c["path"]: c for c in run.contracts}
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for c in run.contracts:  # keep the contract's own order, even for items that never ran
-        for t in c.get("tests", []):
-            rows.setdefault((c["path"], t["id"], ""), {"contract": c["path"], "test": t, "model": None,
-                                                        "prediction": None, "controls": []})
+    """One row per (contract, FT, model): the prediction record and its control records.
+
+    Rows follow each contract's own order; a test with no record at all (its
+    contract was loaded but none of its items ran) still gets a row.
+    """
+    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in records:
-        path = str(r.get("contract") or "")
-        test = next((t for t in contracts.get(path, {}).get("tests", []) if t["id"] == r.get("id")), None)
-        test = test or {"id": r.get("id"), "rule": r.get("rule", ""), "prediction": r.get("prediction", ""),
-                        "if_fails": r.get("if_fails", ""), "thresholds": r.get("thresholds", {})}
-        rows.pop((path, str(r.get("id")), ""), None)  # replaced by per-model rows
-        row = rows.setdefault((path, str(r.get("id")), str(r.get("model") or "")),
-                              {"contract": path, "test": test, "model": r.get("model"), "prediction": None, "controls": []})
+        by_model = groups.setdefault((str(r.get("contract") or ""), str(r.get("id"))), {})
+        row = by_model.setdefault(str(r.get("model") or ""), {"model": r.get("model"), "prediction": None, "controls": []})
         if r.get("control"):
             row["controls"].append(r)
         else:
             row["prediction"] = r
-    return list(rows.values())
+    rows: list[dict[str, Any]] = []
+    for c in run.contracts:
+        for t in c.get("tests", []):
+            found = groups.pop((c["path"], t["id"]), None) or {"": {"model": None, "prediction": None, "controls": []}}
+            rows += [{"contract": c["path"], "test": t, **row} for row in found.values()]
+    for (path, ft_id), found in groups.items():  # results whose contract summary is missing
+        first = next(iter(found.values()))
+        r = first["prediction"] or first["controls"][0]
+        test = {"id": ft_id, "rule": r.get("rule", ""), "prediction": r.get("prediction", ""),
+                "if_fails": r.get("if_fails", ""), "thresholds": r.get("thresholds", {})}
+        rows += [{"contract": path, "test": test, **row} for row in found.values()]
+    return rows
 
 
 def _env() -> jinja2.Environment:

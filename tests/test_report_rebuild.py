@@ -96,3 +96,15 @@ def test_q4k_report_rebuilds_into_another_directory(tmp_path: Path, capsys) -> N
     assert out.startswith("SIGN-OFF READY: 1 CORROBORATED")  # every expected item finished and held
     assert (tmp_path / "rebuilt" / "report.html").exists() and (tmp_path / "rebuilt" / "junit.xml").exists()
     assert q4k(["report", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_rows_keep_prediction_and_controls_together_in_contract_order(tmp_path: Path) -> None:
+    jsonl = tmp_path / "r" / "results.jsonl"
+    append_line(jsonl, _header([("FT-1", None), ("FT-1", "bad"), ("FT-2", None)]))
+    append_line(jsonl, _result("FT-2", "CORROBORATED"))
+    append_line(jsonl, _result("FT-1", "CORROBORATED"))
+    append_line(jsonl, _result("FT-1", "FALSIFIED", control="bad", value=3.0))
+    html = build_report(jsonl).paths["html"].read_text()
+    assert html.index('id="FT-1"') < html.index('id="FT-2"')
+    row = html.split('id="FT-1"', 1)[1].split("</tr>", 1)[0]
+    assert row.count(">CORROBORATED</span>") == 1 and "FALSIFIED</span> bad" in row and "UNFINISHED" not in row
