@@ -45,7 +45,7 @@ LONG_TEXT = (
     "remember. The miller moved his sacks of flour to the loft, the blacksmith let his "
     "forge go cold, and the children were sent to the old chapel on the hill, where the "
     "priest kept a ledger of every family and every animal they had brought with them. "
-) * 9
+) * 8
 
 
 def _smollm2_path() -> Path:
