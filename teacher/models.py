@@ -139,7 +139,12 @@ def resolve_model(name: str) -> Path:
             raise ModelUnavailable(f"{name}: ${env} points to {path}, which is not a file")
         return path
     if name in SYNTHETIC:
-        return _synthetic(name)
+        try:
+            return _synthetic(name)
+        except OSError as exc:  # read-only or full cache: the harness reports NOT RUN, with why
+            raise ModelUnavailable(
+                f"{name}: cannot write it into the cache {cache_dir()}: {exc}"
+            ) from exc
     if name == "smollm2-135m":
         return _smollm2()
     if name == "gemma3-270m":

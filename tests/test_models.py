@@ -119,3 +119,14 @@ def test_gemma3_assembled_into_the_cache(cache: Path) -> None:
     assert sha256(p) == pkg.EXPECTED_SHA256
     assert resolve_model("gemma3-270m") == p
     assert open_gguf(p).architecture == "gemma3"
+
+
+def test_unwritable_cache_is_model_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("Q4K_CACHE", str(blocker))
+    monkeypatch.delenv("Q4K_MODEL_TINY", raising=False)
+    with pytest.raises(ModelUnavailable, match="cache"):
+        resolve_model("tiny")
