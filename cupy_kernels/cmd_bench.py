@@ -122,9 +122,15 @@ def _median_graph_time(cp: Any, launch: Callable[[int], None], replays: int) -> 
         print(f"  (graph capture failed, timing plain launches: {exc})", file=sys.stderr)
         graph = None
     times = []
+    spin = None if graph is not None else _spin_kernel(cp)
+    clock_hz = cp.cuda.Device().attributes["ClockRate"] * 1e3
     with s:
         for _ in range(replays + 2):
             e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            if spin is not None:
+                # keep the GPU busy while the host queues the launches, so the
+                # events time GPU work and not Python launch overhead
+                spin((1,), (1,), (cp.int64(int(min(0.05, reps * 5e-4) * clock_hz)),))
             e0.record(s)
             if graph is not None:
                 graph.launch(s)
@@ -135,6 +141,16 @@ def _median_graph_time(cp: Any, launch: Callable[[int], None], replays: int) -> 
             e1.synchronize()
             times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps)
     return statistics.median(times[2:]), reps, graph is not None
+
+
+def _spin_kernel(cp: Any) -> Any:
+    return cp.RawKernel(
+        r"""extern "C" __global__ void spin(long long cycles) {
+            const long long t0 = clock64();
+            while (clock64() - t0 < cycles) { }
+        }""",
+        "spin",
+    )
 
 
 def _median_torch_time(torch: Any, launch: Callable[[int], None], replays: int) -> tuple[float, int, bool]:
@@ -284,17 +300,20 @@ def run_kernels(args: argparse.Namespace) -> int:
                     "gemv" if m <= launch.GEMV_MAX_M
                     else "dequant" if m >= launch.DEQUANT_MIN_M else "mma"
                 )
-                variants: list[tuple[str, str, int]] = [("auto", auto, 0)]
+                variants: list[tuple[str, str, tuple[int, int] | None]] = [("auto", auto, None)]
                 if args.compare_paths:
                     others = ["mma", "dequant"] + (["gemv"] if m <= launch.GEMV_MAX_M else [])
-                    variants += [(p, p, 0) for p in others if p != auto]
+                    variants += [(p, p, None) for p in others if p != auto]
                     if m <= 2:
-                        alt_r = 4 if launch.GEMV_R_SMALL_M == 2 else 2
-                        variants.append(("gemv", f"gemv-r{alt_r}", alt_r))
-                for path, label, gemv_r in variants:
-                    saved_r = launch.GEMV_R_SMALL_M
-                    if gemv_r:
-                        launch.GEMV_R_SMALL_M = gemv_r
+                        variants += [
+                            ("gemv", f"gemv-r{r}u{u}", (r, u))
+                            for r, u in launch.GEMV_SMALL_VARIANTS
+                            if (r, u) != launch.GEMV_SMALL
+                        ]
+                for path, label, gemv_shape in variants:
+                    saved_shape = launch.GEMV_SMALL
+                    if gemv_shape:
+                        launch.GEMV_SMALL = gemv_shape
 
                     def ql(
                         i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
@@ -306,7 +325,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                     try:
                         t, reps, graph = _median_graph_time(cp, ql, args.replays)
                     finally:
-                        launch.GEMV_R_SMALL_M = saved_r
+                        launch.GEMV_SMALL = saved_shape
                     flops = 2.0 * m * n * k
                     row = {
                         "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,

@@ -36,13 +36,14 @@ __device__ __forceinline__ void load_x8<true>(const void* __restrict__ X, long l
 }
 
 // ---------------------------------------------------------------------------
-// GEMV (M <= MT <= 8).  A block is 8 warps.  A warp owns R consecutive rows
+// GEMV (M <= MT <= 8).  A block is 8 warps; U decode groups per lane per
+// loop trip (memory-level parallelism).  A warp owns R consecutive rows
 // (R rows share every activation load: the L1 traffic for X is what limits a
 // float GEMV, not the weight stream) and wpr warps split one row group along K
 // so that short-N shapes still put enough warps in flight.  Lane l of a warp
 // takes decode groups l, l+32, ...: 16 lanes cover one 256-value block, so a
 // warp-wide load reads contiguous quant bytes.
-template <int QT, int MT, int R, bool XB>
+template <int QT, int MT, int R, int U, bool XB>
 __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void* __restrict__ X,
                                             float* __restrict__ Y, int M, int N, int K, int wpr) {
     typedef Fmt<QT> F;
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void
         const u8* wr[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) wr[r] = W + (long long)min(row0 + r, N - 1) * rb;
-#pragma unroll 2
-        for (int u = part * 32 + lane; u < units; u += 32 * wpr) {
+        const int stride = 32 * wpr;
+        auto group = [&](int u) {
             const int blk = u / F::G, g = u - blk * F::G;
             float v[R][16];
             int p0 = 0, p1 = 0;
@@ -82,7 +83,15 @@ __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void
                         for (int i = 0; i < 16; ++i) acc[r][m] = fmaf(v[r][i], xs[i], acc[r][m]);
                 }
             }
+        };
+        // U groups per lane per trip with no bounds checks inside, so all their
+        // loads can issue together (memory-level parallelism); then the rest
+        int u = part * 32 + lane;
+        for (; u + (U - 1) * stride < units; u += U * stride) {
+#pragma unroll
+            for (int j = 0; j < U; ++j) group(u + j * stride);
         }
+        for (; u < units; u += stride) group(u);
     }
     __shared__ float red[8][R * MT];
 #pragma unroll

@@ -66,10 +66,11 @@ DEQUANT_MIN_M = 128
 # bound of the transient dequantized weight scratch of the chunked path
 DEQUANT_SCRATCH_BYTES = 64 << 20
 _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
-# rows per warp (see kernels.cu): R rows share each activation load; more rows
-# also put more weight bytes in flight per warp.  Compiled: R=2 for every MT,
-# R=4 for MT <= 2.
-GEMV_R_SMALL_M = 2  # R=4 measured 0-17% slower on the 7B shapes (NOTES.md v2)
+# GEMV shape (see kernels.cu): R rows per warp share each activation load, U
+# decode groups per lane are in flight per loop trip.  (R, U) for M <= 2 is one
+# of GEMV_SMALL_VARIANTS (the bench compares them); larger M uses (2, 2).
+GEMV_SMALL_VARIANTS: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 2), (1, 4))
+GEMV_SMALL = (2, 4)
 _GEMM_TILE = 128  # BM = BN = BK
 
 
@@ -146,9 +147,9 @@ def _names(qt: int) -> list[str]:
     names = []
     for xb in (False, True):
         for mt in _GEMV_MT:
-            names.append(f"gemv<{qt}, {mt}, 2, {_b(xb)}>")
-            if mt <= 2:
-                names.append(f"gemv<{qt}, {mt}, 4, {_b(xb)}>")
+            shapes = GEMV_SMALL_VARIANTS if mt <= 2 else ((2, 2),)
+            for r, u in shapes:
+                names.append(f"gemv<{qt}, {mt}, {r}, {u}, {_b(xb)}>")
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
         names.append(f"dequant_rows<{qt}, {_b(xb)}>")
         names.append(f"embed<{qt}, {_b(xb)}>")
@@ -337,7 +338,7 @@ def qmatmul(
         i32 = cp.int32
         if use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
-            r = GEMV_R_SMALL_M if mt <= 2 else 2
+            r, unroll = GEMV_SMALL if mt <= 2 else (2, 2)
             units = k // 16
             groups = -(-n // r)
             # split a row across warps only while short-N shapes lack warps and
@@ -347,7 +348,7 @@ def qmatmul(
                 wpr *= 2
             rows_per_block = 8 // wpr
             grid = (-(-groups // rows_per_block),)
-            fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {_b(xb)}>")
+            fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {unroll}, {_b(xb)}>")
             fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)))
         elif path == "dequant":
             _dequant_matmul(cp, q, xc, xb, wc, y, m, n, k)
