@@ -263,3 +263,15 @@ def test_cmd_synth_writes_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert q4k_main(["synth", "qwen2.5-7b-shape", "--plan"]) == 0
     plan_out = capsys.readouterr().out
     assert "output.weight" in plan_out and "Q6_K" in plan_out and "GiB" in plan_out
+
+
+@pytest.mark.parametrize("size", [259, 2048, 152064])
+def test_vocab_is_a_consistent_bpe(size: int) -> None:
+    tokens, merges, types = synth.build_vocab(size)
+    assert len(tokens) == len(types) == size and len(set(tokens)) == size
+    index = {t: i for i, t in enumerate(tokens)}
+    for m in merges:
+        a, b = m.split(" ")
+        # both parts exist before the result, as a BPE merge list requires
+        assert index[a] < index[a + b] and index[b] < index[a + b], m
+    assert [t for t, ty in zip(tokens, types, strict=True) if ty == 3] == list(synth.SPECIAL_TOKENS)
