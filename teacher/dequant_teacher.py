@@ -10,14 +10,21 @@ says so in its log). It implements the provider boundary of
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from teacher.config import ModelConfig
 from teacher.forward import forward
 from teacher.provider import as_id_batch, effective_vocab, truncate_logits
+
+if TYPE_CHECKING:
+    from teacher.gguf_file import TensorRecord
 
 log = logging.getLogger("teacher.dequant")
 
@@ -104,9 +111,25 @@ class DequantTeacher:
         effective_vocab(cfg.vocab_size, target_vocab)  # a bad target fails before any dequant
         log.info("dequantizing %d layers to F32", cfg.n_layers)
         weights: dict[str, torch.Tensor] = {}
-        for name, rec in model.tensors.items():
-            dense = dequantize(rec.data, rec.qtype, rec.shape)
-            weights[name] = torch.from_numpy(dense.reshape(rec.shape)).to(device)
+        records = list(model.tensors.values())
+
+        def decode(rec: TensorRecord) -> torch.Tensor:
+            return torch.from_numpy(dequantize(rec.data, rec.qtype, rec.shape).reshape(rec.shape))
+
+        # numpy releases the GIL in the decode's array ops, so threads cut a 7B load from
+        # ~40 s to a few on a many-core runner; at most 2x workers tensors wait in host
+        # memory at a time, so the host never holds the whole F32 model
+        workers = max(1, min(16, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
+            for rec in records:
+                pending.append((rec.name, pool.submit(decode, rec)))
+                if len(pending) >= 2 * workers:
+                    name, fut = pending.popleft()
+                    weights[name] = fut.result().to(device)
+            while pending:
+                name, fut = pending.popleft()
+                weights[name] = fut.result().to(device)
         ops = DenseOps(weights, device=device, dtype=torch.float32)
         log.info(
             "dequantized %d tensors: %.1f MiB of F32 on %s",
