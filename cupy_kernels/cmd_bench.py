@@ -301,6 +301,8 @@ def run_kernels(args: argparse.Namespace) -> int:
                     else "dequant" if m >= launch.DEQUANT_MIN_M else "mma"
                 )
                 variants: list[tuple[str, str, tuple[int, int] | None]] = [("auto", auto, None)]
+                if args.compare_paths and m <= launch.GEMV_MAX_M:
+                    variants.append(("gemv", "gemv-nopf", (0, 0)))
                 if args.compare_paths:
                     others = ["mma", "dequant"] + (["gemv"] if m <= launch.GEMV_MAX_M else [])
                     variants += [(p, p, None) for p in others if p != auto]
@@ -311,8 +313,10 @@ def run_kernels(args: argparse.Namespace) -> int:
                             if (r, u) != launch.GEMV_SMALL
                         ]
                 for path, label, gemv_shape in variants:
-                    saved_shape = launch.GEMV_SMALL
-                    if gemv_shape:
+                    saved_shape, saved_pf = launch.GEMV_SMALL, launch.GEMV_PREFETCH
+                    if gemv_shape == (0, 0):
+                        launch.GEMV_PREFETCH = False
+                    elif gemv_shape:
                         launch.GEMV_SMALL = gemv_shape
 
                     def ql(
@@ -325,7 +329,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                     try:
                         t, reps, graph = _median_graph_time(cp, ql, args.replays)
                     finally:
-                        launch.GEMV_SMALL = saved_shape
+                        launch.GEMV_SMALL, launch.GEMV_PREFETCH = saved_shape, saved_pf
                     flops = 2.0 * m * n * k
                     row = {
                         "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,

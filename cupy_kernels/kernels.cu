@@ -45,7 +45,8 @@ __device__ __forceinline__ void load_x8<true>(const void* __restrict__ X, long l
 // warp-wide load reads contiguous quant bytes.
 template <int QT, int MT, int R, int U, bool XB>
 __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void* __restrict__ X,
-                                            float* __restrict__ Y, int M, int N, int K, int wpr) {
+                                            float* __restrict__ Y, int M, int N, int K, int wpr,
+                                            int prefetch) {
     typedef Fmt<QT> F;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rg = blockIdx.x * (8 / wpr) + warp / wpr;
@@ -63,6 +64,16 @@ __global__ void __launch_bounds__(256) gemv(const u8* __restrict__ W, const void
         const u8* wr[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) wr[r] = W + (long long)min(row0 + r, N - 1) * rb;
+#if __CUDA_ARCH__ >= 900
+        // Hopper: one bulk L2 prefetch of each whole row up front, so the DRAM
+        // stream does not wait on the warps' own loads (latency-bound otherwise)
+        if (prefetch && part == 0 && lane < R && row0 + lane < N) {
+            const unsigned long long a = (unsigned long long)(W + (long long)(row0 + lane) * rb);
+            const unsigned long long lo = a & ~15ull, hi = (a + rb + 15) & ~15ull;
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"((unsigned)(hi - lo))
+                         : "memory");
+        }
+#endif
         const int stride = 32 * wpr;
         auto group = [&](int u) {
             const int blk = u / F::G, g = u - blk * F::G;

@@ -70,7 +70,9 @@ _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
 # decode groups per lane are in flight per loop trip.  (R, U) for M <= 2 is one
 # of GEMV_SMALL_VARIANTS (the bench compares them); larger M uses (2, 2).
 GEMV_SMALL_VARIANTS: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 2), (1, 4))
-GEMV_SMALL = (2, 4)
+GEMV_SMALL = (2, 2)  # (2, 4) measured 5-20% slower (NOTES.md v3)
+# bulk L2 prefetch of each GEMV row (Hopper; a no-op elsewhere)
+GEMV_PREFETCH = True
 _GEMM_TILE = 128  # BM = BN = BK
 
 
@@ -349,7 +351,7 @@ def qmatmul(
             rows_per_block = 8 // wpr
             grid = (-(-groups // rows_per_block),)
             fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {unroll}, {_b(xb)}>")
-            fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)))
+            fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr), i32(int(GEMV_PREFETCH))))
         elif path == "dequant":
             _dequant_matmul(cp, q, xc, xb, wc, y, m, n, k)
         else:

@@ -145,21 +145,24 @@ def test_auto_path_large_shape(cp: Any, rng: np.random.Generator, qt: T, k: int)
         assert err < tol
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["l2pf", "nopf"])
 @pytest.mark.parametrize("shape", [(2, 2), (2, 4), (4, 2), (1, 4)], ids=lambda s: f"r{s[0]}u{s[1]}")
 @pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K, T.Q4_0])
-def test_gemv_variants(cp: Any, rng: np.random.Generator, qt: T, shape: tuple[int, int]) -> None:
+def test_gemv_variants(
+    cp: Any, rng: np.random.Generator, qt: T, shape: tuple[int, int], prefetch: bool
+) -> None:
     # every compiled (rows per warp, groups in flight) GEMV variant; K = 3584 and
     # 768 give loop trips with and without a remainder
     from cupy_kernels import launch
 
-    saved = launch.GEMV_SMALL
-    launch.GEMV_SMALL = shape
+    saved = launch.GEMV_SMALL, launch.GEMV_PREFETCH
+    launch.GEMV_SMALL, launch.GEMV_PREFETCH = shape, prefetch
     try:
         for m, k in ((1, 3584), (2, _k_for(qt, big=True))):
             err = _run_matmul(cp, qt, m, 131, k, False, "gemv", rng)
             assert err < GEMV_TOL
     finally:
-        launch.GEMV_SMALL = saved
+        launch.GEMV_SMALL, launch.GEMV_PREFETCH = saved
 
 
 @pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
