@@ -348,7 +348,8 @@ def distill(
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
                 if on_step is not None:
                     on_step(step, loss)
-                if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                last_of_epoch = next_batch == len(batches) - 1  # the epoch-end save follows at once
+                if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last_of_epoch:
                     save_checkpoint(ckpt, student, opt, snapshot(epoch, next_batch + 1, elapsed))
             else:
                 if ckpt is not None:  # epoch boundary: the next run starts the next epoch
