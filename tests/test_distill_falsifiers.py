@@ -108,3 +108,40 @@ def test_distill_epoch_accepts_a_ready_provider() -> None:
     FALSIFIERS["distill_epoch"].fn(ctx)
     verdict, why = ctx.verdict()
     assert verdict is Verdict.CORROBORATED, why
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A one-layer qwen2 teacher with Qwen2.5-7B's vocab (152064), Q4_K_M random blocks: ~60 MB, ~2 s."""
+    from dataclasses import replace
+
+    from teacher.synth import RECIPES, write_gguf
+
+    recipe = replace(RECIPES["tiny"], name="qwen-vocab-1layer", vocab=152064, hidden=256, layers=1,
+                     heads=4, kv_heads=2, ffn=256, weights="random-blocks")
+    return str(write_gguf(recipe, tmp_path_factory.mktemp("qv") / "qwen-vocab-1layer.gguf"))
+
+
+QWEN_STUDENT = "qwen2:vocab=151936,hidden=64,layers=1,heads=4,kv_heads=2,ffn=128"  # Qwen2.5-0.5B's vocab
+
+
+def test_first_kd_step_at_the_contract_vocab_sizes(qwen_vocab_teacher: str) -> None:
+    """FT-VOCAB-ALIGN-001's own sizes, 152064 -> 151936, on CPU: aligned runs, unaligned stops clearly."""
+    params = {**PAIR_PARAMS, "teacher": qwen_vocab_teacher, "student": QWEN_STUDENT}
+    ok = _run("FT-VOCAB-ALIGN-001", "first_kd_step", "aligned-pair", None, model=None, params=params)
+    verdict, why = ok.verdict()
+    assert verdict is Verdict.CORROBORATED, why
+    assert ok.evidence.measurements["teacher_effective_vocab"]["value"] == 151936
+    bad = _run("FT-VOCAB-ALIGN-001", "first_kd_step", "aligned-pair", "unaligned-pair", model=None,
+               params=params)
+    verdict, why = bad.verdict()
+    assert verdict is Verdict.FALSIFIED and "152064" in why and "151936" in why, why
+
+
+def test_distill_epoch_at_the_contract_vocab_sizes(qwen_vocab_teacher: str) -> None:
+    params = {**EPOCH_PARAMS, "student": QWEN_STUDENT, "steps": 2, "seq_len": 16, "teacher": qwen_vocab_teacher}
+    ctx = _run("FT-Q4K-TEACHER-005", "distill_epoch", "dequant-teacher-cpu", None, model=None,
+               params=params, thresholds=EPOCH_THRESHOLDS)
+    verdict, why = ctx.verdict()
+    assert verdict is Verdict.CORROBORATED, why
+    assert ctx.evidence.measurements["teacher_vocab"]["value"] == 151936
