@@ -17,6 +17,7 @@ seed ends in exactly the state an uninterrupted run reaches.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -234,6 +235,12 @@ def save_checkpoint(
     tmp_state.replace(ckpt / STATE_NAME)
 
 
+def data_fingerprint(data: torch.Tensor) -> str:
+    """Shape and SHA-256 of the training windows: a checkpoint's data position is only valid for them."""
+    digest = hashlib.sha256(data.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return f"{list(data.shape)}:{digest}"
+
+
 def has_checkpoint(ckpt: Path) -> bool:
     return (ckpt / STATE_NAME).is_file()
 
@@ -267,6 +274,7 @@ def distill(
     device = next(student.parameters()).device
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
+    fingerprint = data_fingerprint(data)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(list(iter_trainable(student)), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
@@ -279,6 +287,11 @@ def distill(
             raise ValueError("resume needs a checkpoint directory")
         if has_checkpoint(ckpt):
             state = json.loads((ckpt / STATE_NAME).read_text())
+            if state.get("data") != fingerprint:
+                raise ValueError(
+                    f"{ckpt}: checkpoint was made on other data ({state.get('data')}), this run's data is "
+                    f"{fingerprint}; the saved position would point into a different corpus"
+                )
             if state["config"] != cfg.identity():
                 raise ValueError(
                     f"{ckpt}: checkpoint was made with {state['config']}, this run has {cfg.identity()}; "
@@ -302,7 +315,7 @@ def distill(
 
     def snapshot(epoch: int, next_batch: int, elapsed: float) -> dict[str, Any]:
         return {
-            "config": cfg.identity(), "epoch": epoch, "next_batch": next_batch, "step": step,
+            "config": cfg.identity(), "data": fingerprint, "epoch": epoch, "next_batch": next_batch, "step": step,
             "tokens": tokens, "elapsed_s": elapsed, "losses": losses, "kd_losses": kd_losses,
             "ce_losses": ce_losses,
         }

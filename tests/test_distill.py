@@ -204,3 +204,11 @@ def test_bf16_autocast_path_keeps_f32_master_weights() -> None:
     out.loss.backward()
     assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
                for p in student.parameters())
+
+
+def test_resume_on_other_data_is_refused(tmp_path: Path) -> None:
+    cfg = DistillConfig(batch_size=5, seq_len=16, progress=False, max_steps=2)
+    distill(FakeTeacher(target=CFG.vocab_size), Student(CFG), _data(), cfg, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="other data"):
+        distill(FakeTeacher(target=CFG.vocab_size), Student(CFG), _data(seed=1), cfg, checkpoint_dir=tmp_path,
+                resume=True)
