@@ -72,7 +72,7 @@ _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
 GEMV_SMALL_VARIANTS: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 2), (1, 4))
 GEMV_SMALL = (2, 2)  # (2, 4) measured 5-20% slower (NOTES.md v3)
 # bulk L2 prefetch of each GEMV row (Hopper; a no-op elsewhere)
-GEMV_PREFETCH = True
+GEMV_PREFETCH = False  # measured 0-20% slower on the 7B shapes (NOTES.md v4)
 _GEMM_TILE = 128  # BM = BN = BK
 
 
