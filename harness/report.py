@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from harness.results import RunData, read_results
-from harness.verdict import Verdict
+from harness.verdict import Verdict, item_passes
 
 UNFINISHED = "UNFINISHED"
 VERDICT_ORDER = [str(v) for v in Verdict] + [UNFINISHED]
@@ -32,14 +32,11 @@ class Built:
 
 
 def _passes(record: dict[str, Any]) -> bool | None:
+    """True pass, False fail, None did not run: the sign-off rule of harness.verdict.item_passes."""
     verdict = record.get("verdict")
-    if verdict in (str(Verdict.NOT_RUN), str(Verdict.UNBOUND)):
-        return None
-    if verdict == str(Verdict.ERROR) or verdict == UNFINISHED:
+    if verdict not in {str(v) for v in Verdict}:  # UNFINISHED, or a value this version does not know
         return False
-    if record.get("control"):
-        return verdict == str(Verdict.FALSIFIED)
-    return verdict == str(Verdict.CORROBORATED)
+    return item_passes(Verdict(verdict), record.get("control"))
 
 
 def _label(record: dict[str, Any]) -> str:
