@@ -363,3 +363,11 @@ def test_a_partial_run_is_never_sign_off_ready(project: pytest.Pytester) -> None
     assert result.ret != 0
     overall = build_report(project.path / "reports" / "r1" / "results.jsonl").overall
     assert overall["ready"] is False and any("deselected" in p for p in overall["problems"])
+
+
+def test_a_test_without_a_check_block_is_unbound(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract("- id: FT-PROSE\n  rule: r\n  prediction: p\n"))
+    result = run(project)
+    result.assert_outcomes(skipped=1)
+    (record,) = results(project).values()
+    assert record["verdict"] == "UNBOUND" and "no check block" in record["reason"]
