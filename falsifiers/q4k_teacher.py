@@ -308,11 +308,15 @@ def _transformers_last_logits(path: Path, ids: torch.Tensor) -> torch.Tensor | N
 
 
 # -- FT-Q4K-TEACHER-004 ----------------------------------------------------------
+# one misuse per function: after a call typed NoReturn mypy treats the rest of a body
+# as unreachable and would not check it
 MISUSE_SNIPPET = """
 from {module} import {cls}
 
-def misuse(teacher: {cls}) -> None:
+def set_requires_grad(teacher: {cls}) -> None:
     teacher.requires_grad_(True)
+
+def call_backward(teacher: {cls}) -> None:
     teacher.backward()
 """
 
