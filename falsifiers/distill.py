@@ -348,14 +348,18 @@ def _build_pair(ctx: Context, aligned: bool) -> Pair:
     from teacher.student import build_student
 
     device = _device(ctx)
-    path = _model_path(ctx, ctx.param("teacher", ctx.model))
-    student = build_student(str(ctx.param("student", "tiny-student")), seed=int(ctx.param("seed", 0))).to(device)
-    backend = str(ctx.param("teacher_backend", "dequant"))
+    # params.pairs maps each model of the matrix to its student and teacher backend, so one
+    # FT runs the tiny pair on CPU and the 7B-shape -> 0.5B-shape pair where CUDA is
+    pair_params: dict[str, Any] = dict((ctx.param("pairs") or {}).get(ctx.model or "", {}))
+    student_name = str(pair_params.get("student", ctx.param("student", "tiny-student")))
+    backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
+    if backend == "q4k" and not device.startswith("cuda"):  # before the model: no 4 GB write for nothing
+        ctx.not_run("cuda: teacher_backend q4k needs a CUDA GPU")
+    path = _model_path(ctx, ctx.model or ctx.param("teacher"))
+    student = build_student(student_name, seed=int(ctx.param("seed", 0))).to(device)
     target = student.vocab_size if aligned else None
     teacher: Any
     if backend == "q4k":
-        if not device.startswith("cuda"):
-            ctx.not_run("teacher_backend q4k needs CUDA")
         from teacher.q4k_teacher import Q4KTeacher
 
         teacher = Q4KTeacher.from_gguf(path, target_vocab=target, device=torch.device(device).index or 0)
