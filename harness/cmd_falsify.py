@@ -32,6 +32,9 @@ def pytest_argv(args: argparse.Namespace) -> list[str]:
         "--contracts-dir", str(args.contracts_dir),
         "--reports-dir", str(args.reports_dir),
         "-rfEs",  # say why each item failed, errored or was skipped (NOT RUN / UNBOUND reasons)
+        # installed, the plugin's packages are marked for assertion rewriting, but this
+        # process imported them before pytest started; they hold no test asserts
+        "-W", "ignore::pytest.PytestAssertRewriteWarning",
     ]
     if args.signoff:
         argv.append("--signoff")
