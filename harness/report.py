@@ -61,8 +61,15 @@ def _unfinished_records(run: RunData) -> list[dict[str, Any]]:
 
 def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
     counts = Counter(str(r.get("verdict")) for r in records)
+    # one line per distinct (verdict, reason): 20 items NOT RUN for want of CUDA read as one fact
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        if _passes(r) is not True:
+            grouped.setdefault((str(r.get("verdict")), str(r.get("reason", ""))), []).append(_label(r))
     problems = [
-        f"{_label(r)}: {r.get('verdict')}: {r.get('reason', '')}" for r in records if _passes(r) is not True
+        f"{labels[0]}: {verdict}: {reason}" if len(labels) == 1
+        else f"{len(labels)} items {verdict}: {reason} ({', '.join(labels)})"
+        for (verdict, reason), labels in grouped.items()
     ]
     problems += [f"collection error: {e.get('text') or e.get('message')}" for e in run.collection_errors]
     problems += [f"results.jsonl line {c['line']} is corrupt: {c['error']}" for c in run.corrupt_lines]
