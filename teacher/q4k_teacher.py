@@ -153,12 +153,17 @@ class Q4KOps:
             return x.float() @ self.vectors[name].T
         w = self.weights[name]
         xin = x.to(self.activation_dtype).contiguous()
-        y = self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k)
-        return torch.from_dlpack(y)
+        # outputs come from torch's caching allocator, like every other activation: with a
+        # second pool (CuPy's) caching freed outputs, the two pools' high-water marks add up
+        y = torch.empty((xin.shape[0], w.n), dtype=torch.float32, device=xin.device)
+        self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y)
+        return y
 
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         w = self.weights[name]
-        return torch.from_dlpack(self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k))
+        rows = torch.empty((ids.numel(), w.k), dtype=torch.float32, device=ids.device)
+        self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k, out=rows)
+        return rows
 
     def vector(self, name: str) -> torch.Tensor:
         return self.vectors[name]
