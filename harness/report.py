@@ -9,6 +9,7 @@ autoescaping on, so contract text can never inject markup.
 from __future__ import annotations
 
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
+from harness import charts
 from harness.results import RunData, read_results
 from harness.verdict import Verdict, item_passes
 
 UNFINISHED = "UNFINISHED"
 VERDICT_ORDER = [str(v) for v in Verdict] + [UNFINISHED]
+MOVED_FRACTION = 0.10  # a measured value that moved by more than this against the previous run is listed
 
 
 @dataclass
@@ -122,6 +126,190 @@ def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# -- charts -------------------------------------------------------------------------------------
+
+
+def _who(record: dict[str, Any]) -> str:
+    return f"control {record['control']}" if record.get("control") else str(record.get("subject") or "subject")
+
+
+def _series_of(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [s for s in (record or {}).get("series", []) if isinstance(s, dict) and s.get("x") is not None]
+
+
+def row_charts(row: dict[str, Any]) -> list[Markup]:
+    """The charts for one (FT, model) row, from the series its prediction and controls recorded.
+
+    A memory timeline or a loss curve of the prediction and its controls share one
+    chart (the control crossing the budget next to the subject that stays under it);
+    a parity scatter gets one chart per item plus the prediction's error histogram.
+    """
+    items = [r for r in [row.get("prediction"), *row.get("controls", [])] if r]
+    by_name: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for r in items:
+        for s in _series_of(r):
+            by_name.setdefault(str(s.get("name")), []).append((r, s))
+    out: list[Markup] = []
+    for name, pairs in by_name.items():
+        first = pairs[0][1]
+        meta = first.get("meta") or {}
+        kind = first.get("kind", "line")
+        if kind == "scatter":
+            for r, s in pairs:
+                out.append(charts.scatter_chart(
+                    [charts.Trace(_who(r), s["x"], s["y"], charts.PALETTE[1] if r.get("control") else "")],
+                    title=_title(name) + (" (control)" if r.get("control") else ""), xlabel=str(meta.get("xlabel", "x")),
+                    ylabel=str(meta.get("ylabel", "y"))))
+                if not r.get("control"):
+                    xs, ys = charts.finite_pairs(s["x"], s["y"])
+                    out.append(charts.histogram_chart(
+                        [b - a for a, b in zip(xs, ys, strict=True)],
+                        title=f"error of {_who(r)}, {len(xs)} logits",
+                        xlabel=f"{meta.get('ylabel', 'y')} - {meta.get('xlabel', 'x')}"))
+        elif kind == "histogram":
+            for r, s in pairs:
+                out.append(charts.histogram_chart(s["y"], title=f"{name}: {_who(r)}", xlabel=str(meta.get("xlabel", ""))))
+        else:
+            traces = [charts.Trace(_who(r) + _baseline(s), s["x"], s["y"],
+                               charts.PALETTE[1] if r.get("control") else charts.PALETTE[0]) for r, s in pairs]
+            out.append(_line_for(name, meta, traces, pairs))
+    return out
+
+
+_TITLES = {"kd_loss": "KD loss per step (one distillation epoch)", "vs_f32_dequant_parity": "logits vs F32 dequant",
+           "vs_transformers_parity": "logits vs transformers"}
+
+
+def _title(name: str) -> str:
+    return _TITLES.get(name, name)
+
+
+def _baseline(series: dict[str, Any]) -> str:
+    base = (series.get("meta") or {}).get("baseline_gb")
+    return f" (baseline {float(base):.2f} GB)" if isinstance(base, int | float) else ""
+
+
+def _line_for(name: str, meta: dict[str, Any], traces: list[charts.Trace],
+              pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> Markup:
+    if name.endswith("memory_timeline"):
+        budget = next((s.get("meta", {}).get("budget_gb") for _, s in pairs if s.get("meta", {}).get("budget_gb")), None)
+        hlines = [charts.HLine(float(budget), f"budget {float(budget):g} GB")] if budget is not None else []
+        return charts.line_chart(
+            traces, title="GPU memory above the pre-load baseline (NVML)", hlines=hlines,
+            xlabel="time since sampling started (s)", ylabel=f"device memory used ({meta.get('unit', 'GB')})")
+    return charts.line_chart(traces, title=_title(name), xlabel=str(meta.get("xlabel", "x")), ylabel=str(meta.get("ylabel", "y")),
+                             markers=max(len(t.x) for t in traces) <= 50)
+
+
+def hypothesis_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items whose falsifier ran a Hypothesis search: examples run, budget, shrunk counterexample."""
+    out = []
+    for r in records:
+        m = r.get("measurements") or {}
+        if "hypothesis_examples" not in m:
+            continue
+        out.append({
+            "label": _label(r), "record": r,
+            "examples": (m.get("hypothesis_examples") or {}).get("value"),
+            "max_examples": (m.get("hypothesis_max_examples") or {}).get("value"),
+            "counterexample": (m.get("counterexample") or {}).get("value"),
+        })
+    return out
+
+
+def hypothesis_chart(stats: list[dict[str, Any]]) -> Markup | None:
+    bars = [(s["label"], float(s["examples"]), charts.PALETTE[1] if s["counterexample"] is not None else charts.PALETTE[0])
+            for s in stats if isinstance(s["examples"], int | float)]
+    if not bars:
+        return None
+    return charts.bar_chart(bars, title="Hypothesis examples run per item (orange: a counterexample was found and shrunk)",
+                            xlabel="examples generated and tried (shrinking included)")
+
+
+# -- environment and workers ------------------------------------------------------------------
+
+
+def environment_rows(run: RunData) -> list[dict[str, Any]]:
+    """One row per process that wrote a header (the controller or each xdist worker): its GPU facts."""
+    rows = []
+    for h in run.headers:
+        env = h.get("environment") or {}
+        gpus = env.get("gpus") or []
+        rows.append({
+            "worker": h.get("worker") or "main",
+            "visible": env.get("cuda_visible_devices"),
+            "gpus": "; ".join(f"{g.get('index')}: {g.get('name')} ({g.get('memory_total_gb', 0):.1f} GB)" for g in gpus)
+                    or env.get("gpu_error") or "none found",
+        })
+    return rows
+
+
+def worker_table(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which worker and GPU ran which items (empty for a single-process run on no pinned GPU)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        if r.get("worker") or r.get("gpu"):
+            groups.setdefault((str(r.get("worker") or "main"), str(r.get("gpu") or "-")), []).append(_label(r))
+    return [{"worker": w, "gpu": g, "items": labels} for (w, g), labels in sorted(groups.items())]
+
+
+# -- comparison with the previous run ---------------------------------------------------------
+
+
+def _first_header_run_id(path: Path) -> str | None:
+    try:
+        with path.open("rb") as fh:
+            first = json.loads(fh.readline() or b"{}")
+    except (OSError, ValueError):
+        return None
+    return str(first["run_id"]) if isinstance(first, dict) and first.get("run_id") else None
+
+
+def find_previous(results_jsonl: Path, run_id: str) -> Path | None:
+    """The newest other run that started before this one: reports/<run-id>/results.jsonl beside
+    this run's folder, or another results*.jsonl in the same folder. Run ids sort by start time."""
+    here = results_jsonl.resolve()
+    candidates = [*here.parent.parent.glob("*/results.jsonl"), *here.parent.glob("results*.jsonl")]
+    best: tuple[str, Path] | None = None
+    for path in candidates:
+        if path.resolve() == here:
+            continue
+        other = _first_header_run_id(path)
+        if other is not None and other < run_id and (best is None or other > best[0]):
+            best = (other, path)
+    return best[1] if best else None
+
+
+def _number(m: Any) -> float | None:
+    value = m.get("value") if isinstance(m, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def compare_runs(records: list[dict[str, Any]], previous: list[dict[str, Any]]) -> dict[str, Any]:
+    """Verdicts that changed and scalar measurements that moved by more than MOVED_FRACTION."""
+    before = {str(r.get("nodeid")): r for r in previous}
+    changed, moved, new = [], [], []
+    for r in records:
+        old = before.pop(str(r.get("nodeid")), None)
+        if old is None:
+            new.append(_label(r))
+            continue
+        if old.get("verdict") != r.get("verdict"):
+            changed.append({"label": _label(r), "before": old.get("verdict"), "after": r.get("verdict")})
+        old_m = old.get("measurements") or {}
+        for name, m in (r.get("measurements") or {}).items():
+            a, b = _number(old_m.get(name)), _number(m)
+            if a is None or b is None or a == b:
+                continue
+            rel = abs(b - a) / abs(a) if a else math.inf
+            if rel > MOVED_FRACTION:
+                moved.append({"label": _label(r), "name": name, "before": a, "after": b,
+                              "unit": m.get("unit", ""), "change": "new non-zero" if a == 0 else f"{(b - a) / abs(a):+.1%}"})
+    return {"changed": changed, "moved": moved, "new": new, "gone": [_label(r) for r in before.values()]}
+
+
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
@@ -138,13 +326,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, Any]) -> str:
+def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, Any],
+                comparison: dict[str, Any] | None = None) -> str:
     header = run.headers[0] if run.headers else {}
     env = _env()
     env.filters["fmt"] = _fmt
     by_contract: dict[str, list[dict[str, Any]]] = {}
     for row in _rows(run, records):
+        row["charts"] = row_charts(row)
         by_contract.setdefault(row["contract"], []).append(row)
+    hypothesis = hypothesis_stats(records)
     return env.get_template("report.html").render(
         run_id=run.run_id,
         header=header,
@@ -156,6 +347,11 @@ def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, 
         corrupt_lines=run.corrupt_lines,
         binding_errors={k: v for h in run.headers for k, v in h.get("binding_errors", {}).items()},
         passes=_passes,
+        hypothesis=hypothesis,
+        hypothesis_chart=hypothesis_chart(hypothesis),
+        gpu_rows=environment_rows(run),
+        workers=worker_table(run, records),
+        comparison=comparison,
     )
 
 
@@ -195,12 +391,20 @@ def _write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_report(results_jsonl: str | Path, out_dir: str | Path | None = None) -> Built:
+def build_report(results_jsonl: str | Path, out_dir: str | Path | None = None,
+                 previous: str | Path | None = None) -> Built:
+    """Write the report files; ``previous`` (default: found in reports/) is the run to compare with."""
     run = read_results(results_jsonl)
     out = Path(out_dir) if out_dir is not None else Path(results_jsonl).parent
     out.mkdir(parents=True, exist_ok=True)
     records = run.results + _unfinished_records(run)
     overall = overall_verdict(run, records)
+    prev_path = Path(previous) if previous is not None else find_previous(Path(results_jsonl), run.run_id)
+    comparison = None
+    if prev_path is not None and prev_path.is_file():
+        prev = read_results(prev_path)
+        comparison = compare_runs(records, prev.results + _unfinished_records(prev))
+        comparison.update(run_id=prev.run_id, path=str(prev_path))
     paths = {"html": out / "report.html", "json": out / "results.json", "junit": out / "junit.xml"}
     slim = [
         {k: r.get(k) for k in ("id", "control", "model", "verdict", "reason", "measurements", "comparisons",
@@ -209,5 +413,5 @@ def build_report(results_jsonl: str | Path, out_dir: str | Path | None = None) -
     ]
     _write(paths["json"], json.dumps(slim, indent=2, default=str))
     _write(paths["junit"], junit_xml(records, run, overall))
-    _write(paths["html"], render_html(run, records, overall))
+    _write(paths["html"], render_html(run, records, overall, comparison))
     return Built(paths, overall)
