@@ -14,6 +14,7 @@ no contract.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,37 @@ class _State:
 
 
 _STATE = pytest.StashKey[_State]()
+_OLD_SIGTERM = pytest.StashKey[Any]()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into pytest's own interruption: the session still ends normally."""
+
+
+_SIGNAL: dict[str, str] = {}  # the signal that stopped the run, for the footer
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _SIGNAL["name"] = signal.Signals(signum).name
+    raise Terminated(f"stopped by {_SIGNAL['name']}")
+
+
+def _install_sigterm(config: pytest.Config) -> None:
+    """On the controller, SIGTERM ends the run like Ctrl-C does: the finished items are already
+    in results.jsonl, and the footer and the report (unfinished items marked) are still written.
+    A second SIGTERM during that wind-down gets the default action (the process ends)."""
+    if hasattr(config, "workerinput") or sys.platform == "win32":
+        return
+    try:
+        config.stash[_OLD_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (pytest run inside another program)
+        pass
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    old = config.stash.get(_OLD_SIGTERM, None)
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +91,65 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reports-dir", default=None,
                     help="write reports/<run-id>/ here (default: <rootdir>/reports)")
     group.addoption("--run-id", default=None, help="name of this run's report folder (default: UTC time and pid)")
+
+
+# -- multi-GPU runners (pytest-xdist) -----------------------------------------------------------
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries, without initialising CUDA.
+
+    CUDA_VISIBLE_DEVICES when set (an empty value means none), else every device NVML counts.
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(int(pynvml.nvmlDeviceGetCount()))]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML: a CPU machine
+        return []
+
+
+def assign_gpu(worker_id: str, gpus: list[str]) -> str | None:
+    """The GPU an xdist worker ("gw3") is pinned to: worker index modulo the GPU count.
+
+    With ``-n auto`` there is one worker per GPU; more workers than GPUs share
+    them round-robin. None where there is no GPU (the worker is left alone).
+    """
+    if not gpus:
+        return None
+    digits = "".join(ch for ch in worker_id if ch.isdigit())
+    if not digits:
+        raise ValueError(f"not an xdist worker id: {worker_id!r}")
+    return gpus[int(digits) % len(gpus)]
+
+
+def _pin_worker_gpu(config: pytest.Config) -> None:
+    """On an xdist worker, before torch or CuPy create a CUDA context, expose only its GPU.
+
+    Both read CUDA_VISIBLE_DEVICES when CUDA initialises (lazily, at first use),
+    so setting it at configure time pins every falsifier of this worker to "cuda:0"
+    = its own device. The original list is kept for the record.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    gpus = visible_gpus()
+    gpu = assign_gpu(str(workerinput.get("workerid", "gw0")), gpus)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one worker per GPU; on a machine without GPUs xdist's own default (CPU count)."""
+    return len(visible_gpus()) or None
 
 
 def _resolve(config: pytest.Config, value: str | None, default: str) -> Path:
@@ -78,6 +169,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id=str(config.option.run_id),
         signoff=bool(config.option.signoff),
     )
+    _install_sigterm(config)
+    _pin_worker_gpu(config)
 
 
 def _is_contract(state: _State, path: Path) -> bool:
@@ -216,7 +309,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     results = state.run_dir / "results.jsonl"
     if not results.exists():
         return
-    append_line(results, {"type": "footer", "run_id": state.run_id, "finished_at": utc_now(), "exitstatus": int(exitstatus)})
+    # the rest of the session must not be cut short by a second SIGTERM raising mid-report
+    if config.stash.get(_OLD_SIGTERM, None) is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    footer: dict[str, Any] = {"type": "footer", "run_id": state.run_id, "finished_at": utc_now(), "exitstatus": int(exitstatus)}
+    if int(exitstatus) == int(pytest.ExitCode.INTERRUPTED):
+        footer["interrupted_by"] = _SIGNAL.pop("name", "SIGINT")
+    append_line(results, footer)
+    write_latest(state.reports_dir, state.run_id)  # an xdist controller collected nothing, so name it here
     from harness.report import build_report
 
     built = build_report(results, state.run_dir)

@@ -94,6 +94,7 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
         "collection_errors": len(run.collection_errors),
         "corrupt_lines": len(run.corrupt_lines),
         "interrupted": run.interrupted,
+        "interrupted_reason": run.interrupted_reason,
         "problems": problems,
     }
 

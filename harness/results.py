@@ -87,8 +87,56 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_environment() -> dict[str, Any]:
+    """GPU name, memory, driver and the driver's CUDA version from NVML.
+
+    NVML, not torch: asking torch for a device name initialises CUDA in this
+    process, which must wait until an xdist worker has been pinned to its GPU.
+    Every failure is recorded as ``gpu_error``, never raised (a CPU machine has no NVML).
+    """
+    out: dict[str, Any] = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import pynvml
+    except ImportError as exc:
+        out["gpu_error"] = f"pynvml not importable: {exc}"
+        return out
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        out["gpu_error"] = f"NVML unavailable: {exc}"
+        return out
+    try:
+        out["gpu_driver"] = _decode(pynvml.nvmlSystemGetDriverVersion())
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        out["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        gpus: list[dict[str, Any]] = []
+        for index in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            gpus.append({
+                "index": index,
+                "name": _decode(pynvml.nvmlDeviceGetName(handle)),
+                "memory_total_gb": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) / 1e9,
+                "uuid": _decode(pynvml.nvmlDeviceGetUUID(handle)),
+            })
+        out["gpus"] = gpus
+        if gpus:
+            out["gpu"] = ", ".join(sorted({g["name"] for g in gpus})) + f" x{len(gpus)}"
+    except Exception as exc:
+        out["gpu_error"] = f"NVML query failed: {type(exc).__name__}: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return out
+
+
 def environment(root: Path) -> dict[str, Any]:
-    """What the report shows about where it ran. GPU details are added by the NVML layer (issue 7)."""
+    """What the report shows about where it ran: interpreter, packages, GPU and driver, git state."""
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -102,6 +150,14 @@ def environment(root: Path) -> dict[str, Any]:
     torch_mod = sys.modules.get("torch")
     if torch_mod is not None:
         env["torch_cuda"] = getattr(torch_mod.version, "cuda", None)
+    cupy_mod = sys.modules.get("cupy")
+    if cupy_mod is not None:
+        try:  # the runtime version is a library call: it creates no CUDA context
+            rt = int(cupy_mod.cuda.runtime.runtimeGetVersion())
+            env["cupy_cuda_runtime"] = f"{rt // 1000}.{rt % 1000 // 10}"
+        except Exception as exc:
+            env["cupy_cuda_runtime"] = f"unavailable ({type(exc).__name__})"
+    env.update(gpu_environment())
     commit = _git(root, "rev-parse", "HEAD")
     env["git_commit"] = commit
     if commit is not None:
@@ -174,7 +230,15 @@ class RunData:
 
     @property
     def interrupted(self) -> bool:
-        return not self.footers
+        """No end-of-run record (killed), or one that says the run was stopped (SIGINT/SIGTERM)."""
+        return not self.footers or any(f.get("exitstatus") == 2 or f.get("interrupted_by") for f in self.footers)
+
+    @property
+    def interrupted_reason(self) -> str:
+        for f in self.footers:
+            if f.get("interrupted_by") or f.get("exitstatus") == 2:
+                return f"stopped by {f.get('interrupted_by') or 'an interrupt'}; every finished item was kept"
+        return "no end-of-run record: the process was killed" if not self.footers else ""
 
 
 def read_results(path: str | Path) -> RunData:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
 import gc
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from harness import registry
@@ -66,6 +69,67 @@ def _memory_numbers() -> str:
     return "; ".join(parts)
 
 
+class Watchdog:
+    """Stop a falsifier that runs past its time budget (the contract's ``check.timeout_s``).
+
+    A timer thread raises KeyboardInterrupt in the main thread
+    (``_thread.interrupt_main``); the runner tells it from a real Ctrl-C by
+    ``fired``. Python delivers it between bytecodes, so a falsifier stuck inside
+    one long C call is stopped when that call returns. Off the main thread (where
+    interrupt_main cannot reach the falsifier) the budget is not enforced, and the
+    record says so.
+    """
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.fired = False
+        self.enforced = timeout_s is not None and threading.current_thread() is threading.main_thread()
+        self._lock = threading.Lock()
+        self._armed = False
+        self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return  # the falsifier finished first
+            self.fired = True
+            _thread.interrupt_main()
+
+    def __enter__(self) -> Watchdog:
+        if self.enforced and self.timeout_s is not None:
+            self._armed = True
+            self._timer = threading.Timer(self.timeout_s, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def disarm(self) -> None:
+        """Call as the falsifier returns: after this no interrupt can start.
+
+        If the timer fired just before, its interrupt is pending: wait here for it,
+        so it lands inside the runner's handler and not in whatever runs next.
+        """
+        with self._lock:
+            self._armed = False
+            fired = self.fired
+        if self._timer is not None:
+            self._timer.cancel()
+        if fired:
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            with self._lock:  # the interrupt (ours or a real one) has arrived: nothing left to wait for
+                self._armed = False
+            if self._timer is not None:
+                self._timer.cancel()
+            return
+        self.disarm()
+
+
 def _unbound_reason(spec: ItemSpec) -> str | None:
     check = spec.ft.check
     if check is None:
@@ -78,6 +142,19 @@ def _unbound_reason(spec: ItemSpec) -> str | None:
         role = "control subject" if spec.control else "subject"
         return f"{role} {name!r} is not implemented yet"
     return None
+
+
+def _crash(exc: Exception) -> tuple[Verdict, str, str]:
+    """ERROR with the reason a reader needs: the memory numbers of an OOM, NVML's own words."""
+    tb = traceback.format_exc()
+    oom = _oom_kind(exc)
+    if oom is not None:
+        numbers = _memory_numbers()
+        return Verdict.ERROR, f"out of memory ({oom}): {exc}" + (f" [{numbers}]" if numbers else ""), tb
+    memory = sys.modules.get("harness.memory")
+    if memory is not None and isinstance(exc, memory.NvmlUnavailable):
+        return Verdict.ERROR, f"GPU memory cannot be measured, so nothing was compared: NVML unavailable: {exc}", tb
+    return Verdict.ERROR, f"the falsifier crashed: {type(exc).__name__}: {exc}", tb
 
 
 def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,22 +188,34 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
                 model=spec.model, thresholds=check.thresholds, params=check.params,
                 options=opts, subject_factory=subject_spec.factory,
             )
+            watchdog = Watchdog(check.timeout_s)
             try:
-                registry.FALSIFIERS[check.falsifier].fn(ctx)
+                with watchdog:
+                    registry.FALSIFIERS[check.falsifier].fn(ctx)
+                    watchdog.disarm()
+            except KeyboardInterrupt:
+                if not watchdog.fired:
+                    raise  # a real Ctrl-C / SIGINT: stop the run; the report marks the rest UNFINISHED
+                tb = traceback.format_exc()
+                verdict, reason = Verdict.ERROR, (
+                    f"the falsifier exceeded its time budget of {check.timeout_s:g} s (check.timeout_s) and was stopped"
+                )
+                gc.collect()
             except NotRun as exc:
                 verdict, reason = Verdict.NOT_RUN, str(exc) or "the falsifier reported NOT RUN"
             except Exception as exc:
-                oom = _oom_kind(exc)
-                tb = traceback.format_exc()
-                if oom is not None:
-                    numbers = _memory_numbers()
-                    verdict, reason = Verdict.ERROR, f"out of memory ({oom}): {exc}" + (f" [{numbers}]" if numbers else "")
-                else:
-                    verdict, reason = Verdict.ERROR, f"the falsifier crashed: {type(exc).__name__}: {exc}"
+                verdict, reason, tb = _crash(exc)
                 del exc
                 gc.collect()  # drop the frames holding the subject's buffers before the next item
             else:
-                verdict, reason = ctx.verdict()
+                if watchdog.fired:  # the interrupt was swallowed inside the falsifier; the budget still ran out
+                    verdict, reason = Verdict.ERROR, (
+                        f"the falsifier exceeded its time budget of {check.timeout_s:g} s (check.timeout_s)"
+                    )
+                else:
+                    verdict, reason = ctx.verdict()
+            if check.timeout_s is not None and not watchdog.enforced:
+                ctx.note(f"time budget {check.timeout_s:g} s not enforced: the item did not run on the main thread")
     evidence = ctx.evidence.to_json() if ctx is not None else {}
     passed = item_passes(verdict, spec.control)
     if spec.control and verdict is Verdict.CORROBORATED:
