@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import _thread
 import gc
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from harness import registry
@@ -69,64 +69,57 @@ def _memory_numbers() -> str:
     return "; ".join(parts)
 
 
+class TimeBudgetExceeded(BaseException):
+    """Raised in the falsifier by the watchdog. A BaseException, so a falsifier's
+    ``except Exception`` (or its own KeyboardInterrupt handling) cannot swallow it."""
+
+
 class Watchdog:
     """Stop a falsifier that runs past its time budget (the contract's ``check.timeout_s``).
 
-    A timer thread raises KeyboardInterrupt in the main thread
-    (``_thread.interrupt_main``); the runner tells it from a real Ctrl-C by
-    ``fired``. Python delivers it between bytecodes, so a falsifier stuck inside
-    one long C call is stopped when that call returns. Off the main thread (where
-    interrupt_main cannot reach the falsifier) the budget is not enforced, and the
-    record says so.
+    A real-time interval timer (``setitimer``) sends SIGALRM to this process; its
+    handler raises :class:`TimeBudgetExceeded` in the main thread. A real signal,
+    unlike ``_thread.interrupt_main``, also breaks a blocking ``sleep``/``wait``
+    (EINTR); a falsifier inside one long C call is stopped when that call returns.
+    Signal handlers run between bytecodes of the main thread, so once ``disarm``
+    has cleared ``_armed`` no late alarm can raise anywhere else. Off the main
+    thread, or without ``setitimer``, the budget is not enforced and the record says so.
     """
 
     def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
         self.fired = False
-        self.enforced = timeout_s is not None and threading.current_thread() is threading.main_thread()
-        self._lock = threading.Lock()
+        self.enforced = (
+            timeout_s is not None
+            and hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread()
+        )
         self._armed = False
-        self._timer: threading.Timer | None = None
+        self._old: Any = None
 
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._armed:
-                return  # the falsifier finished first
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self._armed:
+            self._armed = False
             self.fired = True
-            _thread.interrupt_main()
+            raise TimeBudgetExceeded(f"exceeded {self.timeout_s} s")
 
     def __enter__(self) -> Watchdog:
         if self.enforced and self.timeout_s is not None:
+            self._old = signal.signal(signal.SIGALRM, self._on_alarm)
             self._armed = True
-            self._timer = threading.Timer(self.timeout_s, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+            signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
         return self
 
     def disarm(self) -> None:
-        """Call as the falsifier returns: after this no interrupt can start.
-
-        If the timer fired just before, its interrupt is pending: wait here for it,
-        so it lands inside the runner's handler and not in whatever runs next.
-        """
-        with self._lock:
-            self._armed = False
-            fired = self.fired
-        if self._timer is not None:
-            self._timer.cancel()
-        if fired:
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
+        """Call as the falsifier returns: after this no alarm raises."""
+        self._armed = False
+        if self.enforced and self._old is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old)
+            self._old = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            with self._lock:  # the interrupt (ours or a real one) has arrived: nothing left to wait for
-                self._armed = False
-            if self._timer is not None:
-                self._timer.cancel()
-            return
         self.disarm()
 
 
@@ -193,9 +186,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
                 with watchdog:
                     registry.FALSIFIERS[check.falsifier].fn(ctx)
                     watchdog.disarm()
-            except KeyboardInterrupt:
-                if not watchdog.fired:
-                    raise  # a real Ctrl-C / SIGINT: stop the run; the report marks the rest UNFINISHED
+            except TimeBudgetExceeded:
                 tb = traceback.format_exc()
                 verdict, reason = Verdict.ERROR, (
                     f"the falsifier exceeded its time budget of {check.timeout_s:g} s (check.timeout_s) and was stopped"
@@ -208,14 +199,9 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
                 del exc
                 gc.collect()  # drop the frames holding the subject's buffers before the next item
             else:
-                if watchdog.fired:  # the interrupt was swallowed inside the falsifier; the budget still ran out
-                    verdict, reason = Verdict.ERROR, (
-                        f"the falsifier exceeded its time budget of {check.timeout_s:g} s (check.timeout_s)"
-                    )
-                else:
-                    verdict, reason = ctx.verdict()
+                verdict, reason = ctx.verdict()
             if check.timeout_s is not None and not watchdog.enforced:
-                ctx.note(f"time budget {check.timeout_s:g} s not enforced: the item did not run on the main thread")
+                ctx.note(f"time budget {check.timeout_s:g} s not enforced: the item did not run on the main thread of a POSIX process")
     evidence = ctx.evidence.to_json() if ctx is not None else {}
     passed = item_passes(verdict, spec.control)
     if spec.control and verdict is Verdict.CORROBORATED:
