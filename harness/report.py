@@ -251,7 +251,7 @@ def worker_table(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, 
     for r in records:
         if r.get("worker") or r.get("gpu"):
             groups.setdefault((str(r.get("worker") or "main"), str(r.get("gpu") or "-")), []).append(_label(r))
-    return [{"worker": w, "gpu": g, "items": labels} for (w, g), labels in sorted(groups.items())]
+    return [{"worker": w, "gpu": g, "labels": labels} for (w, g), labels in sorted(groups.items())]
 
 
 # -- comparison with the previous run ---------------------------------------------------------
