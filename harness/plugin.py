@@ -160,6 +160,9 @@ def _resolve(config: pytest.Config, value: str | None, default: str) -> Path:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "contract: an item collected from a contract's falsification test")
     config.addinivalue_line("markers", "control: a negative-control item (passes when FALSIFIED)")
+    from harness.memory import use_expandable_segments
+
+    use_expandable_segments()  # before any falsifier initialises CUDA
     # The controller picks the run id so xdist workers (which receive its options) share it.
     if not config.option.run_id:
         config.option.run_id = new_run_id()

@@ -124,8 +124,10 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.memory import use_expandable_segments
     from teacher.models import resolve_model
 
+    use_expandable_segments()  # as the falsifiers run: the same allocator for both backends
     if not torch.cuda.is_available():
         print("q4k bench teacher: needs a CUDA GPU (torch.cuda.is_available() is False)")
         return 2
