@@ -21,6 +21,7 @@ PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#0
 WIDTH, HEIGHT = 560, 280
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 62, 16, 30, 44
 MAX_POINTS = 400
+HIST_WIDTH = 430
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def histogram_chart(values: Sequence[float], *, title: str, xlabel: str, bins: i
     counts = [0] * bins
     for v in vals:
         counts[min(bins - 1, int((v - lo) / width))] += 1
-    ax = _Axes(lo, hi, 0.0, max(counts or [1]) * 1.08)
+    ax = _Axes(lo, hi, 0.0, max(counts or [1]) * 1.08, w=HIST_WIDTH)  # fits beside two scatters
     _frame(ax, title, xlabel, "count")
     for i, c in enumerate(counts):
         if c:

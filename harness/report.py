@@ -230,6 +230,29 @@ def hypothesis_chart(stats: list[dict[str, Any]]) -> Markup | None:
 # -- environment and workers ------------------------------------------------------------------
 
 
+def _versions(env: dict[str, Any], *names: str) -> str:
+    found = [f"{n} {env[n]}" for n in names if env.get(n)]
+    return ", ".join(found) if found else "not recorded"
+
+
+def key_environment(env: dict[str, Any]) -> list[tuple[str, str]]:
+    """The facts a sign-off names, in a fixed order; "not recorded" where the run lacked them."""
+    commit = env.get("git_commit")
+    dirty = env.get("git_dirty")
+    cuda = [f"driver supports {env['cuda_driver']}" if env.get("cuda_driver") else "",
+            f"torch built for {env['torch_cuda']}" if env.get("torch_cuda") else "",
+            f"CuPy runtime {env['cupy_cuda_runtime']}" if env.get("cupy_cuda_runtime") else ""]
+    return [
+        ("GPU", str(env.get("gpu") or env.get("gpu_error") or "not recorded")),
+        ("driver", str(env.get("gpu_driver") or "not recorded")),
+        ("CUDA", ", ".join(c for c in cuda if c) or "not recorded"),
+        ("torch / CuPy / numpy / pynvml", _versions(env, "torch", "cupy-cuda13x", "cupy-cuda12x", "numpy", "nvidia-ml-py")),
+        ("git commit", (f"{commit}" + (" (working tree had uncommitted changes)" if dirty else " (clean)" if dirty is False else ""))
+         if commit else "not recorded (no git checkout where it ran)"),
+        ("Python", f"{env.get('python', '?')} on {env.get('platform', '?')}"),
+    ]
+
+
 def environment_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per process that wrote a header (the controller or each xdist worker): its GPU facts."""
     rows = []
@@ -240,7 +263,7 @@ def environment_rows(run: RunData) -> list[dict[str, Any]]:
             "worker": h.get("worker") or "main",
             "visible": env.get("cuda_visible_devices"),
             "gpus": "; ".join(f"{g.get('index')}: {g.get('name')} ({g.get('memory_total_gb', 0):.1f} GB)" for g in gpus)
-                    or env.get("gpu_error") or "none found",
+                    or env.get("gpu_error") or ("none found" if "gpus" in env else "not recorded by this run"),
         })
     return rows
 
@@ -351,6 +374,7 @@ def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, 
         hypothesis=hypothesis,
         hypothesis_chart=hypothesis_chart(hypothesis),
         gpu_rows=environment_rows(run),
+        key_environment=key_environment(header.get("environment") or {}),
         workers=worker_table(run, records),
         comparison=comparison,
     )
