@@ -147,6 +147,12 @@ def _pin_worker_gpu(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller, per worker: hand over this run's id."""
+    node.workerinput["q4k_run_id"] = str(node.config.option.run_id)
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: one worker per GPU; on a machine without GPUs xdist's own default (CPU count)."""
     return len(visible_gpus()) or None
@@ -163,7 +169,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from harness.memory import use_expandable_segments
 
     use_expandable_segments()  # before any falsifier initialises CUDA
-    # The controller picks the run id so xdist workers (which receive its options) share it.
+    # The controller picks the run id; xdist workers get it through workerinput
+    # (pytest_configure_node), so they all append to one reports/<run-id>/results.jsonl.
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and workerinput.get("q4k_run_id"):
+        config.option.run_id = workerinput["q4k_run_id"]
     if not config.option.run_id:
         config.option.run_id = new_run_id()
     config.stash[_STATE] = _State(

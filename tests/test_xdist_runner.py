@@ -74,11 +74,14 @@ def test_two_workers_write_one_results_file_and_one_report_that_says_who_ran_wha
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     monkeypatch.setenv("PYTHONPATH", pythonpath)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # two pretend GPUs: workers pin one each
+    # no --run-id: the controller's own run id must reach both workers
     result = project.runpytest_subprocess(
-        "contracts", *PLUGIN_ARGS, "--run-id", "xd", "-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider"
+        "contracts", *PLUGIN_ARGS, "-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider"
     )
     result.assert_outcomes(passed=8, failed=1)
-    jsonl = project.path / "reports" / "xd" / "results.jsonl"
+    runs = [p for p in (project.path / "reports").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    jsonl = runs[0] / "results.jsonl"
     data = read_results(jsonl)
     assert not data.corrupt_lines and len(data.results) == 9 and not data.unfinished
     slow = next(r for r in data.results if r["id"] == "FT-X-SLOW")
@@ -89,7 +92,7 @@ def test_two_workers_write_one_results_file_and_one_report_that_says_who_ran_wha
     placement = {(r["worker"], r["gpu"]) for r in data.results}
     assert placement == {("gw0", "3"), ("gw1", "5")}
     assert len(data.footers) == 1  # the controller ends the run once
-    assert read_latest(project.path / "reports") == "xd"
+    assert read_latest(project.path / "reports") == runs[0].name == data.run_id
     html = (jsonl.parent / "report.html").read_text()
     table = html.split("Which worker and GPU ran what", 1)[1].split("</table>", 1)[0]
     assert "gw0" in table and "gw1" in table and "<td>3</td>" in table and "<td>5</td>" in table
