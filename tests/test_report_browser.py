@@ -3,8 +3,9 @@ verdict is in the DOM and visible on screen, and a screenshot is kept as a CI ar
 
 The report is built from tests/data/h100-trimmed-results.jsonl: a few items of a real H100
 sign-off run (`nox -s falsify -- --signoff`), with their long series thinned so the file stays
-small: NVML memory timelines (FT-Q4K-TEACHER-005 and its control), logit-parity scatters
-(003), the KD loss curve (005), Hypothesis statistics (VOCAB-ALIGN-005/007) and an ERROR (002).
+small: NVML memory timelines with their budget lines (FT-Q4K-TEACHER-002 and -005, each with its
+control), logit-parity scatters (003), the KD loss curve (005), Hypothesis statistics
+(VOCAB-ALIGN-005/007).
 """
 
 from __future__ import annotations

@@ -36,9 +36,11 @@ def test_each_chart_is_drawn_from_the_real_series(tmp_path: Path) -> None:
     html = build_report(FIXTURE, tmp_path, previous=None).paths["html"].read_text()
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "<script" not in html
     assert len(html) < 1_000_000
+    budget = _row(html, "FT-Q4K-TEACHER-002-qwen2.5-7b-shape")
+    assert "GPU memory above the pre-load baseline (NVML)" in budget and "budget 6 GB" in budget
     distill = _row(html, "FT-Q4K-TEACHER-005-qwen2.5-7b-shape")
     assert "GPU memory above the pre-load baseline (NVML)" in distill and "budget 30 GB" in distill
-    assert "q4k-teacher (baseline 1.45 GB)" in distill and "control dequant-teacher-cuda (baseline 6.84 GB)" in distill
+    assert "q4k-teacher (baseline 1.45 GB)" in distill and "control dequant-teacher-cuda (baseline 6.45 GB)" in distill
     assert "KD loss per step" in distill
     for model in ("tiny", "qwen2.5-7b-shape"):
         parity = _row(html, f"FT-Q4K-TEACHER-003-{model}")
@@ -112,7 +114,9 @@ def test_comparison_lists_changed_verdicts_and_values_that_moved_more_than_ten_p
     html = build_report(new).paths["html"].read_text()
     section = html.split('id="comparison"', 1)[1].split("<h2", 1)[0]
     assert "20261125-000000-1" in section
-    assert "FT-Q4K-TEACHER-002[qwen2.5-7b-shape]</td><td>ERROR</td><td><strong>CORROBORATED" in section
+    was = next(r["verdict"] for r in before if r.get("id") == "FT-Q4K-TEACHER-002" and not r.get("control"))
+    assert was != "CORROBORATED"
+    assert f"FT-Q4K-TEACHER-002[qwen2.5-7b-shape]</td><td>{was}</td><td><strong>CORROBORATED" in section
     assert "gpu_peak_above_baseline_gib" in section and "+25.0%" in section
     assert "gpu_peak_device_gib" not in section
 
