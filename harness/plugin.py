@@ -67,12 +67,23 @@ def _install_sigterm(config: pytest.Config) -> None:
     """On the controller, SIGTERM ends the run like Ctrl-C does: the finished items are already
     in results.jsonl, and the footer and the report (unfinished items marked) are still written.
     A second SIGTERM during that wind-down gets the default action (the process ends)."""
-    if hasattr(config, "workerinput") or sys.platform == "win32":
-        return
+    if hasattr(config, "workerinput") or sys.platform == "win32" or not _is_contract_run(config):
+        return  # a plain `pytest tests` run (the plugin loaded through its entry point) keeps SIGTERM as is
     try:
         config.stash[_OLD_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (pytest run inside another program)
         pass
+
+
+def _is_contract_run(config: pytest.Config) -> bool:
+    """Whether the command line names the contracts directory, a file in it, or a folder above it."""
+    state = config.stash[_STATE]
+    for arg in config.args or ["."]:
+        path = Path(arg.split("::", 1)[0])
+        path = (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
+        if path.is_relative_to(state.contracts_dir) or state.contracts_dir.is_relative_to(path):
+            return True
+    return False
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
