@@ -223,3 +223,15 @@ def test_corrupt_lines_in_a_real_run_are_reported_not_fatal(project: pytest.Pyte
     html = (project.path / "out" / "report.html").read_text()
     assert "Corrupt lines in results.jsonl" in html and "NOT READY" in html
     assert [c["line"] for c in read_results(jsonl).corrupt_lines] == [2, 3, 5]
+
+
+def test_a_plain_test_run_keeps_sigterm_as_it_was(pytester: pytest.Pytester) -> None:
+    # the plugin is loaded in every pytest run of an installed project (entry point); only a
+    # contract run turns SIGTERM into an orderly stop
+    pytester.makepyfile(test_x="import signal\ndef test_x():\n    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n")
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        pytester.runpytest(*PLUGIN_ARGS).assert_outcomes(passed=1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
