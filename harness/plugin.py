@@ -67,8 +67,8 @@ def _install_sigterm(config: pytest.Config) -> None:
     """On the controller, SIGTERM ends the run like Ctrl-C does: the finished items are already
     in results.jsonl, and the footer and the report (unfinished items marked) are still written.
     A second SIGTERM during that wind-down gets the default action (the process ends)."""
-    if hasattr(config, "workerinput") or sys.platform == "win32" or not _is_contract_run(config):
-        return  # a plain `pytest tests` run (the plugin loaded through its entry point) keeps SIGTERM as is
+    if hasattr(config, "workerinput") or sys.platform == "win32" or _OLD_SIGTERM in config.stash:
+        return
     try:
         config.stash[_OLD_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (pytest run inside another program)
@@ -193,7 +193,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id=str(config.option.run_id),
         signoff=bool(config.option.signoff),
     )
-    _install_sigterm(config)
+    if getattr(config.option, "numprocesses", None) and _is_contract_run(config):
+        _install_sigterm(config)  # an xdist controller collects nothing itself: decide from the command line
     _pin_worker_gpu(config)
 
 
@@ -323,6 +324,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         append_line(state.results_path, {**error, "run_id": state.run_id})
     if not hasattr(config, "workerinput"):
         write_latest(state.reports_dir, state.run_id)
+        # only now is this known to be a contract run: a plain `pytest tests` (the plugin loaded
+        # through its entry point) keeps SIGTERM as it was
+        _install_sigterm(config)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
