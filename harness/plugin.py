@@ -154,6 +154,9 @@ def _pin_worker_gpu(config: pytest.Config) -> None:
     gpus = visible_gpus()
     gpu = assign_gpu(str(workerinput.get("workerid", "gw0")), gpus)
     if gpu is not None:
+        # CUDA numbers devices fastest-first unless told otherwise; NVML (and nvidia-smi) in PCI
+        # bus order. Same order on both sides, so "GPU 1" in the report is nvidia-smi's GPU 1.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 

@@ -51,10 +51,12 @@ def test_visible_gpus_from_the_environment_or_nvml(monkeypatch: pytest.MonkeyPat
 def test_pin_worker_gpu_sets_cuda_visible_devices_only_on_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(2))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     plugin._pin_worker_gpu(types.SimpleNamespace())  # type: ignore[arg-type]  # the controller: untouched
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     plugin._pin_worker_gpu(types.SimpleNamespace(workerinput={"workerid": "gw3"}))  # type: ignore[arg-type]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # the numbering NVML and nvidia-smi use
 
 
 @pytest.fixture
