@@ -321,7 +321,8 @@ def compare_runs(records: list[dict[str, Any]], previous: list[dict[str, Any]]) 
             new.append(_label(r))
             continue
         if old.get("verdict") != r.get("verdict"):
-            changed.append({"label": _label(r), "before": old.get("verdict"), "after": r.get("verdict")})
+            changed.append({"label": _label(r), "before": old.get("verdict"), "after": r.get("verdict"),
+                            "control": r.get("control")})
         old_m = old.get("measurements") or {}
         for name, m in (r.get("measurements") or {}).items():
             a, b = _number(old_m.get(name)), _number(m)

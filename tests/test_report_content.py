@@ -4,6 +4,7 @@ comparison with the previous run."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_comparison_lists_changed_verdicts_and_values_that_moved_more_than_ten_p
     assert "20261125-000000-1" in section
     was = next(r["verdict"] for r in before if r.get("id") == "FT-Q4K-TEACHER-002" and not r.get("control"))
     assert was != "CORROBORATED"
-    assert f"FT-Q4K-TEACHER-002[qwen2.5-7b-shape]</td><td>{was}</td><td><strong>CORROBORATED" in section
+    assert re.search(rf"FT-Q4K-TEACHER-002\[qwen2.5-7b-shape\]</td><td><span class=\"v \w+\">{was}</span></td>"
+                     r'<td><span class="v pass">CORROBORATED</span>', section), section
     assert "gpu_peak_above_baseline_gib" in section and "+25.0%" in section
     assert "gpu_peak_device_gib" not in section
 
@@ -130,6 +132,6 @@ def test_compare_runs_handles_new_gone_zero_and_non_numbers() -> None:
         [rec("a", "FALSIFIED", x=0.5, flag=True, shape=[1, 2], z=1.0), rec("new", "CORROBORATED")],
         [rec("a", "CORROBORATED", x=1.0, flag=False, shape=[1, 3], z=0.0), rec("old", "ERROR")],
     )
-    assert cmp["changed"] == [{"label": "a", "before": "CORROBORATED", "after": "FALSIFIED"}]
+    assert cmp["changed"] == [{"label": "a", "before": "CORROBORATED", "after": "FALSIFIED", "control": None}]
     assert [(m["name"], m["change"]) for m in cmp["moved"]] == [("x", "-50.0%"), ("z", "new non-zero")]
     assert cmp["new"] == ["new"] and cmp["gone"] == ["old"]
