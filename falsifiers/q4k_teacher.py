@@ -265,7 +265,7 @@ def logit_parity(ctx: Context) -> None:
     del ref_teacher
     release_gpu()
     _record_parity(ctx, "vs_f32_dequant", got, ref, cos_min)
-    if ctx.param("transformers_oracle", False):
+    if ctx.model in (ctx.param("transformers_oracle") or []):
         oracle = _transformers_last_logits(path, ids)
         if oracle is None:
             ctx.note("transformers oracle skipped: transformers/gguf not importable")
