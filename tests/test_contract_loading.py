@@ -178,6 +178,8 @@ def test_project_contracts_use_the_architecture_names() -> None:
     """Every FT of docs/ARCHITECTURE.md's table, with exactly its falsifier/subject/controls."""
     table: dict[str, tuple[str, str, str]] = {}
     for line in (ROOT / "docs" / "ARCHITECTURE.md").read_text().splitlines():
+        if not line.lstrip().startswith("|"):  # table rows only, not prose that names an FT
+            continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells and cells[0].startswith("FT-"):
             table[cells[0]] = (cells[1], cells[2], cells[3])
