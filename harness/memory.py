@@ -57,6 +57,32 @@ def _nvml() -> Any:
     return pynvml
 
 
+def nvml_index(cuda_device: int, visible: str | None = None) -> int | str:
+    """The NVML index (or UUID) of CUDA device ``cuda_device`` of this process.
+
+    NVML ignores CUDA_VISIBLE_DEVICES: on an xdist worker pinned to GPU 1, CUDA's
+    device 0 is NVML's device 1. Integer entries are NVML indices because the
+    harness pins workers with CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's own order.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if not visible:
+        return cuda_device
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if cuda_device >= len(entries):
+        raise NvmlUnavailable(
+            f"CUDA device {cuda_device} is not among CUDA_VISIBLE_DEVICES={visible!r}"
+        )
+    entry = entries[cuda_device]
+    return int(entry) if entry.isdigit() else entry
+
+
+def nvml_handle(nv: Any, cuda_device: int) -> Any:
+    which = nvml_index(cuda_device)
+    if isinstance(which, int):
+        return nv.nvmlDeviceGetHandleByIndex(which)
+    return nv.nvmlDeviceGetHandleByUUID(which)
+
+
 class MemorySampler:
     """Context manager: ``with MemorySampler(device=0) as mem: ...; mem.peak_above_baseline``.
 
@@ -121,7 +147,7 @@ class MemorySampler:
         nv = _nvml()
         try:
             nv.nvmlInit()
-            self._handle = nv.nvmlDeviceGetHandleByIndex(self.device)
+            self._handle = nvml_handle(nv, self.device)
             self._nv = nv
             self._t0 = time.perf_counter()
             self.baseline_device, self.baseline_process = self._read()

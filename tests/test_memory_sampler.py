@@ -105,3 +105,23 @@ def test_sampling_error_mid_run_is_reported(monkeypatch: pytest.MonkeyPatch) -> 
         time.sleep(0.05)
     with pytest.raises(NvmlUnavailable, match="GPU is lost"):
         mem.check_ok()
+
+
+def test_a_pinned_worker_samples_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML ignores CUDA_VISIBLE_DEVICES: CUDA device 0 of a worker pinned to GPU 3 is NVML's 3."""
+    from harness.memory import nvml_index
+
+    assert nvml_index(0, "3") == 3
+    assert nvml_index(1, "2,5") == 5
+    assert nvml_index(0, "GPU-1234abcd") == "GPU-1234abcd"
+    assert nvml_index(2, "") == 2
+    with pytest.raises(NvmlUnavailable, match="not among"):
+        nvml_index(1, "0")
+    fake = _fake_nvml([1 << 30] * 100)
+    asked: list[int] = []
+    fake.nvmlDeviceGetHandleByIndex = lambda i: asked.append(i) or object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with MemorySampler(device=0, hz=500):
+        pass
+    assert asked == [3]
