@@ -153,7 +153,7 @@ class Check:
     models: tuple[str, ...] = ()
     thresholds: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
-    timeout_s: float | None = None  # parsed now; enforced by the fault handling of issue 7
+    timeout_s: float | None = None  # enforced by harness.runner: past it the item is ERROR
     line: int = 0
 
     @property
