@@ -98,7 +98,11 @@ def gpu_environment() -> dict[str, Any]:
     process, which must wait until an xdist worker has been pinned to its GPU.
     Every failure is recorded as ``gpu_error``, never raised (a CPU machine has no NVML).
     """
-    out: dict[str, Any] = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    out: dict[str, Any] = {
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # the memory falsifiers' numbers depend on the allocator settings: keep them with the run
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
     try:
         import pynvml
     except ImportError as exc:
