@@ -18,45 +18,28 @@ The GPU subject ``q4k-teacher`` and control ``dequant-teacher-cuda`` live in
 
 from __future__ import annotations
 
-import _thread
-import gc
 import math
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from falsifiers._common import model_path
 from harness.context import Context
+from harness.memory import release_gpu, warm_cuda
 from harness.registry import falsifier, subject
 
 GB = 1e9
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _model_path(ctx: Context, name: str | None) -> Path:
-    from teacher.models import ModelUnavailable, resolve_model
-
-    if name is None:
-        raise ValueError(f"{ctx.ft_id}: name the teacher model in check.models or check.params.teacher")
-    if str(name).endswith(".gguf"):  # a file staged by hand (or written by a test)
-        path = Path(name)
-        if not path.is_file():
-            ctx.not_run(f"teacher GGUF {path} does not exist")
-        return path
-    try:
-        return Path(resolve_model(name))
-    except ModelUnavailable as exc:
-        ctx.not_run(f"model {name!r} unavailable: {exc}")
 
 
 def _device(ctx: Context) -> str:
@@ -134,38 +117,6 @@ class _HostPeak:
         return max(0, self.peak - self.baseline)
 
 
-class _OverBudget(Exception):
-    pass
-
-
-@contextmanager
-def _gpu_sampler(budget_bytes: float, stop_over: bool) -> Iterator[Any]:
-    """NVML sampler (harness/memory.py) that interrupts the run once the budget is crossed.
-
-    Hook: this is the one place GPU memory is measured; the falsifier falls back
-    to torch.cuda.max_memory_allocated only where the sampler cannot start.
-    """
-    from harness.memory import MemorySampler
-
-    state = {"over": False}
-    base: dict[str, int] = {}
-
-    def on_sample(used: int) -> None:
-        base.setdefault("b", used)
-        if stop_over and not state["over"] and used - base["b"] > budget_bytes:
-            state["over"] = True
-            _thread.interrupt_main()
-
-    sampler = MemorySampler(device=torch.cuda.current_device(), on_sample=on_sample)
-    try:
-        with sampler:
-            yield sampler
-    except KeyboardInterrupt:
-        if not state["over"]:
-            raise
-        raise _OverBudget() from None
-
-
 def _allocator_peak() -> float:
     total = float(torch.cuda.max_memory_allocated())
     try:
@@ -175,14 +126,6 @@ def _allocator_peak() -> float:
     except ImportError:
         pass
     return total
-
-
-def _release_gpu() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 # -- FT-Q4K-TEACHER-005 --------------------------------------------------------------------
@@ -197,7 +140,7 @@ def distill_epoch(ctx: Context) -> None:
 
     budget = float(ctx.threshold("peak_gpu_gb_max"))
     device = _device(ctx)
-    path = _model_path(ctx, ctx.model or ctx.param("teacher"))
+    path = model_path(ctx, ctx.model or ctx.param("teacher"))
     seq_len, batch = int(ctx.param("seq_len", 64)), int(ctx.param("batch", 4))
     steps = int(ctx.param("steps", 8))
     cfg = DistillConfig(
@@ -220,15 +163,8 @@ def distill_epoch(ctx: Context) -> None:
     cuda = device.startswith("cuda")
     stopped_over_budget = False
     if cuda:
-        # the CUDA/CuPy contexts are the harness's cost, not the run's: create them before the baseline
-        torch.zeros(1, device=device)
-        try:
-            import cupy
-
-            cupy.zeros(1)
-        except ImportError:
-            pass
-        _release_gpu()
+        warm_cuda()  # the CUDA/CuPy contexts are the harness's cost, not the run's
+        release_gpu()
     sampler_error: str | None = None
     t0 = time.perf_counter()
 
@@ -253,16 +189,21 @@ def distill_epoch(ctx: Context) -> None:
     peak_source = ""
     with ctx.capture_logs():
         if cuda:
-            from harness.memory import NvmlUnavailable
+            from harness.memory import BudgetGuard, MemorySampler, NvmlUnavailable
 
             mem: Any = None
+            guard = BudgetGuard(budget * GB, bool(ctx.param("stop_over_budget", True)))
             try:
-                with _gpu_sampler(budget * GB, bool(ctx.param("stop_over_budget", True))) as mem:
-                    body()
-                    torch.cuda.synchronize()
-            except _OverBudget:
-                stopped_over_budget = True
-                error = error or f"stopped: GPU memory crossed the {budget} GB budget"
+                with MemorySampler(torch.cuda.current_device(), on_sample=guard.on_sample) as mem:
+                    try:
+                        body()
+                        torch.cuda.synchronize()
+                        guard.enabled = False
+                    except KeyboardInterrupt:
+                        if not guard.tripped:
+                            raise  # a real Ctrl-C, not the budget guard
+                        stopped_over_budget = True
+                        error = error or f"stopped: GPU memory crossed the {budget} GB budget"
             except NvmlUnavailable as exc:
                 # raised by the sampler's start, before the run: nothing has been trained yet
                 if not ctx.param("allow_allocator_fallback", False):
@@ -322,7 +263,7 @@ def distill_epoch(ctx: Context) -> None:
     if cuda:
         # cross-check: what torch's allocator saw (misses CuPy's pool and the CUDA context)
         ctx.measure("torch_max_memory_allocated_gb", torch.cuda.max_memory_allocated() / GB, "GB")
-        _release_gpu()
+        release_gpu()
     if not ctx.param("keep_outputs", False):
         # a 0.5B student's checkpoint with AdamW state is ~6 GB: do not leave it in /tmp
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -355,7 +296,7 @@ def _build_pair(ctx: Context, aligned: bool) -> Pair:
     backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
     if backend == "q4k" and not device.startswith("cuda"):  # before the model: no 4 GB write for nothing
         ctx.not_run("cuda: teacher_backend q4k needs a CUDA GPU")
-    path = _model_path(ctx, ctx.model or ctx.param("teacher"))
+    path = model_path(ctx, ctx.model or ctx.param("teacher"))
     student = build_student(student_name, seed=int(ctx.param("seed", 0))).to(device)
     target = student.vocab_size if aligned else None
     teacher: Any

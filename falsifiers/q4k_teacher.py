@@ -7,8 +7,6 @@ memory. Controls are deliberately wrong loaders each falsifier must catch.
 
 from __future__ import annotations
 
-import _thread
-import gc
 import re
 import subprocess
 import sys
@@ -21,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from falsifiers._common import model_path
 from harness.context import Context
+from harness.memory import release_gpu, warm_cuda
 from harness.registry import falsifier, subject
 
 Loader = Callable[..., Any]
@@ -84,41 +84,6 @@ def trainable_teacher(ctx: Context) -> Loader:
 
 
 # -- shared helpers ------------------------------------------------------------
-def model_path(ctx: Context) -> Path:
-    from teacher.models import ModelUnavailable, resolve_model
-
-    if ctx.model is None:
-        raise ValueError(f"{ctx.ft_id}: check.models must name the model to load")
-    try:
-        return resolve_model(ctx.model)
-    except ModelUnavailable as exc:
-        ctx.not_run(f"model {ctx.model!r} unavailable: {exc}")
-
-
-def warm_cuda() -> None:
-    """Create the torch and CuPy contexts before any baseline: they are the harness's cost."""
-    torch.zeros(1, device="cuda")
-    import cupy
-
-    cupy.zeros(1)
-    torch.cuda.synchronize()
-
-
-def release_gpu() -> None:
-    """Give every cached block back, so the next item's baseline starts clean."""
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        import cupy
-
-        cupy.get_default_memory_pool().free_all_blocks()
-        cupy.get_default_pinned_memory_pool().free_all_blocks()
-    except ImportError:
-        pass
-
-
 def allocated_bytes() -> int:
     """Bytes held by live tensors/arrays in the torch and CuPy allocators."""
     total = int(torch.cuda.memory_allocated())
@@ -192,31 +157,10 @@ def _compare_device_bytes(ctx: Context, teacher: Any, path: Path) -> None:
 
 
 # -- FT-Q4K-TEACHER-002 ----------------------------------------------------------
-class BudgetGuard:
-    """NVML sample callback that interrupts the main thread once use crosses the budget.
-
-    Lets a control such as the F32 path stop as soon as it is over budget instead of
-    loading 30 GB for nothing; the caller turns the interrupt into "stopped early".
-    """
-
-    def __init__(self, budget_bytes: float, enabled: bool) -> None:
-        self.budget_bytes = budget_bytes
-        self.enabled = enabled
-        self.tripped = False
-        self._base: int | None = None
-
-    def on_sample(self, used: int) -> None:
-        if self._base is None:
-            self._base = used
-        if self.enabled and not self.tripped and used - self._base > self.budget_bytes:
-            self.tripped = True
-            _thread.interrupt_main()
-
-
 @falsifier("peak_gpu_memory", thresholds={"peak_gpu_gb_max": float})
 def peak_gpu_memory(ctx: Context) -> None:
     """NVML peak above the pre-load baseline, for load plus the logits of one batch."""
-    from harness.memory import MemorySampler
+    from harness.memory import BudgetGuard, MemorySampler
 
     path = model_path(ctx)
     budget = float(ctx.threshold("peak_gpu_gb_max"))

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from falsifiers._common import model_path
 from harness.context import Context
 from harness.registry import falsifier, subject
 from teacher.dequant_teacher import DequantTeacher
@@ -92,17 +93,6 @@ def provider_no_truncate(ctx: Context) -> Loader:
 
 
 # -- helpers -------------------------------------------------------------------
-def _model_path(ctx: Context) -> Path:
-    from teacher.models import ModelUnavailable, resolve_model
-
-    if ctx.model is None:
-        raise ValueError(f"{ctx.ft_id}: check.models must name the model to load")
-    try:
-        return Path(resolve_model(ctx.model))
-    except ModelUnavailable as exc:
-        ctx.not_run(f"model {ctx.model!r} unavailable: {exc}")
-
-
 def _native_vocab(path: Path) -> int:
     """Rows of the lm_head in the file: output.weight, or token_embd.weight when tied."""
     from teacher.gguf_file import open_gguf
@@ -114,7 +104,7 @@ def _native_vocab(path: Path) -> int:
 
 def _setup(ctx: Context) -> tuple[Loader, Path, int, int]:
     """(loader, model path, native vocab, target vocab), the latter recorded as evidence."""
-    path = _model_path(ctx)
+    path = model_path(ctx)
     native = _native_vocab(path)
     target = ctx.param("target_vocab")
     if target is None:

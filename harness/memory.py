@@ -14,6 +14,8 @@ memory falsifiers then give ERROR with that reason, never a pass.
 
 from __future__ import annotations
 
+import _thread
+import gc
 import os
 import threading
 import time
@@ -244,3 +246,58 @@ class MemorySampler:
             "line",
             **meta,
         )
+
+
+class BudgetGuard:
+    """A ``MemorySampler`` callback that interrupts the main thread once use crosses a budget.
+
+    Lets a control such as the F32 path stop as soon as it is over budget instead of
+    loading 30 GB for nothing. The interrupt arrives as KeyboardInterrupt in the main
+    thread; ``tripped`` tells it apart from a real Ctrl-C.
+    """
+
+    def __init__(self, budget_bytes: float, enabled: bool = True) -> None:
+        self.budget_bytes = budget_bytes
+        self.enabled = enabled
+        self.tripped = False
+        self._base: int | None = None
+
+    def on_sample(self, used: int) -> None:
+        if self._base is None:
+            self._base = used
+        if self.enabled and not self.tripped and used - self._base > self.budget_bytes:
+            self.tripped = True
+            _thread.interrupt_main()
+
+
+def warm_cuda() -> None:
+    """Create the torch and CuPy contexts before any baseline: they are the harness's cost."""
+    import torch  # here, not at module level: the plugin imports this module at configure time
+
+    torch.zeros(1, device="cuda")
+    try:
+        import cupy
+
+        cupy.zeros(1)
+    except ImportError:
+        pass
+    torch.cuda.synchronize()
+
+
+def release_gpu() -> None:
+    """Give every cached block back, so the next item's baseline starts clean."""
+    import torch
+
+    gc.collect()
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
+    except ImportError:
+        pass

@@ -64,8 +64,7 @@ def _time_forward(teacher: Any, ids: torch.Tensor, reps: int) -> float:
 def bench_teacher(
     path: Path, shapes: Sequence[tuple[int, int]], reps: int = 5, device: int = 0
 ) -> dict[str, Any]:
-    from falsifiers.q4k_teacher import release_gpu, warm_cuda
-    from harness.memory import MemorySampler
+    from harness.memory import MemorySampler, release_gpu, warm_cuda
 
     torch.cuda.set_device(device)
     warm_cuda()

@@ -125,3 +125,28 @@ def test_a_pinned_worker_samples_its_own_gpu(monkeypatch: pytest.MonkeyPatch) ->
     with MemorySampler(device=0, hz=500):
         pass
     assert asked == [3]
+
+
+def test_budget_guard_stops_the_main_thread_once_over_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early stop of the F32 controls: crossing the budget interrupts the run, and says so."""
+    from harness.memory import BudgetGuard
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1 << 30] * 5 + [9 << 30] * 10_000))
+    guard = BudgetGuard(budget_bytes=6e9)
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with MemorySampler(hz=500, on_sample=guard.on_sample):
+            for _ in range(200):  # the "load": interrupted long before it ends
+                time.sleep(0.01)
+            reached_end = True
+    assert guard.tripped and not reached_end
+
+
+def test_budget_guard_stays_quiet_under_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.memory import BudgetGuard
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1 << 30] * 5 + [5 << 30] * 10_000))
+    guard = BudgetGuard(budget_bytes=6e9)
+    with MemorySampler(hz=500, on_sample=guard.on_sample):
+        time.sleep(0.1)
+    assert not guard.tripped
