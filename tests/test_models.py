@@ -130,3 +130,18 @@ def test_unwritable_cache_is_model_unavailable(
     monkeypatch.delenv("Q4K_MODEL_TINY", raising=False)
     with pytest.raises(ModelUnavailable, match="cache"):
         resolve_model("tiny")
+
+
+def test_check_available_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness asks before it knows the item will run: no 4 GB synthetic write for a NOT RUN."""
+    from teacher.models import ModelUnavailable, check_available
+
+    monkeypatch.setenv("Q4K_CACHE", str(tmp_path))
+    check_available("qwen2.5-7b-shape")
+    check_available("tiny")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ModelUnavailable, match="unknown model"):
+        check_available("no-such-model")
+    monkeypatch.setenv("Q4K_MODEL_TINY", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelUnavailable, match="not a file"):
+        check_available("tiny")
