@@ -61,7 +61,7 @@ def q4k_teacher_corrupt_decode(ctx: Context) -> Loader:
 
 
 class TrainableTeacher(torch.nn.Module):
-    """Negative control for FT-004: the dequantized weights as trainable parameters."""
+    """Negative control for FT-004: the F32 teacher with one trainable parameter (an output scale)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
