@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from harness.context import Context
 
 
@@ -29,3 +31,9 @@ def model_path(ctx: Context, name: str | None = None) -> Path:
         return Path(resolve_model(str(name)))
     except ModelUnavailable as exc:
         ctx.not_run(f"model {name!r} unavailable: {exc}")
+
+
+def random_ids(vocab: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded token ids in [0, vocab): the same batch on every run and every backend."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g)

@@ -31,13 +31,10 @@ from typing import Any
 
 import torch
 
-from falsifiers._common import model_path
+from falsifiers._common import model_path, random_ids
 from harness.context import Context
-from harness.memory import release_gpu, warm_cuda
+from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
-
-GB = 1e9
-
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -59,18 +56,13 @@ def _load_teacher(subj: Any, path: Path, target_vocab: int | None) -> Any:
     raise TypeError(f"subject must be a LogitProvider or a loader (path, target_vocab), got {type(subj).__name__}")
 
 
-def _random_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g)
-
-
 def _corpus(ctx: Context, vocab: int, seq_len: int, n_windows: int, teacher_path: Path) -> torch.Tensor:
     """``params.corpus``: "random" (seeded ids in the student vocab) or a text file tokenized by the teacher."""
     from teacher.distill import check_ids_in_vocab, tokenize_with_gguf, windows
 
     spec = str(ctx.param("corpus", "random"))
     if spec == "random":
-        stream = _random_ids(vocab, n_windows * seq_len, int(ctx.param("seed", 0)))
+        stream = random_ids(vocab, (n_windows * seq_len,), int(ctx.param("seed", 0)))
     else:
         p = Path(spec)
         if not p.is_absolute():
@@ -189,21 +181,17 @@ def distill_epoch(ctx: Context) -> None:
     peak_source = ""
     with ctx.capture_logs():
         if cuda:
-            from harness.memory import BudgetGuard, MemorySampler, NvmlUnavailable
+            from harness.memory import NvmlUnavailable, sampling_within_budget
 
             mem: Any = None
-            guard = BudgetGuard(budget * GB, bool(ctx.param("stop_over_budget", True)))
+            stop = bool(ctx.param("stop_over_budget", True))
             try:
-                with MemorySampler(torch.cuda.current_device(), on_sample=guard.on_sample) as mem:
-                    try:
-                        body()
-                        torch.cuda.synchronize()
-                        guard.enabled = False
-                    except KeyboardInterrupt:
-                        if not guard.tripped:
-                            raise  # a real Ctrl-C, not the budget guard
-                        stopped_over_budget = True
-                        error = error or f"stopped: GPU memory crossed the {budget} GB budget"
+                with sampling_within_budget(torch.cuda.current_device(), budget * GB, stop) as (mem, guard):
+                    body()
+                    torch.cuda.synchronize()
+                if guard.tripped:
+                    stopped_over_budget = True
+                    error = error or f"stopped: GPU memory crossed the {budget} GB budget"
             except NvmlUnavailable as exc:
                 # raised by the sampler's start, before the run: nothing has been trained yet
                 if not ctx.param("allow_allocator_fallback", False):

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from falsifiers._common import model_path
+from falsifiers._common import model_path, random_ids
 from harness.context import Context
-from harness.memory import release_gpu, warm_cuda
+from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
 
 Loader = Callable[..., Any]
-GB = 1e9
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,11 +95,6 @@ def allocated_bytes() -> int:
     return total
 
 
-def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq_len), generator=g)
-
-
 def file_tensor_bytes(path: Path) -> int:
     from teacher.gguf_file import open_gguf
 
@@ -160,7 +154,7 @@ def _compare_device_bytes(ctx: Context, teacher: Any, path: Path) -> None:
 @falsifier("peak_gpu_memory", thresholds={"peak_gpu_gb_max": float})
 def peak_gpu_memory(ctx: Context) -> None:
     """NVML peak above the pre-load baseline, for load plus the logits of one batch."""
-    from harness.memory import BudgetGuard, MemorySampler
+    from harness.memory import sampling_within_budget
 
     path = model_path(ctx)
     budget = float(ctx.threshold("peak_gpu_gb_max"))
@@ -168,22 +162,18 @@ def peak_gpu_memory(ctx: Context) -> None:
     loader = ctx.subject()
     warm_cuda()
     release_gpu()
-    guard = BudgetGuard(budget * GB, bool(ctx.param("stop_over_budget", True)))
-    with MemorySampler(device=torch.cuda.current_device(), on_sample=guard.on_sample) as mem:
-        try:
-            teacher = loader(path)
-            ids = random_ids(teacher.vocab_size(), batch, seq_len, seed=2)
-            logits = teacher.logits_for_batch(ids)
-            torch.cuda.synchronize()
-            guard.enabled = False
-            ctx.measure("logits_shape", list(logits.shape))
-            if hasattr(teacher, "load_seconds"):
-                ctx.measure("load_seconds", teacher.load_seconds, "s")
-            del logits, teacher
-        except KeyboardInterrupt:
-            if not guard.tripped:
-                raise  # a real Ctrl-C, not the budget guard
-            ctx.note(f"stopped early: GPU use crossed the {budget} GB budget during the run")
+    stop = bool(ctx.param("stop_over_budget", True))
+    with sampling_within_budget(torch.cuda.current_device(), budget * GB, stop) as (mem, guard):
+        teacher = loader(path)
+        ids = random_ids(teacher.vocab_size(), (batch, seq_len), seed=2)
+        logits = teacher.logits_for_batch(ids)
+        torch.cuda.synchronize()
+        ctx.measure("logits_shape", list(logits.shape))
+        if hasattr(teacher, "load_seconds"):
+            ctx.measure("load_seconds", teacher.load_seconds, "s")
+        del logits, teacher
+    if guard.tripped:
+        ctx.note(f"stopped early: GPU use crossed the {budget} GB budget during the run")
     mem.record(ctx, budget_gb=budget)  # before the release, which resets the allocator peaks
     release_gpu()
     ctx.check("peak_gpu_gb", mem.peak_above_baseline / GB, "<=", budget, "GB")
@@ -200,7 +190,7 @@ def logit_parity(ctx: Context) -> None:
     batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 32))
     loader = ctx.subject()
     subj = loader(path)
-    ids = random_ids(subj.vocab_size(), batch, seq_len, seed=3)
+    ids = random_ids(subj.vocab_size(), (batch, seq_len), seed=3)
     got = subj.logits_for_batch(ids).float()[:, -1].cpu().double()
     del subj
     release_gpu()
@@ -292,7 +282,7 @@ def frozen_teacher(ctx: Context) -> None:
     params = list(teacher.parameters()) if hasattr(teacher, "parameters") else []
     trainable = [p for p in params if p.requires_grad]
     ctx.check("trainable_parameters", len(trainable), "==", 0)
-    ids = random_ids(teacher.vocab_size(), 2, 8, seed=4)
+    ids = random_ids(teacher.vocab_size(), (2, 8), seed=4)
     logits = teacher.logits_for_batch(ids)
     ctx.expect("logits outside autograd", not logits.requires_grad and logits.grad_fn is None,
                detail=f"requires_grad={logits.requires_grad}, grad_fn={logits.grad_fn}")

@@ -15,11 +15,12 @@ memory falsifiers then give ERROR with that reason, never a pass.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import gc
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -268,6 +269,25 @@ class BudgetGuard:
         if self.enabled and not self.tripped and used - self._base > self.budget_bytes:
             self.tripped = True
             _thread.interrupt_main()
+
+
+@contextlib.contextmanager
+def sampling_within_budget(
+    device: int, budget_bytes: float, stop_over_budget: bool = True
+) -> Iterator[tuple[MemorySampler, BudgetGuard]]:
+    """Sample GPU memory while the block runs; stop the block once it crosses the budget.
+
+    The guard's interrupt ends the block early and is swallowed here (``guard.tripped``
+    then says so); a real Ctrl-C still propagates.
+    """
+    guard = BudgetGuard(budget_bytes, stop_over_budget)
+    with MemorySampler(device=device, on_sample=guard.on_sample) as mem:
+        try:
+            yield mem, guard
+            guard.enabled = False
+        except KeyboardInterrupt:
+            if not guard.tripped:
+                raise
 
 
 def warm_cuda() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-GIB = float(1 << 30)
+from harness.memory import GIB
 
 
 def _dense_bf16(path: Path, device: int) -> Any:

@@ -150,3 +150,26 @@ def test_budget_guard_stays_quiet_under_budget(monkeypatch: pytest.MonkeyPatch) 
     with MemorySampler(hz=500, on_sample=guard.on_sample):
         time.sleep(0.1)
     assert not guard.tripped
+
+
+def test_sampling_within_budget_ends_the_block_early_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.memory import sampling_within_budget
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1 << 30] * 5 + [9 << 30] * 10_000))
+    steps = 0
+    with sampling_within_budget(0, 6e9) as (mem, guard):
+        for _ in range(200):
+            time.sleep(0.01)
+            steps += 1
+    assert guard.tripped and steps < 200
+    assert mem.peak_above_baseline == 8 << 30
+
+
+def test_sampling_within_budget_lets_a_real_ctrl_c_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.memory import sampling_within_budget
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1 << 30] * 10_000))
+    with pytest.raises(KeyboardInterrupt):
+        with sampling_within_budget(0, 6e9) as (_mem, guard):
+            raise KeyboardInterrupt
+    assert not guard.tripped
