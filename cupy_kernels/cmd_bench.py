@@ -317,24 +317,11 @@ def run_kernels(args: argparse.Namespace) -> int:
                     "gemv" if m <= launch.GEMV_MAX_M
                     else "dequant" if m >= launch.DEQUANT_MIN_M else "mma"
                 )
-                variants: list[tuple[str, str, tuple[int, int] | None]] = [("auto", auto, None)]
-                if args.compare_paths and m <= launch.GEMV_MAX_M:
-                    variants.append(("gemv", "gemv-nopf", (0, 0)))
-                if args.compare_paths:
-                    others = ["mma", "dequant"] + (["gemv"] if m <= launch.GEMV_MAX_M else [])
-                    variants += [(p, p, None) for p in others if p != auto]
-                    if m <= 2:
-                        variants += [
-                            ("gemv", f"gemv-r{r}u{u}", (r, u))
-                            for r, u in launch.GEMV_SMALL_VARIANTS
-                            if (r, u) != launch.GEMV_SMALL
-                        ]
-                for path, label, gemv_shape in variants:
-                    saved_shape, saved_pf = launch.GEMV_SMALL, launch.GEMV_PREFETCH
-                    if gemv_shape == (0, 0):
-                        launch.GEMV_PREFETCH = False
-                    elif gemv_shape:
-                        launch.GEMV_SMALL = gemv_shape
+                variants = _variants(launch, auto, m, qt, args.compare_paths)
+                for path, label, overrides in variants:
+                    saved = {name: getattr(launch, name) for name in overrides}
+                    for name, value in overrides.items():
+                        setattr(launch, name, value)
 
                     def ql(
                         i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
@@ -346,7 +333,8 @@ def run_kernels(args: argparse.Namespace) -> int:
                     try:
                         t, reps, graph = _median_graph_time(cp, ql, args.replays)
                     finally:
-                        launch.GEMV_SMALL, launch.GEMV_PREFETCH = saved_shape, saved_pf
+                        for name, value in saved.items():
+                            setattr(launch, name, value)
                     flops = 2.0 * m * n * k
                     row = {
                         "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,
@@ -362,7 +350,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                     }
                     rows.append(row)
                     print(
-                        f"{qt.name:5s} M={m:5d} N={n:6d} K={k:5d} {label:8s} {t * 1e6:9.1f} us "
+                        f"{qt.name:5s} M={m:5d} N={n:6d} K={k:5d} {label:12s} {t * 1e6:9.1f} us "
                         f"{row['tflops']:7.1f} TF/s {row['weight_GBps']:7.0f} GB/s "
                         f"({row['frac_of_copy_bw']:.2f} of copy) torch {torch_t[m] * 1e6:8.1f} us "
                         f"x{row['speedup_vs_torch_bf16']:.2f}",
@@ -384,13 +372,44 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variants(
+    launch: Any, auto: str, m: int, qt: Any, compare: bool
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(path, label, launch-module overrides) to time for one (type, M): the
+    default path, and with ``compare`` the other paths and GEMV variants."""
+    out: list[tuple[str, str, dict[str, Any]]] = [("auto", auto, {})]
+    if not compare:
+        return out
+    others = ["mma", "dequant"] + (["gemv"] if m <= launch.GEMV_MAX_M else [])
+    out += [(p, p, {}) for p in others if p != auto]
+    if m > launch.GEMV_MAX_M:
+        return out
+    if int(qt) in launch._TC_TYPES:
+        tc = {"GEMV_TC_AT_M1": launch._TC_TYPES}  # the tensor-core GEMV even where M = 1 defaults to float
+        out.append(("gemv", "gemv-float", {"GEMV_TC": False}))
+        if m == 1 and int(qt) not in launch.GEMV_TC_AT_M1:
+            out.append(("gemv", "gemv-tc", tc))
+        if m == 1 and qt.name == "Q4_K":
+            out.append(("gemv", "gemv-tc-m8", {"GEMV_TC_M1": False}))
+        else:
+            out.append(("gemv", "gemv-tc-fold", {"GEMV_TC_FOLD": True, **tc}))
+        out += [("gemv", f"gemv-tc-w{w}", {"GEMV_TC_WPR": w, **tc}) for w in (1, 2, 4, 8)]
+    if m <= 2:
+        out += [
+            ("gemv", f"gemv-float-r{r}u{u}", {"GEMV_SMALL": (r, u), "GEMV_TC": False})
+            for r, u in launch.GEMV_SMALL_VARIANTS
+            if (r, u) != launch.GEMV_SMALL
+        ]
+    return out
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['env']['device']}: copy {result['copy_GBps']:.0f} GB/s (r+w)")
-    hdr = f"{'type':5s} {'path':8s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
+    hdr = f"{'type':5s} {'path':12s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
     print(hdr)
     for r in result["rows"]:
         print(
-            f"{r['type']:5s} {r['path']:8s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
+            f"{r['type']:5s} {r['path']:12s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
             f"{r['tflops']:7.1f} {r['weight_GBps']:6.0f} {100 * r['frac_of_copy_bw']:5.0f}% "
             f"{r['torch_bf16_us']:9.1f} {r['torch_bf16_tflops']:7.1f} {r['speedup_vs_torch_bf16']:6.2f}"
         )

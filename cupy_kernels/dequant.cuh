@@ -165,9 +165,10 @@ DQ_DEV void dq_q8_0(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
 // for j = 2il, 2il+1), branch-free: lanes of one warp hold different il, and a
 // branch there diverges.  The 12 scale bytes are 3 aligned words; both
 // sub-blocks sit in one 16-bit half of each word, so the pair is decoded at once.
-DQ_DEV void scale_min_k4_pair(int il, const u8* s, float& sc0, float& m0, float& sc1, float& m1) {
+DQ_DEV void scale_min_k4_pair_w(int il, u32 w0, u32 w1, u32 w2, float& sc0, float& m0, float& sc1,
+                                float& m1) {
     const int sh = 16 * (il & 1);
-    const u32 a = ld32(s) >> sh, b = ld32(s + 4) >> sh, c = ld32(s + 8) >> sh;
+    const u32 a = w0 >> sh, b = w1 >> sh, c = w2 >> sh;
     u32 sc, m;
     if (il < 2) {  // j < 4: low 6 bits of bytes j (scale) and j+4 (min)
         sc = a & 0x3F3Fu;
@@ -180,6 +181,9 @@ DQ_DEV void scale_min_k4_pair(int il, const u8* s, float& sc0, float& m0, float&
     sc1 = ubyte_f(sc, 1);
     m0 = ubyte_f(m, 0);
     m1 = ubyte_f(m, 1);
+}
+DQ_DEV void scale_min_k4_pair(int il, const u8* s, float& sc0, float& m0, float& sc1, float& m1) {
+    scale_min_k4_pair_w(il, ld32(s), ld32(s + 4), ld32(s + 8), sc0, m0, sc1, m1);
 }
 
 // Q4_K group g (0..15): il = g/4 picks the 64-value chunk, r = g%4 the 8 bytes

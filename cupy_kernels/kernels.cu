@@ -7,6 +7,7 @@
 // Y is [M, N] F32.  K % 16 == 0 always holds (K % QK is checked on the host).
 // The launcher (launch.py) guarantees 16-byte aligned W and X base pointers.
 #include "dequant.cuh"
+#include "qfrag.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -335,6 +336,243 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
                 }
             }
         }
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core GEMV for K-quants and bf16 activations, M <= 8 (qfrag.cuh says
+// why it is exact).  A warp owns 16 rows (lanes 4g+t: rows g and g+8) and one
+// mma m16n8k16 per 16 x 16 weights: A = the rows' integer fragments, B = the
+// activations of the same positions, one column per activation row m (the 8
+// columns hold M <= 8 rows; columns >= M read row M-1 and are discarded), so
+// C[row][m] = sum q x for that unit.  Per scale group the warp adds
+// a * C + c * S, where S = sum x comes from a second mma with A = ones (shared
+// by both rows).  FOLD keeps 128 + q (skips the bf16x2 subtraction) and moves
+// the bias into c.  wpr warps split one row tile along K (blocks blk = part,
+// part + wpr, ...) and are summed through shared memory.
+//
+// Memory pipeline: the compiler schedules plain loads (and prefetches) of the
+// next block after the current block's decode, which leaves a warp with
+// nothing in flight while it decodes (measured: latency-bound).  So each warp
+// copies its 16 rows' next block into its own shared-memory stage with
+// cp.async (16-byte chunks covering each row's bytes; Q6_K rows are only
+// 2-byte aligned, so a row keeps its offset within the first chunk) while it
+// decodes the current stage: two stages per warp, synchronised per warp only.
+template <int QT> struct TcStage {
+    static const int RCH = (Fmt<QT>::BYTES + 15) / 16 + 1;  // chunks per row, worst alignment
+    static const int RAWP = RCH * 16;                       // bytes per staged row
+    static const int WARP_BYTES = 2 * 16 * RAWP;            // two stages of 16 rows
+};
+
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// cp.async block blk of the 16 rows starting at n0 into one stage (one commit group)
+template <int QT>
+__device__ __forceinline__ void tc_stage(u8* st, const u8* __restrict__ W, long long rb, int n0, int N,
+                                         int blk, int lane) {
+    typedef TcStage<QT> S;
+    for (int c = lane; c < 16 * S::RCH; c += 32) {
+        const int r = c / S::RCH, ch = c - r * S::RCH;
+        const long long gs = (long long)min(n0 + r, N - 1) * rb + (long long)blk * Fmt<QT>::BYTES;
+        const int nch = (int)(((gs + Fmt<QT>::BYTES + 15) >> 4) - (gs >> 4));
+        if (ch < nch) cp_async16(st + r * S::RAWP + ch * 16, W + (gs & ~15LL) + ch * 16);
+    }
+    cp_async_commit();
+}
+
+template <int QT, bool FOLD>
+__global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u16* __restrict__ X,
+                                               float* __restrict__ Y, int M, int N, int K, int wpr) {
+    typedef Fmt<QT> F;
+    typedef Tc<QT> C;
+    typedef TcStage<QT> S;
+    const int NG = C::UNITS / C::SG;
+    extern __shared__ __align__(16) u8 tc_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
+    const int n0 = tile * 16;
+    const int nblk = K / F::QK;
+    const long long rb = (long long)nblk * F::BYTES;
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    u8* stages = tc_smem + warp * S::WARP_BYTES;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (n0 < N) {
+        // offsets of rows g, g+8 inside their first staged chunk (the same for every
+        // block when the row length is a multiple of 16 bytes, else per block)
+        const long long ra = (long long)min(n0 + g, N - 1) * rb, rc = (long long)min(n0 + g + 8, N - 1) * rb;
+        const u16* xr = X + (long long)min(g, M - 1) * K;
+        if (part < nblk) tc_stage<QT>(stages, W, rb, n0, N, part, lane);
+        int st = 0;
+        for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
+            if (blk + wpr < nblk) {
+                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, rb, n0, N, blk + wpr, lane);
+                cp_async_wait_1();
+            } else {
+                cp_async_wait_all();
+            }
+            __syncwarp();
+            const long long bo = (long long)blk * F::BYTES;
+            const u8* s0 = stages + st * 16 * S::RAWP + g * S::RAWP + ((ra + bo) & 15);
+            const u8* s1 = stages + st * 16 * S::RAWP + (g + 8) * S::RAWP + ((rc + bo) & 15);
+            typename C::Raw r0, r1;
+            C::load(s0, t, r0);
+            C::load(s1, t, r1);
+            __syncwarp();  // every lane has read this stage before it is refilled
+            const u16* xb = xr + (long long)blk * F::QK;
+#pragma unroll
+            for (int s = 0; s < C::STEPS; ++s) {
+                u32 q0[C::UNITS][2], q1[C::UNITS][2];
+                float a0[NG], c0[NG], a1[NG], c1[NG];
+                C::step(r0, s, q0, a0, c0);
+                C::step(r1, s, q1, a1, c1);
+#pragma unroll
+                for (int gi = 0; gi < NG; ++gi) {
+                    if (FOLD) {  // a (128 + q - bias) + c = a (128 + q) + (c - bias a)
+                        c0[gi] = fmaf(-C::BIAS, a0[gi], c0[gi]);
+                        c1[gi] = fmaf(-C::BIAS, a1[gi], c1[gi]);
+                    }
+                    float cq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                    for (int j = 0; j < C::SG; ++j) {
+                        const int u = gi * C::SG + j;
+                        const uint2 xv = *(const uint2*)(xb + C::xpos(s, u, t));
+                        const u32 b0 = __byte_perm(xv.x, xv.y, 0x5410), b1 = __byte_perm(xv.x, xv.y, 0x7632);
+                        u32 A[4] = {q0[u][0], q1[u][0], q0[u][1], q1[u][1]};
+                        if (!FOLD) {
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) A[i] = bf2_add(A[i], C::BIAS2);
+                        }
+                        mma_bf16(cq, A, b0, b1);
+                        if (C::HAS_MIN || FOLD) mma_bf16(cs, ones, b0, b1);
+                    }
+                    acc[0] = fmaf(a0[gi], cq[0], acc[0]);
+                    acc[1] = fmaf(a0[gi], cq[1], acc[1]);
+                    acc[2] = fmaf(a1[gi], cq[2], acc[2]);
+                    acc[3] = fmaf(a1[gi], cq[3], acc[3]);
+                    if (C::HAS_MIN || FOLD) {
+                        acc[0] = fmaf(c0[gi], cs[0], acc[0]);
+                        acc[1] = fmaf(c0[gi], cs[1], acc[1]);
+                        acc[2] = fmaf(c1[gi], cs[2], acc[2]);
+                        acc[3] = fmaf(c1[gi], cs[3], acc[3]);
+                    }
+                }
+            }
+        }
+    }
+    // acc[i]: row n0 + g + 8 (i >> 1), activation row 2t + (i & 1)
+    __shared__ float red[8][4][32];
+    if (wpr > 1) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][i][lane] = acc[i];
+    }
+    __syncthreads();
+    if (part == 0 && n0 < N) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float v = acc[i];
+            for (int p = 1; p < wpr; ++p) v += red[warp + p][i][lane];
+            const int row = n0 + g + 8 * (i >> 1), m = 2 * t + (i & 1);
+            if (row < N && m < M) Y[(long long)m * N + row] = v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// M = 1 tensor-core GEMV for Q4_K: the 8 mma columns, which a single
+// activation row would leave empty, hold the block's 8 sub-blocks instead.
+// Lane (g, t) owns qs chunk t of rows g and g+8 (sub-blocks 2t from the low
+// nibbles, 2t+1 from the high nibbles: two 16-byte loads per row) and the
+// block header (one 16-byte load).  mma i (0..15) takes from each lane the
+// nibble pairs of bytes (0,2) or (1,3) of chunk word i/2: low nibbles in k
+// slots 2t, 2t+1 and high nibbles in 2t+8, 2t+9.  B column c holds the
+// activations of sub-block c in exactly those slots and zero elsewhere (lane
+// (c, t') supplies them when c is 2t' or 2t'+1), so C[row][c] accumulates
+// sum q x of sub-block c over the whole block, and lane (g, t) ends with its
+// own sub-blocks 2t, 2t+1 of rows g, g+8: one scale decode and 8 FMAs per
+// block.  Bias: as gemv_tc FOLD (128 + q, bias folded into c), which the
+// tests bound like the exact kernel.
+template <int QT>
+__global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const u16* __restrict__ X,
+                                                float* __restrict__ Y, int N, int K, int wpr) {
+    static_assert(QT == 12, "gemv1_tc: Q4_K only");
+    typedef Fmt<QT> F;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
+    const int n0 = tile * 16;
+    const int nblk = K / F::QK;
+    const long long rb = (long long)nblk * F::BYTES;
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    // B masks: this lane's activations feed column g only when g is 2t (low) or 2t+1 (high)
+    const u32 mlo = (g == 2 * t) ? 0xFFFFFFFFu : 0u, mhi = (g == 2 * t + 1) ? 0xFFFFFFFFu : 0u;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (n0 < N) {
+        const u8* w0 = W + (long long)min(n0 + g, N - 1) * rb;
+        const u8* w1 = W + (long long)min(n0 + g + 8, N - 1) * rb;
+        const u16* xl = X + 64 * t + 32 * (g & 1);  // sub-block 2t + (g & 1) of each block
+        for (int blk = part; blk < nblk; blk += wpr) {
+            const long long bo = (long long)blk * F::BYTES;
+            const uint4 h0 = __ldg((const uint4*)(w0 + bo)), h1 = __ldg((const uint4*)(w1 + bo));
+            const uint4 qa0 = __ldg((const uint4*)(w0 + bo + 16 + 32 * t));
+            const uint4 qb0 = __ldg((const uint4*)(w0 + bo + 32 + 32 * t));
+            const uint4 qa1 = __ldg((const uint4*)(w1 + bo + 16 + 32 * t));
+            const uint4 qb1 = __ldg((const uint4*)(w1 + bo + 32 + 32 * t));
+            const uint4* xp = (const uint4*)(xl + (long long)blk * F::QK);
+            const uint4 xa = __ldg(xp), xb = __ldg(xp + 1), xc = __ldg(xp + 2), xd = __ldg(xp + 3);
+            const u32 q0[8] = {qa0.x, qa0.y, qa0.z, qa0.w, qb0.x, qb0.y, qb0.z, qb0.w};
+            const u32 q1[8] = {qa1.x, qa1.y, qa1.z, qa1.w, qb1.x, qb1.y, qb1.z, qb1.w};
+            const u32 xw[16] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w,
+                                xc.x, xc.y, xc.z, xc.w, xd.x, xd.y, xd.z, xd.w};
+            // two accumulator pairs (even / odd word) halve the mma dependency chain
+            float cq[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            float cs[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {  // bytes (0,2), then (1,3) of word j
+                    const u32 w = q0[j] >> (8 * b), v = q1[j] >> (8 * b);
+                    const u32 A[4] = {(w & 0x000F000Fu) | QF_MAGIC, (v & 0x000F000Fu) | QF_MAGIC,
+                                      ((w >> 4) & 0x000F000Fu) | QF_MAGIC, ((v >> 4) & 0x000F000Fu) | QF_MAGIC};
+                    // positions 4j+b, 4j+b+2 of the sub-block: halves b of x words 2j, 2j+1
+                    const u32 pr = __byte_perm(xw[2 * j], xw[2 * j + 1], b ? 0x7632 : 0x5410);
+                    const u32 b0 = pr & mlo, b1 = pr & mhi;
+                    mma_bf16(cq[j & 1], A, b0, b1);
+                    mma_bf16(cs[j & 1], ones, b0, b1);
+                }
+            }
+            float sc0, m0, sc1, m1, sc2, m2, sc3, m3;
+            scale_min_k4_pair_w(t, h0.y, h0.z, h0.w, sc0, m0, sc1, m1);
+            scale_min_k4_pair_w(t, h1.y, h1.z, h1.w, sc2, m2, sc3, m3);
+            const float d0 = h2f((u16)(h0.x & 0xFFFFu)), dm0 = h2f((u16)(h0.x >> 16));
+            const float d1 = h2f((u16)(h1.x & 0xFFFFu)), dm1 = h2f((u16)(h1.x >> 16));
+            // w = a q + c = a (128 + q) + (c - 128 a)
+            const float a[4] = {d0 * sc0, d0 * sc1, d1 * sc2, d1 * sc3};
+            const float c[4] = {-(dm0 * m0), -(dm0 * m1), -(dm1 * m2), -(dm1 * m3)};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                acc[i] = fmaf(a[i], cq[0][i] + cq[1][i], acc[i]);
+                acc[i] = fmaf(fmaf(-128.0f, a[i], c[i]), cs[0][i] + cs[1][i], acc[i]);
+            }
+        }
+    }
+    // rows g (acc 0, 1) and g+8 (acc 2, 3): sum the quad's 8 sub-blocks
+    float r0 = acc[0] + acc[1], r1 = acc[2] + acc[3];
+    r0 += __shfl_xor_sync(0xffffffffu, r0, 1);
+    r1 += __shfl_xor_sync(0xffffffffu, r1, 1);
+    r0 += __shfl_xor_sync(0xffffffffu, r0, 2);
+    r1 += __shfl_xor_sync(0xffffffffu, r1, 2);
+    __shared__ float red[8][2][8];
+    if (wpr > 1 && t == 0) {
+        red[warp][0][g] = r0;
+        red[warp][1][g] = r1;
+    }
+    __syncthreads();
+    if (part == 0 && n0 < N && t == 0) {
+        for (int p = 1; p < wpr; ++p) {
+            r0 += red[warp + p][0][g];
+            r1 += red[warp + p][1][g];
+        }
+        if (n0 + g < N) Y[n0 + g] = r0;
+        if (n0 + g + 8 < N) Y[n0 + g + 8] = r1;
+    }
 }
 
 // ---------------------------------------------------------------------------

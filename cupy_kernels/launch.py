@@ -3,8 +3,10 @@
 Two kernel families, one launcher each:
 
 * :func:`qmatmul` -- ``y = x @ W.T`` from the raw GGUF bytes of ``W`` ([N, K]);
-  a float GEMV for M <= 8 and a bf16 tensor-core GEMM (weights decoded tile by
-  tile into shared memory) above that.
+  a GEMV for M <= 8 (tensor-core on exact integer weights for K-quants with
+  bf16 x, float decode otherwise), a bf16 tensor-core GEMM (weights decoded
+  tile by tile into shared memory) up to M = 127, and dequantize + cuBLAS in
+  bounded chunks above that.
 * :func:`qembed` -- embedding row gather from a quantized table.
 
 CuPy is imported lazily: this module imports on a machine without CuPy or a
@@ -74,6 +76,16 @@ GEMV_SMALL = (2, 2)  # (2, 4) measured 5-20% slower (NOTES.md v3)
 # bulk L2 prefetch of each GEMV row (Hopper; a no-op elsewhere)
 GEMV_PREFETCH = False  # measured 0-20% slower on the 7B shapes (NOTES.md v4)
 _GEMM_TILE = 128  # BM = BN = BK
+# Formats with an integer fragment decode (qfrag.cuh): with bf16 activations
+# their GEMV runs on the tensor cores (gemv_tc; gemv1_tc for M = 1 Q4_K), exact
+# like the float GEMV.  At M = 1, Q5_K/Q6_K keep the float GEMV, which measured
+# faster there (NOTES.md v6); from M = 2 on the tensor-core kernels win 1.7-2.8x.
+_TC_TYPES = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
+GEMV_TC = True  # False: the float GEMV for every format (the bench compares both)
+GEMV_TC_FOLD = False  # keep 128 + q and fold the bias into c (gemv_tc FOLD)
+GEMV_TC_M1 = True  # M = 1 Q4_K: the sub-blocks-as-columns kernel (gemv1_tc)
+GEMV_TC_AT_M1: frozenset[int] = frozenset({int(QT.Q4_K)})  # formats whose M = 1 GEMV is tc
+GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by shape
 
 
 def _gemm_smem(q: QT) -> int:
@@ -136,9 +148,11 @@ def _cp() -> Any:
 def _source() -> str:
     # Inline the header: CuPy's kernel cache keys on the source text, so a
     # change to dequant.cuh must change the text that is compiled.
-    header = (_HERE / "dequant.cuh").read_text()
-    body = (_HERE / "kernels.cu").read_text().replace('#include "dequant.cuh"', "")
-    return header + "\n" + body
+    parts = [(_HERE / h).read_text() for h in ("dequant.cuh", "qfrag.cuh")]
+    body = (_HERE / "kernels.cu").read_text()
+    for h in ("dequant.cuh", "qfrag.cuh"):
+        body = body.replace(f'#include "{h}"', "")
+    return "\n".join([*parts, body])
 
 
 def _b(v: bool) -> str:
@@ -153,6 +167,10 @@ def _names(qt: int) -> list[str]:
             for r, u in shapes:
                 names.append(f"gemv<{qt}, {mt}, {r}, {u}, {_b(xb)}>")
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
+        if xb and qt in _TC_TYPES:
+            names += [f"gemv_tc<{qt}, {_b(fold)}>" for fold in (False, True)]
+            if qt == int(QT.Q4_K):
+                names.append(f"gemv1_tc<{qt}>")
         names.append(f"dequant_rows<{qt}, {_b(xb)}>")
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
@@ -280,7 +298,9 @@ def qmatmul(
     x: [M, k] float32 or bfloat16 (CuPy or torch CUDA).  Returns a new (or the
     given ``out``) CuPy float32 array [M, n].  ``path``:
 
-    * "gemv" (M <= 8): float32 decode and accumulation, exact weights;
+    * "gemv" (M <= 8): exact weights, float32 accumulation: for bf16 x and
+      Q4_K/Q5_K/Q6_K the tensor-core GEMV (integer weights in bf16, exact
+      products; not Q5_K/Q6_K at M = 1), else the float32-decode GEMV;
     * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
       to mma.sync (x rounded to bf16), float32 accumulation;
     * "dequant": rows of W decoded in chunks into a scratch of at most
@@ -338,7 +358,9 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        if use_gemv:
+        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and (m > 1 or int(q) in GEMV_TC_AT_M1):
+            _gemv_tc(q, xc, wc, y, m, n, k, dev)
+        elif use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
             r, unroll = GEMV_SMALL if mt <= 2 else (2, 2)
             units = k // 16
@@ -376,6 +398,44 @@ def qmatmul(
                 cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
             fn((mt_, nt_, splits), (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(sps)), shared_mem=smem)
     return y
+
+
+def gemv_tc_wpr(n: int, nblocks: int, sms: int) -> int:
+    """Warps per 16-row tile for gemv_tc / gemv1_tc: split K while the grid has
+    fewer than ~32 warps per SM and each warp keeps >= 2 blocks (bench: the
+    M = 1 kernels are latency-bound per warp, so short rows want more warps)."""
+    if GEMV_TC_WPR is not None:
+        return GEMV_TC_WPR
+    tiles = -(-n // 16)
+    wpr = 1
+    while wpr < 8 and tiles * wpr < 32 * sms and nblocks >= 2 * wpr:
+        wpr *= 2
+    return wpr
+
+
+def _tc_smem(q: QT) -> int:
+    """Dynamic shared memory of gemv_tc<q>: 8 warps x 2 stages x 16 staged rows."""
+    rch = -(-_BLOCKS[q][1] // 16) + 1  # TcStage<QT>::RCH
+    return 8 * 2 * 16 * rch * 16
+
+
+def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
+    cp = _cp()
+    wpr = gemv_tc_wpr(n, k // _BLOCKS[q][0], _sm_count(dev))
+    if wpr not in (1, 2, 4, 8):
+        raise ValueError(f"GEMV_TC_WPR={wpr} must be 1, 2, 4 or 8")
+    tiles = -(-n // 16)
+    grid = (-(-tiles // (8 // wpr)),)
+    if m == 1 and q == QT.Q4_K and GEMV_TC_M1:
+        fn = _kernel(q, f"gemv1_tc<{int(q)}>")
+        fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)))
+        return
+    fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(GEMV_TC_FOLD)}>")
+    smem = _tc_smem(q)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    i32 = cp.int32
+    fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)), shared_mem=smem)
 
 
 _ONE = np.ones(1, dtype=np.float32)

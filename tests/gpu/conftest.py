@@ -11,7 +11,7 @@ import functools
 
 import pytest
 
-HOST_ONLY = {"test_dequant_host.py"}
+HOST_ONLY = {"test_dequant_host.py", "test_qfrag_host.py"}
 
 
 @functools.cache

@@ -11,6 +11,13 @@ reference, not in the bound):
   the only error is float32 accumulation in a different order: about
   sqrt(K) * 2^-24 ~ 2e-6 at K = 896.  Bound GEMV_TOL = 1e-5; embedding 1e-6
   (no accumulation at all: values must equal gguf's).
+* tensor-core GEMV (bf16 x, K-quants): weights enter as exact small integers
+  in bf16 (tests/gpu/test_qfrag_host.py checks the decode on the host), bf16 x
+  is used as is, mma products are exact and accumulate in float32, and the
+  scale/min apply in float32 per 16-32 weights: the same accumulation-noise
+  bound GEMV_TOL.  The FOLD variant (and gemv1_tc) accumulate 128 + q instead
+  of q, which costs a few bits (measured <= 1.1e-6 against <= 4e-7), still far
+  under GEMV_TOL.
 * tensor-core GEMM: weights (and F32 activations) are rounded to bf16 (unit
   roundoff 2^-9) before an exact-product, float32-accumulated mma.  Each
   rounding is a uniform relative error of rms 2^-9/sqrt(3) = 1.1e-3, so a
@@ -163,6 +170,52 @@ def test_gemv_variants(
             assert err < GEMV_TOL
     finally:
         launch.GEMV_SMALL, launch.GEMV_PREFETCH = saved
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["exact", "fold"])
+@pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
+def test_gemv_tc(cp: Any, rng: np.random.Generator, qt: T, wpr: int | None, fold: bool) -> None:
+    # the tensor-core GEMV (bf16 x, K-quants) in every K split, with and without
+    # the folded bias; K = 3584 is 14 blocks, which 4 and 8 warps split unevenly;
+    # N = 77 and 16 leave a partial 16-row tile and exactly one
+    from cupy_kernels import launch
+
+    calls: list[int] = []
+    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc, launch.GEMV_TC_AT_M1
+
+    def spy(*a: Any) -> None:
+        calls.append(1)
+        saved[2](*a)
+
+    launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc = wpr, fold, spy
+    launch.GEMV_TC_AT_M1 = launch._TC_TYPES  # M = 1 through gemv_tc too (Q4_K: gemv1_tc)
+    try:
+        for m, n, k in ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584)):
+            err = _run_matmul(cp, qt, m, n, k, True, "gemv", rng)
+            print(f"gemv_tc {qt.name} wpr={wpr} fold={fold} M={m} N={n} K={k}: rel err {err:.3g}")
+            assert err < GEMV_TOL
+    finally:
+        launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc, launch.GEMV_TC_AT_M1 = saved
+    assert len(calls) == 4, "the tensor-core GEMV was not the kernel that ran"
+
+
+@pytest.mark.parametrize("m1", [True, False], ids=["gemv1_tc", "gemv_tc"])
+@pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
+def test_gemv1_tc_q4k(cp: Any, rng: np.random.Generator, wpr: int | None, m1: bool) -> None:
+    # M = 1 Q4_K: the sub-blocks-as-columns kernel and the general one, on a single
+    # 16-row tile, partial tiles, one block per row and 14 blocks split unevenly
+    from cupy_kernels import launch
+
+    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_M1
+    launch.GEMV_TC_WPR, launch.GEMV_TC_M1 = wpr, m1
+    try:
+        for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
+            err = _run_matmul(cp, T.Q4_K, 1, n, k, True, "gemv", rng)
+            print(f"gemv1 m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
+            assert err < GEMV_TOL
+    finally:
+        launch.GEMV_TC_WPR, launch.GEMV_TC_M1 = saved
 
 
 @pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
