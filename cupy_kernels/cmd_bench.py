@@ -389,8 +389,8 @@ def _variants(
         out.append(("gemv", "gemv-float", {"GEMV_TC": False}))
         if m == 1 and int(qt) not in launch.GEMV_TC_AT_M1:
             out.append(("gemv", "gemv-tc", tc))
-        if m == 1 and qt.name == "Q4_K":
-            out.append(("gemv", "gemv-tc-m8", {"GEMV_TC_M1": False}))
+        if m == 1 and int(qt) in launch._M1_KERNELS:
+            out.append(("gemv", "gemv-tc-m8", {"GEMV_TC_M1": False, **tc}))
         else:
             out.append(("gemv", "gemv-tc-fold", {"GEMV_TC_FOLD": True, **tc}))
         out += [("gemv", f"gemv-tc-w{w}", {"GEMV_TC_WPR": w, **tc}) for w in (1, 2, 4, 8)]

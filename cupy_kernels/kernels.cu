@@ -354,7 +354,8 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 // next block after the current block's decode, which leaves a warp with
 // nothing in flight while it decodes (measured: latency-bound).  So each warp
 // copies its 16 rows' next block into its own shared-memory stage with
-// cp.async (16-byte chunks covering each row's bytes; Q6_K rows are only
+// cp.async (16-byte chunks covering each row's bytes, lane t of a quad taking
+// chunks t, t+4, .. of its rows g and g+8; Q6_K rows are only
 // 2-byte aligned, so a row keeps its offset within the first chunk) while it
 // decodes the current stage: two stages per warp, synchronised per warp only.
 template <int QT> struct TcStage {
@@ -365,16 +366,22 @@ template <int QT> struct TcStage {
 
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// cp.async block blk of the 16 rows starting at n0 into one stage (one commit group)
+// cp.async block blk of this lane's rows g and g+8 (byte offsets ra, rc in W)
+// into one stage, as one commit group: the quad's lanes t take chunks t, t+4, ..
+// of both rows, so each lane's share is fixed and needs no division.
 template <int QT>
-__device__ __forceinline__ void tc_stage(u8* st, const u8* __restrict__ W, long long rb, int n0, int N,
-                                         int blk, int lane) {
+__device__ __forceinline__ void tc_stage(u8* st, const u8* __restrict__ W, long long ra, long long rc, int blk,
+                                         int g, int t) {
     typedef TcStage<QT> S;
-    for (int c = lane; c < 16 * S::RCH; c += 32) {
-        const int r = c / S::RCH, ch = c - r * S::RCH;
-        const long long gs = (long long)min(n0 + r, N - 1) * rb + (long long)blk * Fmt<QT>::BYTES;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const long long gs = (h ? rc : ra) + (long long)blk * Fmt<QT>::BYTES;
         const int nch = (int)(((gs + Fmt<QT>::BYTES + 15) >> 4) - (gs >> 4));
-        if (ch < nch) cp_async16(st + r * S::RAWP + ch * 16, W + (gs & ~15LL) + ch * 16);
+        u8* dst = st + (g + 8 * h) * S::RAWP;
+        const u8* src = W + (gs & ~15LL);
+#pragma unroll
+        for (int ch = t; ch < S::RCH; ch += 4)
+            if (ch < nch) cp_async16(dst + ch * 16, src + ch * 16);
     }
     cp_async_commit();
 }
@@ -400,11 +407,11 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
         // block when the row length is a multiple of 16 bytes, else per block)
         const long long ra = (long long)min(n0 + g, N - 1) * rb, rc = (long long)min(n0 + g + 8, N - 1) * rb;
         const u16* xr = X + (long long)min(g, M - 1) * K;
-        if (part < nblk) tc_stage<QT>(stages, W, rb, n0, N, part, lane);
+        if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
         int st = 0;
         for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
             if (blk + wpr < nblk) {
-                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, rb, n0, N, blk + wpr, lane);
+                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, ra, rc, blk + wpr, g, t);
                 cp_async_wait_1();
             } else {
                 cp_async_wait_all();
@@ -473,6 +480,32 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
             const int row = n0 + g + 8 * (i >> 1), m = 2 * t + (i & 1);
             if (row < N && m < M) Y[(long long)m * N + row] = v;
         }
+    }
+}
+
+// gemv1_*: lane (g, t) holds its columns' partial sums of rows g (acc 0, 1) and
+// g+8 (acc 2, 3); sum the quad, then the wpr warps of the row tile, and store.
+__device__ __forceinline__ void gemv1_store(const float (&acc)[4], float* __restrict__ Y, int N, int n0,
+                                            int wpr, int part) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float r0 = acc[0] + acc[1], r1 = acc[2] + acc[3];
+    r0 += __shfl_xor_sync(0xffffffffu, r0, 1);
+    r1 += __shfl_xor_sync(0xffffffffu, r1, 1);
+    r0 += __shfl_xor_sync(0xffffffffu, r0, 2);
+    r1 += __shfl_xor_sync(0xffffffffu, r1, 2);
+    __shared__ float red[8][2][8];
+    if (wpr > 1 && t == 0) {
+        red[warp][0][g] = r0;
+        red[warp][1][g] = r1;
+    }
+    __syncthreads();
+    if (part == 0 && n0 < N && t == 0) {
+        for (int p = 1; p < wpr; ++p) {
+            r0 += red[warp + p][0][g];
+            r1 += red[warp + p][1][g];
+        }
+        if (n0 + g < N) Y[n0 + g] = r0;
+        if (n0 + g + 8 < N) Y[n0 + g + 8] = r1;
     }
 }
 
@@ -553,26 +586,119 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
             }
         }
     }
-    // rows g (acc 0, 1) and g+8 (acc 2, 3): sum the quad's 8 sub-blocks
-    float r0 = acc[0] + acc[1], r1 = acc[2] + acc[3];
-    r0 += __shfl_xor_sync(0xffffffffu, r0, 1);
-    r1 += __shfl_xor_sync(0xffffffffu, r1, 1);
-    r0 += __shfl_xor_sync(0xffffffffu, r0, 2);
-    r1 += __shfl_xor_sync(0xffffffffu, r1, 2);
-    __shared__ float red[8][2][8];
-    if (wpr > 1 && t == 0) {
-        red[warp][0][g] = r0;
-        red[warp][1][g] = r1;
+    gemv1_store(acc, Y, N, n0, wpr, part);
+}
+
+// ---------------------------------------------------------------------------
+// M = 1 tensor-core GEMV for Q6_K, gemv1_tc's scheme with Q6_K's 16-value
+// scale groups: per 128-value half n, C column c is scale sc[8n + c] (value
+// group u = c/2 of llama.cpp's dequantize_row_q6_K, l in [0,16) or [16,32)),
+// and lane (g, t) owns value group t: low/high nibbles of ql[64n + 32(t&1) +
+// l] (t/2 picks which) with bits 2t, 2t+1 of qh[32n + l].  mma i (0..7 per
+// half) puts l = 4k+b, 4k+b+2 (k = i/2, b = i%2) in k slots 2t, 2t+1 and l+16
+// in 2t+8, 2t+9.  Rows are only 2-byte aligned, so the blocks come through
+// gemv_tc's cp.async staging; each half keeps its own accumulators.  The bias
+// is folded: a (128 + q) - 160 a = a (q - 32).
+// 8 consecutive words at byte offset off (2-byte aligned) of the shared-memory
+// buffer sm, branch-free: 9 aligned loads and a funnel shift by 0 or 16 bits
+__device__ __forceinline__ void ld8_a2(const u8* sm, int off, u32 (&w)[8]) {
+    const u32* a = (const u32*)sm + (off >> 2);
+    const u32 sh = (u32)(off & 3) * 8u;
+    u32 prev = a[0];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const u32 nx = a[k + 1];
+        w[k] = __funnelshift_r(prev, nx, sh);
+        prev = nx;
     }
-    __syncthreads();
-    if (part == 0 && n0 < N && t == 0) {
-        for (int p = 1; p < wpr; ++p) {
-            r0 += red[warp + p][0][g];
-            r1 += red[warp + p][1][g];
+}
+
+template <int QT>
+__global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, const u16* __restrict__ X,
+                                                    float* __restrict__ Y, int N, int K, int wpr) {
+    static_assert(QT == 14, "gemv1_tc_q6k: Q6_K only");
+    typedef Fmt<QT> F;
+    typedef TcStage<QT> S;
+    extern __shared__ __align__(16) u8 tc_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
+    const int n0 = tile * 16;
+    const int nblk = K / F::QK;
+    const long long rb = (long long)nblk * F::BYTES;
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    const u32 mlo = (g == 2 * t) ? 0xFFFFFFFFu : 0u, mhi = (g == 2 * t + 1) ? 0xFFFFFFFFu : 0u;
+    const int ns = 4 * (t >> 1), hs = 2 * t;  // nibble and qh-bit shifts of value group t
+    u8* stages = tc_smem + warp * S::WARP_BYTES;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (n0 < N) {
+        const long long ra = (long long)min(n0 + g, N - 1) * rb, rc = (long long)min(n0 + g + 8, N - 1) * rb;
+        // this lane's activations: value group t, l in [16 (g & 1), +16) of each half
+        const u16* xl = X + 32 * t + 16 * (g & 1);
+        if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
+        int st = 0;
+        for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
+            if (blk + wpr < nblk) {
+                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, ra, rc, blk + wpr, g, t);
+                cp_async_wait_1();
+            } else {
+                cp_async_wait_all();
+            }
+            __syncwarp();
+            const long long bo = (long long)blk * F::BYTES;
+            const u8* sb = stages + st * 16 * S::RAWP;  // 16-byte aligned stage
+            const int o0 = g * S::RAWP + (int)((ra + bo) & 15), o1 = (g + 8) * S::RAWP + (int)((rc + bo) & 15);
+            const u8* b0p = sb + o0;
+            const u8* b1p = sb + o1;
+            u32 v0[2][8], v1[2][8];  // [half][word k]: bytes 6-bit q of l = 4k..4k+3
+            float a0[2][2], a1[2][2];  // [half][is]
+            const float d0 = h2f(ld16(b0p + 208)), d1 = h2f(ld16(b1p + 208));
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                const u32 s0 = ld16(b0p + 192 + 8 * n + 2 * t), s1 = ld16(b1p + 192 + 8 * n + 2 * t);
+                a0[n][0] = d0 * (float)(i8)(s0 & 0xFFu);
+                a0[n][1] = d0 * (float)(i8)(s0 >> 8);
+                a1[n][0] = d1 * (float)(i8)(s1 & 0xFFu);
+                a1[n][1] = d1 * (float)(i8)(s1 >> 8);
+                u32 l0[8], h0[8], l1[8], h1[8];
+                ld8_a2(sb, o0 + 64 * n + 32 * (t & 1), l0);
+                ld8_a2(sb, o0 + 128 + 32 * n, h0);
+                ld8_a2(sb, o1 + 64 * n + 32 * (t & 1), l1);
+                ld8_a2(sb, o1 + 128 + 32 * n, h1);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    v0[n][k] = ((l0[k] >> ns) & 0x0F0F0F0Fu) | (((h0[k] >> hs) & 0x03030303u) << 4);
+                    v1[n][k] = ((l1[k] >> ns) & 0x0F0F0F0Fu) | (((h1[k] >> hs) & 0x03030303u) << 4);
+                }
+            }
+            __syncwarp();  // every lane has read this stage before it is refilled
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                const uint4* xp = (const uint4*)(xl + (long long)blk * F::QK + 128 * n);
+                const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+                const u32 xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+                float cq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+#pragma unroll
+                    for (int b = 0; b < 2; ++b) {
+                        const u32 A[4] = {((v0[n][k] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                          ((v1[n][k] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                          ((v0[n][k + 4] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                          ((v1[n][k + 4] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC};
+                        const u32 pr = __byte_perm(xw[2 * k], xw[2 * k + 1], b ? 0x7632 : 0x5410);
+                        const u32 bl = pr & mlo, bh = pr & mhi;
+                        mma_bf16(cq, A, bl, bh);
+                        mma_bf16(cs, ones, bl, bh);
+                    }
+                }
+                // columns 2t (is 0), 2t+1 (is 1) of rows g, g+8
+                const float a[4] = {a0[n][0], a0[n][1], a1[n][0], a1[n][1]};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i] = fmaf(a[i], fmaf(-160.0f, cs[i], cq[i]), acc[i]);
+            }
         }
-        if (n0 + g < N) Y[n0 + g] = r0;
-        if (n0 + g + 8 < N) Y[n0 + g + 8] = r1;
     }
+    gemv1_store(acc, Y, N, n0, wpr, part);
 }
 
 // ---------------------------------------------------------------------------

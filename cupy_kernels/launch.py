@@ -78,13 +78,20 @@ GEMV_PREFETCH = False  # measured 0-20% slower on the 7B shapes (NOTES.md v4)
 _GEMM_TILE = 128  # BM = BN = BK
 # Formats with an integer fragment decode (qfrag.cuh): with bf16 activations
 # their GEMV runs on the tensor cores (gemv_tc; gemv1_tc for M = 1 Q4_K), exact
-# like the float GEMV.  At M = 1, Q5_K/Q6_K keep the float GEMV, which measured
-# faster there (NOTES.md v6); from M = 2 on the tensor-core kernels win 1.7-2.8x.
+# like the float GEMV.  At M = 1, Q5_K and (below GEMV_Q6K_TC_MIN_N rows) Q6_K
+# keep the float GEMV, which measured as fast or faster there (NOTES.md v6);
+# from M = 2 on the tensor-core kernels win 1.7-2.8x.
 _TC_TYPES = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
 GEMV_TC = True  # False: the float GEMV for every format (the bench compares both)
 GEMV_TC_FOLD = False  # keep 128 + q and fold the bias into c (gemv_tc FOLD)
-GEMV_TC_M1 = True  # M = 1 Q4_K: the sub-blocks-as-columns kernel (gemv1_tc)
+# M = 1 kernels that put the block's scale groups in the mma columns
+_M1_KERNELS = {int(QT.Q4_K): "gemv1_tc", int(QT.Q6_K): "gemv1_tc_q6k"}
+GEMV_TC_M1 = True  # use them (False: gemv_tc with one used column, for the bench)
 GEMV_TC_AT_M1: frozenset[int] = frozenset({int(QT.Q4_K)})  # formats whose M = 1 GEMV is tc
+# Q6_K at M = 1: gemv1_tc_q6k from this many rows on (lm_head: 87% of copy
+# bandwidth against the float GEMV's 80%); below it both measured 66-70%, and
+# the float GEMV is faster on small shapes (NOTES.md v6)
+GEMV_Q6K_TC_MIN_N = 32768
 GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by shape
 
 
@@ -169,8 +176,8 @@ def _names(qt: int) -> list[str]:
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
         if xb and qt in _TC_TYPES:
             names += [f"gemv_tc<{qt}, {_b(fold)}>" for fold in (False, True)]
-            if qt == int(QT.Q4_K):
-                names.append(f"gemv1_tc<{qt}>")
+            if qt in _M1_KERNELS:
+                names.append(f"{_M1_KERNELS[qt]}<{qt}>")
         names.append(f"dequant_rows<{qt}, {_b(xb)}>")
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
@@ -300,7 +307,8 @@ def qmatmul(
 
     * "gemv" (M <= 8): exact weights, float32 accumulation: for bf16 x and
       Q4_K/Q5_K/Q6_K the tensor-core GEMV (integer weights in bf16, exact
-      products; not Q5_K/Q6_K at M = 1), else the float32-decode GEMV;
+      products; at M = 1 not Q5_K, and Q6_K only from GEMV_Q6K_TC_MIN_N rows),
+      else the float32-decode GEMV;
     * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
       to mma.sync (x rounded to bf16), float32 accumulation;
     * "dequant": rows of W decoded in chunks into a scratch of at most
@@ -358,7 +366,7 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and (m > 1 or int(q) in GEMV_TC_AT_M1):
+        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and (m > 1 or int(q) in GEMV_TC_AT_M1 or (q == QT.Q6_K and n >= GEMV_Q6K_TC_MIN_N)):
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
@@ -426,9 +434,12 @@ def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) 
         raise ValueError(f"GEMV_TC_WPR={wpr} must be 1, 2, 4 or 8")
     tiles = -(-n // 16)
     grid = (-(-tiles // (8 // wpr)),)
-    if m == 1 and q == QT.Q4_K and GEMV_TC_M1:
-        fn = _kernel(q, f"gemv1_tc<{int(q)}>")
-        fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)))
+    if m == 1 and int(q) in _M1_KERNELS and GEMV_TC_M1:
+        fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>")
+        smem = _tc_smem(q) if q == QT.Q6_K else 0  # Q6_K stages its blocks in shared memory
+        if fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)), shared_mem=smem)
         return
     fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(GEMV_TC_FOLD)}>")
     smem = _tc_smem(q)

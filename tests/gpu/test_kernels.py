@@ -200,22 +200,48 @@ def test_gemv_tc(cp: Any, rng: np.random.Generator, qt: T, wpr: int | None, fold
     assert len(calls) == 4, "the tensor-core GEMV was not the kernel that ran"
 
 
-@pytest.mark.parametrize("m1", [True, False], ids=["gemv1_tc", "gemv_tc"])
+@pytest.mark.parametrize("m1", [True, False], ids=["gemv1", "gemv_tc"])
 @pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
-def test_gemv1_tc_q4k(cp: Any, rng: np.random.Generator, wpr: int | None, m1: bool) -> None:
-    # M = 1 Q4_K: the sub-blocks-as-columns kernel and the general one, on a single
-    # 16-row tile, partial tiles, one block per row and 14 blocks split unevenly
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+def test_gemv1_tc(cp: Any, rng: np.random.Generator, qt: T, wpr: int | None, m1: bool) -> None:
+    # M = 1: the scale-groups-as-columns kernels (gemv1_tc, gemv1_tc_q6k) and the
+    # general one, on a single 16-row tile, partial tiles, one block per row and
+    # 14 blocks split unevenly; K = 768 (3 Q6_K blocks of 210 B) leaves rows
+    # 2 bytes off 4-byte alignment, so both halves of the funnel loads run
     from cupy_kernels import launch
 
-    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_M1
-    launch.GEMV_TC_WPR, launch.GEMV_TC_M1 = wpr, m1
+    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1
+    launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1 = wpr, m1, launch._TC_TYPES
     try:
         for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
-            err = _run_matmul(cp, T.Q4_K, 1, n, k, True, "gemv", rng)
-            print(f"gemv1 m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
+            err = _run_matmul(cp, qt, 1, n, k, True, "gemv", rng)
+            print(f"gemv1 {qt.name} m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
             assert err < GEMV_TOL
     finally:
-        launch.GEMV_TC_WPR, launch.GEMV_TC_M1 = saved
+        launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1 = saved
+
+
+def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator) -> None:
+    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_Q6K_TC_MIN_N rows on and
+    # the float GEMV below; both exact
+    from cupy_kernels import launch
+
+    calls: list[int] = []
+    real = launch._gemv_tc
+
+    def spy(*a: Any) -> None:
+        calls.append(1)
+        real(*a)
+
+    launch._gemv_tc = spy
+    try:
+        for n, want in ((launch.GEMV_Q6K_TC_MIN_N, 1), (100, 0)):
+            calls.clear()
+            err = _run_matmul(cp, T.Q6_K, 1, n, 256, True, "gemv", rng)
+            assert err < GEMV_TOL
+            assert len(calls) == want, f"N={n}: tensor-core GEMV ran {len(calls)} times, expected {want}"
+    finally:
+        launch._gemv_tc = real
 
 
 @pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
