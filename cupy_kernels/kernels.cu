@@ -358,6 +358,37 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 // chunks t, t+4, .. of its rows g and g+8; Q6_K rows are only
 // 2-byte aligned, so a row keeps its offset within the first chunk) while it
 // decodes the current stage: two stages per warp, synchronised per warp only.
+// Where a warp of the tensor-core GEMVs works: lane = 4 g + t, 16-row tile
+// starting at n0 (rows g and g+8 are this lane's), part of wpr warps along K.
+// mlo/mhi (the gemv1 kernels): this lane's activations feed B column g only
+// when g is 2t (the k slots of its low half) or 2t+1 (high half).
+struct TcWarp {
+    int warp, lane, g, t, part, n0, nblk;
+    long long rb;
+    u32 mlo, mhi;
+};
+template <int QT>
+__device__ __forceinline__ TcWarp tc_warp(int K, int wpr) {
+    TcWarp w;
+    w.warp = threadIdx.x >> 5;
+    w.lane = threadIdx.x & 31;
+    w.g = w.lane >> 2;
+    w.t = w.lane & 3;
+    w.part = w.warp % wpr;
+    w.n0 = (blockIdx.x * (8 / wpr) + w.warp / wpr) * 16;
+    w.nblk = K / Fmt<QT>::QK;
+    w.rb = (long long)w.nblk * Fmt<QT>::BYTES;
+    w.mlo = (w.g == 2 * w.t) ? 0xFFFFFFFFu : 0u;
+    w.mhi = (w.g == 2 * w.t + 1) ? 0xFFFFFFFFu : 0u;
+    return w;
+}
+// c += column sums of B: an mma with A = all ones (bf16 1.0), i.e. the sum of the
+// activations in each column's k slots
+__device__ __forceinline__ void mma_colsum(float (&c)[4], u32 b0, u32 b1) {
+    const u32 a[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    mma_bf16(c, a, b0, b1);
+}
+
 template <int QT> struct TcStage {
     static const int RCH = (Fmt<QT>::BYTES + 15) / 16 + 1;  // chunks per row, worst alignment
     static const int RAWP = RCH * 16;                       // bytes per staged row
@@ -386,6 +417,20 @@ __device__ __forceinline__ void tc_stage(u8* st, const u8* __restrict__ W, long 
     cp_async_commit();
 }
 
+// One pipeline step: stage block blk + wpr (if any) into the other stage, then
+// wait for block blk's copies and make them visible to the whole warp.
+template <int QT>
+__device__ __forceinline__ void tc_stage_next(u8* stages, int st, const u8* __restrict__ W, long long ra,
+                                              long long rc, int blk, int wpr, int nblk, int g, int t) {
+    if (blk + wpr < nblk) {
+        tc_stage<QT>(stages + (st ^ 1) * 16 * TcStage<QT>::RAWP, W, ra, rc, blk + wpr, g, t);
+        cp_async_wait_1();
+    } else {
+        cp_async_wait_all();
+    }
+    __syncwarp();
+}
+
 template <int QT, bool FOLD>
 __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u16* __restrict__ X,
                                                float* __restrict__ Y, int M, int N, int K, int wpr) {
@@ -394,12 +439,9 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
     typedef TcStage<QT> S;
     const int NG = C::UNITS / C::SG;
     extern __shared__ __align__(16) u8 tc_smem[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
-    const int n0 = tile * 16;
-    const int nblk = K / F::QK;
-    const long long rb = (long long)nblk * F::BYTES;
-    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    const TcWarp w = tc_warp<QT>(K, wpr);
+    const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
+    const long long rb = w.rb;
     u8* stages = tc_smem + warp * S::WARP_BYTES;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (n0 < N) {
@@ -410,13 +452,7 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
         if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
         int st = 0;
         for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
-            if (blk + wpr < nblk) {
-                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, ra, rc, blk + wpr, g, t);
-                cp_async_wait_1();
-            } else {
-                cp_async_wait_all();
-            }
-            __syncwarp();
+            tc_stage_next<QT>(stages, st, W, ra, rc, blk, wpr, nblk, g, t);
             const long long bo = (long long)blk * F::BYTES;
             const u8* s0 = stages + st * 16 * S::RAWP + g * S::RAWP + ((ra + bo) & 15);
             const u8* s1 = stages + st * 16 * S::RAWP + (g + 8) * S::RAWP + ((rc + bo) & 15);
@@ -449,7 +485,7 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
                             for (int i = 0; i < 4; ++i) A[i] = bf2_add(A[i], C::BIAS2);
                         }
                         mma_bf16(cq, A, b0, b1);
-                        if (C::HAS_MIN || FOLD) mma_bf16(cs, ones, b0, b1);
+                        if (C::HAS_MIN || FOLD) mma_colsum(cs, b0, b1);
                     }
                     acc[0] = fmaf(a0[gi], cq[0], acc[0]);
                     acc[1] = fmaf(a0[gi], cq[1], acc[1]);
@@ -528,14 +564,10 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
                                                 float* __restrict__ Y, int N, int K, int wpr) {
     static_assert(QT == 12, "gemv1_tc: Q4_K only");
     typedef Fmt<QT> F;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
-    const int n0 = tile * 16;
-    const int nblk = K / F::QK;
-    const long long rb = (long long)nblk * F::BYTES;
-    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
-    // B masks: this lane's activations feed column g only when g is 2t (low) or 2t+1 (high)
-    const u32 mlo = (g == 2 * t) ? 0xFFFFFFFFu : 0u, mhi = (g == 2 * t + 1) ? 0xFFFFFFFFu : 0u;
+    const TcWarp w = tc_warp<QT>(K, wpr);
+    const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
+    const long long rb = w.rb;
+    const u32 mlo = w.mlo, mhi = w.mhi;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (n0 < N) {
         const u8* w0 = W + (long long)min(n0 + g, N - 1) * rb;
@@ -568,7 +600,7 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
                     const u32 pr = __byte_perm(xw[2 * j], xw[2 * j + 1], b ? 0x7632 : 0x5410);
                     const u32 b0 = pr & mlo, b1 = pr & mhi;
                     mma_bf16(cq[j & 1], A, b0, b1);
-                    mma_bf16(cs[j & 1], ones, b0, b1);
+                    mma_colsum(cs[j & 1], b0, b1);
                 }
             }
             float sc0, m0, sc1, m1, sc2, m2, sc3, m3;
@@ -620,13 +652,10 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
     typedef Fmt<QT> F;
     typedef TcStage<QT> S;
     extern __shared__ __align__(16) u8 tc_smem[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * (8 / wpr) + warp / wpr, part = warp % wpr;
-    const int n0 = tile * 16;
-    const int nblk = K / F::QK;
-    const long long rb = (long long)nblk * F::BYTES;
-    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
-    const u32 mlo = (g == 2 * t) ? 0xFFFFFFFFu : 0u, mhi = (g == 2 * t + 1) ? 0xFFFFFFFFu : 0u;
+    const TcWarp w = tc_warp<QT>(K, wpr);
+    const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
+    const long long rb = w.rb;
+    const u32 mlo = w.mlo, mhi = w.mhi;
     const int ns = 4 * (t >> 1), hs = 2 * t;  // nibble and qh-bit shifts of value group t
     u8* stages = tc_smem + warp * S::WARP_BYTES;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -637,13 +666,7 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
         if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
         int st = 0;
         for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
-            if (blk + wpr < nblk) {
-                tc_stage<QT>(stages + (st ^ 1) * 16 * S::RAWP, W, ra, rc, blk + wpr, g, t);
-                cp_async_wait_1();
-            } else {
-                cp_async_wait_all();
-            }
-            __syncwarp();
+            tc_stage_next<QT>(stages, st, W, ra, rc, blk, wpr, nblk, g, t);
             const long long bo = (long long)blk * F::BYTES;
             const u8* sb = stages + st * 16 * S::RAWP;  // 16-byte aligned stage
             const int o0 = g * S::RAWP + (int)((ra + bo) & 15), o1 = (g + 8) * S::RAWP + (int)((rc + bo) & 15);
@@ -688,7 +711,7 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
                         const u32 pr = __byte_perm(xw[2 * k], xw[2 * k + 1], b ? 0x7632 : 0x5410);
                         const u32 bl = pr & mlo, bh = pr & mhi;
                         mma_bf16(cq, A, bl, bh);
-                        mma_bf16(cs, ones, bl, bh);
+                        mma_colsum(cs, bl, bh);
                     }
                 }
                 // columns 2t (is 0), 2t+1 (is 1) of rows g, g+8

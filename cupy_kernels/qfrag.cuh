@@ -70,6 +70,27 @@ DQ_DEV u32 ld32_a2_fast(const u8* p) {
 
 template <int QT> struct Tc;
 
+// Q4_K/Q5_K block header (f16 d, f16 dmin, 12 scale bytes) and the (a, c) of
+// sub-blocks 2s, 2s+1 from it: w = a q + c
+struct KHead {
+    u32 dm, sc[3];
+    DQ_MEMBER void load(const u8* b) {
+        dm = ld32(b);
+        sc[0] = ld32(b + 4);
+        sc[1] = ld32(b + 8);
+        sc[2] = ld32(b + 12);
+    }
+    DQ_MEMBER void affine(int s, float (&a)[2], float (&c)[2]) const {
+        float sc0, m0, sc1, m1;
+        scale_min_k4_pair_w(s, sc[0], sc[1], sc[2], sc0, m0, sc1, m1);
+        const float d = h2f((u16)(dm & 0xFFFFu)), dmin = h2f((u16)(dm >> 16));
+        a[0] = d * sc0;
+        c[0] = -(dmin * m0);
+        a[1] = d * sc1;
+        c[1] = -(dmin * m1);
+    }
+};
+
 // ---------------------------------------------------------------------------
 // Q4_K (144 B: f16 d, f16 dmin, scales[12], qs[128]).  Step s = 64-value chunk
 // il = s: thread t takes qs bytes 32 s + 8 t .. +7 (two words); low nibbles are
@@ -81,14 +102,11 @@ template <> struct Tc<12> {
     static const u32 BIAS2 = 0xC300C300u;  // -128
     static constexpr float BIAS = 128.0f;
     struct Raw {
-        u32 dm, sc[3];
+        KHead hd;
         u32 q[4][2];
     };
     static DQ_MEMBER void load(const u8* b, int t, Raw& r) {
-        r.dm = ld32(b);
-        r.sc[0] = ld32(b + 4);
-        r.sc[1] = ld32(b + 8);
-        r.sc[2] = ld32(b + 12);
+        r.hd.load(b);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
             r.q[s][0] = ld32(b + 16 + 32 * s + 8 * t);
@@ -97,13 +115,7 @@ template <> struct Tc<12> {
     }
     static DQ_MEMBER int xpos(int s, int u, int t) { return 64 * s + 32 * (u >> 1) + 8 * t + 4 * (u & 1); }
     static DQ_MEMBER void step(const Raw& r, int s, u32 (&q)[4][2], float (&a)[2], float (&c)[2]) {
-        float sc0, m0, sc1, m1;
-        scale_min_k4_pair_w(s, r.sc[0], r.sc[1], r.sc[2], sc0, m0, sc1, m1);
-        const float d = h2f((u16)(r.dm & 0xFFFFu)), dmin = h2f((u16)(r.dm >> 16));
-        a[0] = d * sc0;
-        c[0] = -(dmin * m0);
-        a[1] = d * sc1;
-        c[1] = -(dmin * m1);
+        r.hd.affine(s, a, c);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             qf_pairs(r.q[s][h], 0x000F000Fu, q[h]);
@@ -120,14 +132,12 @@ template <> struct Tc<13> {
     static const u32 BIAS2 = 0xC300C300u;
     static constexpr float BIAS = 128.0f;
     struct Raw {
-        u32 dm, sc[3], h[2];
+        KHead hd;
+        u32 h[2];
         u32 q[4][2];
     };
     static DQ_MEMBER void load(const u8* b, int t, Raw& r) {
-        r.dm = ld32(b);
-        r.sc[0] = ld32(b + 4);
-        r.sc[1] = ld32(b + 8);
-        r.sc[2] = ld32(b + 12);
+        r.hd.load(b);
         r.h[0] = ld32(b + 16 + 8 * t);
         r.h[1] = ld32(b + 20 + 8 * t);
 #pragma unroll
@@ -138,13 +148,7 @@ template <> struct Tc<13> {
     }
     static DQ_MEMBER int xpos(int s, int u, int t) { return 64 * s + 32 * (u >> 1) + 8 * t + 4 * (u & 1); }
     static DQ_MEMBER void step(const Raw& r, int s, u32 (&q)[4][2], float (&a)[2], float (&c)[2]) {
-        float sc0, m0, sc1, m1;
-        scale_min_k4_pair_w(s, r.sc[0], r.sc[1], r.sc[2], sc0, m0, sc1, m1);
-        const float d = h2f((u16)(r.dm & 0xFFFFu)), dmin = h2f((u16)(r.dm >> 16));
-        a[0] = d * sc0;
-        c[0] = -(dmin * m0);
-        a[1] = d * sc1;
-        c[1] = -(dmin * m1);
+        r.hd.affine(s, a, c);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const u32 w = r.q[s][h], hb = r.h[h] >> (2 * s);

@@ -8,9 +8,6 @@ catches layout mistakes before any GPU time is spent.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +15,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from .blocks import LAYOUT, random_blocks
-
-HEADER = Path(__file__).resolve().parents[2] / "cupy_kernels" / "dequant.cuh"
+from .hostlib import build
 
 SHIM = r"""
 #include "dequant.cuh"
@@ -52,18 +48,7 @@ extern "C" int decode(int qt, const u8* w, int nblocks, float* out) {
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: cannot build the host copy of dequant.cuh")
-    d = tmp_path_factory.mktemp("dq")
-    (d / "shim.cpp").write_text(SHIM)
-    so = d / "libdq.so"
-    subprocess.run(
-        [gxx, "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{HEADER.parent}", "-x", "c++",
-         str(d / "shim.cpp"), "-o", str(so)],
-        check=True,
-    )
-    return ctypes.CDLL(str(so))
+    return build(tmp_path_factory, SHIM, "dq")
 
 
 @pytest.mark.parametrize("qt", list(LAYOUT), ids=lambda q: q.name)

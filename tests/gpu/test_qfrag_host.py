@@ -14,9 +14,6 @@ the GPU by tests/gpu/test_kernels.py.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +21,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from .blocks import LAYOUT, random_blocks
+from .hostlib import build
 
-HERE = Path(__file__).resolve().parents[2] / "cupy_kernels"
 TC_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
 
 SHIM = r"""
@@ -72,18 +69,7 @@ extern "C" int decode(int qt, const u8* w, int nblocks, float* out, int corrupt)
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: cannot build the host copy of qfrag.cuh")
-    d = tmp_path_factory.mktemp("qf")
-    (d / "shim.cpp").write_text(SHIM)
-    so = d / "libqf.so"
-    subprocess.run(
-        [gxx, "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{HERE}", "-x", "c++",
-         str(d / "shim.cpp"), "-o", str(so)],
-        check=True,
-    )
-    return ctypes.CDLL(str(so))
+    return build(tmp_path_factory, SHIM, "qf")
 
 
 def _decode(lib: ctypes.CDLL, qt: T, raw: np.ndarray, nblocks: int, corrupt: bool) -> tuple[int, np.ndarray]:
