@@ -175,55 +175,27 @@ def test_gemv_variants(
 @pytest.mark.parametrize("fold", [False, True], ids=["exact", "fold"])
 @pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
 @pytest.mark.parametrize("qt", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
-def test_gemv_tc(cp: Any, rng: np.random.Generator, qt: T, wpr: int | None, fold: bool) -> None:
+def test_gemv_tc(
+    cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, qt: T, wpr: int | None, fold: bool
+) -> None:
     # the tensor-core GEMV (bf16 x, K-quants) in every K split, with and without
     # the folded bias; K = 3584 is 14 blocks, which 4 and 8 warps split unevenly;
     # N = 77 and 16 leave a partial 16-row tile and exactly one
     from cupy_kernels import launch
 
-    calls: list[int] = []
-    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc, launch.GEMV_TC_AT_M1
-
-    def spy(*a: Any) -> None:
-        calls.append(1)
-        saved[2](*a)
-
-    launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc = wpr, fold, spy
-    launch.GEMV_TC_AT_M1 = launch._TC_TYPES  # M = 1 through gemv_tc too (Q4_K: gemv1_tc)
-    try:
-        for m, n, k in ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584)):
-            err = _run_matmul(cp, qt, m, n, k, True, "gemv", rng)
-            print(f"gemv_tc {qt.name} wpr={wpr} fold={fold} M={m} N={n} K={k}: rel err {err:.3g}")
-            assert err < GEMV_TOL
-    finally:
-        launch.GEMV_TC_WPR, launch.GEMV_TC_FOLD, launch._gemv_tc, launch.GEMV_TC_AT_M1 = saved
+    calls = _spy_gemv_tc(monkeypatch)
+    monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
+    monkeypatch.setattr(launch, "GEMV_TC_FOLD", fold)
+    monkeypatch.setattr(launch, "GEMV_TC_AT_M1", launch._TC_TYPES)  # M = 1 through the tc kernels too
+    for m, n, k in ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584)):
+        err = _run_matmul(cp, qt, m, n, k, True, "gemv", rng)
+        print(f"gemv_tc {qt.name} wpr={wpr} fold={fold} M={m} N={n} K={k}: rel err {err:.3g}")
+        assert err < GEMV_TOL
     assert len(calls) == 4, "the tensor-core GEMV was not the kernel that ran"
 
 
-@pytest.mark.parametrize("m1", [True, False], ids=["gemv1", "gemv_tc"])
-@pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
-@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K], ids=lambda q: q.name)
-def test_gemv1_tc(cp: Any, rng: np.random.Generator, qt: T, wpr: int | None, m1: bool) -> None:
-    # M = 1: the scale-groups-as-columns kernels (gemv1_tc, gemv1_tc_q6k) and the
-    # general one, on a single 16-row tile, partial tiles, one block per row and
-    # 14 blocks split unevenly; K = 768 (3 Q6_K blocks of 210 B) leaves rows
-    # 2 bytes off 4-byte alignment, so both halves of the funnel loads run
-    from cupy_kernels import launch
-
-    saved = launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1
-    launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1 = wpr, m1, launch._TC_TYPES
-    try:
-        for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
-            err = _run_matmul(cp, qt, 1, n, k, True, "gemv", rng)
-            print(f"gemv1 {qt.name} m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
-            assert err < GEMV_TOL
-    finally:
-        launch.GEMV_TC_WPR, launch.GEMV_TC_M1, launch.GEMV_TC_AT_M1 = saved
-
-
-def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator) -> None:
-    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_Q6K_TC_MIN_N rows on and
-    # the float GEMV below; both exact
+def _spy_gemv_tc(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the launches that go through launch._gemv_tc (the tensor-core GEMVs)."""
     from cupy_kernels import launch
 
     calls: list[int] = []
@@ -233,15 +205,44 @@ def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator) -> None:
         calls.append(1)
         real(*a)
 
-    launch._gemv_tc = spy
-    try:
-        for n, want in ((launch.GEMV_Q6K_TC_MIN_N, 1), (100, 0)):
-            calls.clear()
-            err = _run_matmul(cp, T.Q6_K, 1, n, 256, True, "gemv", rng)
-            assert err < GEMV_TOL
-            assert len(calls) == want, f"N={n}: tensor-core GEMV ran {len(calls)} times, expected {want}"
-    finally:
-        launch._gemv_tc = real
+    monkeypatch.setattr(launch, "_gemv_tc", spy)
+    return calls
+
+
+@pytest.mark.parametrize("m1", [True, False], ids=["gemv1", "gemv_tc"])
+@pytest.mark.parametrize("wpr", [None, 1, 2, 4, 8], ids=lambda w: f"wpr{w}")
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+def test_gemv1_tc(
+    cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, qt: T, wpr: int | None, m1: bool
+) -> None:
+    # M = 1: the scale-groups-as-columns kernels (gemv1_tc, gemv1_tc_q6k) and the
+    # general one, on a single 16-row tile, partial tiles, one block per row and
+    # 14 blocks split unevenly; K = 768 (3 Q6_K blocks of 210 B) leaves rows
+    # 2 bytes off 4-byte alignment, so both halves of the funnel loads run
+    from cupy_kernels import launch
+
+    calls = _spy_gemv_tc(monkeypatch)
+    monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
+    monkeypatch.setattr(launch, "GEMV_TC_M1", m1)
+    monkeypatch.setattr(launch, "GEMV_TC_AT_M1", launch._TC_TYPES)
+    for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
+        err = _run_matmul(cp, qt, 1, n, k, True, "gemv", rng)
+        print(f"gemv1 {qt.name} m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
+        assert err < GEMV_TOL
+    assert len(calls) == 4
+
+
+def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_Q6K_TC_MIN_N rows on and
+    # the float GEMV below; both exact
+    from cupy_kernels import launch
+
+    calls = _spy_gemv_tc(monkeypatch)
+    for n, want in ((launch.GEMV_Q6K_TC_MIN_N, 1), (100, 0)):
+        calls.clear()
+        err = _run_matmul(cp, T.Q6_K, 1, n, 256, True, "gemv", rng)
+        assert err < GEMV_TOL
+        assert len(calls) == want, f"N={n}: tensor-core GEMV ran {len(calls)} times, expected {want}"
 
 
 @pytest.mark.parametrize("id64", [False, True], ids=["int32", "int64"])
