@@ -82,6 +82,17 @@ DQ_DEV u16 ld16(const u8* p) { return *(const u16*)p; }
 DQ_DEV u32 ld32_a2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
 DQ_DEV u32 ld32(const u8* p) { return *(const u32*)p; }
 
+// The 8 values of one nibble word: v[4h+i] from the low nibbles of bytes i
+// (as a0 q + c0), v[8+4h+i] from the high nibbles (a1 q + c1); lo/hi already
+// masked to 0x0F0F0F0F (plus any 5th bits): the common tail of the Q4/Q5 decodes.
+DQ_DEV void put_nibbles(float (&v)[16], int h, u32 lo, u32 hi, float a0, float c0, float a1, float c1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[4 * h + i] = ubyte_f(lo, i) * a0 + c0;
+        v[8 + 4 * h + i] = ubyte_f(hi, i) * a1 + c1;
+    }
+}
+
 // ---------------------------------------------------------------------------
 DQ_DEV void dq_q4_0(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const float d = h2f(ld16(b));
@@ -90,12 +101,7 @@ DQ_DEV void dq_q4_0(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const float c = -8.0f * d;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const u32 lo = w[h] & 0x0F0F0F0Fu, hi = (w[h] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[4 * h + i] = ubyte_f(lo, i) * d + c;
-            v[8 + 4 * h + i] = ubyte_f(hi, i) * d + c;
-        }
+        put_nibbles(v, h, w[h] & 0x0F0F0F0Fu, (w[h] >> 4) & 0x0F0F0F0Fu, d, c, d, c);
     }
     p0 = 8 * g;
     p1 = 16 + 8 * g;
@@ -107,12 +113,7 @@ DQ_DEV void dq_q4_1(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const u32 w[2] = {ld32(qs), ld32(qs + 4)};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const u32 lo = w[h] & 0x0F0F0F0Fu, hi = (w[h] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[4 * h + i] = ubyte_f(lo, i) * d + m;
-            v[8 + 4 * h + i] = ubyte_f(hi, i) * d + m;
-        }
+        put_nibbles(v, h, w[h] & 0x0F0F0F0Fu, (w[h] >> 4) & 0x0F0F0F0Fu, d, m, d, m);
     }
     p0 = 8 * g;
     p1 = 16 + 8 * g;
@@ -135,12 +136,7 @@ DQ_DEV void dq_q5_0(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
             hl |= ((qh >> (j0 + i)) & 1u) << (8 * i + 4);
             hh |= ((qh >> (j0 + i + 16)) & 1u) << (8 * i + 4);
         }
-        const u32 lo = (w[h] & 0x0F0F0F0Fu) | hl, hi = ((w[h] >> 4) & 0x0F0F0F0Fu) | hh;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[4 * h + i] = ubyte_f(lo, i) * d + c;
-            v[8 + 4 * h + i] = ubyte_f(hi, i) * d + c;
-        }
+        put_nibbles(v, h, (w[h] & 0x0F0F0F0Fu) | hl, ((w[h] >> 4) & 0x0F0F0F0Fu) | hh, d, c, d, c);
     }
     p0 = 8 * g;
     p1 = 16 + 8 * g;
@@ -198,12 +194,7 @@ DQ_DEV void dq_q4_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     const u32 w[2] = {ld32(qs), ld32(qs + 4)};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const u32 lo = w[h] & 0x0F0F0F0Fu, hi = (w[h] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[4 * h + i] = ubyte_f(lo, i) * ds0 + dm0;
-            v[8 + 4 * h + i] = ubyte_f(hi, i) * ds1 + dm1;
-        }
+        put_nibbles(v, h, w[h] & 0x0F0F0F0Fu, (w[h] >> 4) & 0x0F0F0F0Fu, ds0, dm0, ds1, dm1);
     }
     p0 = 64 * il + 8 * r;
     p1 = p0 + 32;
@@ -223,11 +214,7 @@ DQ_DEV void dq_q5_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     for (int h = 0; h < 2; ++h) {
         const u32 lo = (w[h] & 0x0F0F0F0Fu) | (((hw[h] >> (2 * il)) & 0x01010101u) << 4);
         const u32 hi = ((w[h] >> 4) & 0x0F0F0F0Fu) | (((hw[h] >> (2 * il + 1)) & 0x01010101u) << 4);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[4 * h + i] = ubyte_f(lo, i) * ds0 + dm0;
-            v[8 + 4 * h + i] = ubyte_f(hi, i) * ds1 + dm1;
-        }
+        put_nibbles(v, h, lo, hi, ds0, dm0, ds1, dm1);
     }
     p0 = 64 * il + 8 * r;
     p1 = p0 + 32;
