@@ -385,9 +385,10 @@ def _variants(
     if m > launch.GEMV_MAX_M:
         return out
     if int(qt) in launch._TC_TYPES:
-        tc = {"GEMV_TC_AT_M1": launch._TC_TYPES}  # the tensor-core GEMV even where M = 1 defaults to float
+        # the tensor-core GEMV even where M = 1 defaults to the float one
+        tc = {"GEMV_TC_M1_MIN_N": {t: 0 for t in launch._TC_TYPES}}
         out.append(("gemv", "gemv-float", {"GEMV_TC": False}))
-        if m == 1 and int(qt) not in launch.GEMV_TC_AT_M1:
+        if m == 1 and launch.GEMV_TC_M1_MIN_N.get(int(qt)) != 0:
             out.append(("gemv", "gemv-tc", tc))
         if m == 1 and int(qt) in launch._M1_KERNELS:
             out.append(("gemv", "gemv-tc-m8", {"GEMV_TC_M1": False, **tc}))

@@ -77,21 +77,21 @@ GEMV_SMALL = (2, 2)  # (2, 4) measured 5-20% slower (NOTES.md v3)
 GEMV_PREFETCH = False  # measured 0-20% slower on the 7B shapes (NOTES.md v4)
 _GEMM_TILE = 128  # BM = BN = BK
 # Formats with an integer fragment decode (qfrag.cuh): with bf16 activations
-# their GEMV runs on the tensor cores (gemv_tc; gemv1_tc for M = 1 Q4_K), exact
-# like the float GEMV.  At M = 1, Q5_K and (below GEMV_Q6K_TC_MIN_N rows) Q6_K
-# keep the float GEMV, which measured as fast or faster there (NOTES.md v6);
-# from M = 2 on the tensor-core kernels win 1.7-2.8x.
+# their GEMV runs on the tensor cores (gemv_tc; the _M1_KERNELS at M = 1), exact
+# like the float GEMV.  From M = 2 on the tensor-core kernels win 1.7-2.8x; at
+# M = 1 only where GEMV_TC_M1_MIN_N says (NOTES.md v6).
 _TC_TYPES = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
 GEMV_TC = True  # False: the float GEMV for every format (the bench compares both)
 GEMV_TC_FOLD = False  # keep 128 + q and fold the bias into c (gemv_tc FOLD)
 # M = 1 kernels that put the block's scale groups in the mma columns
 _M1_KERNELS = {int(QT.Q4_K): "gemv1_tc", int(QT.Q6_K): "gemv1_tc_q6k"}
 GEMV_TC_M1 = True  # use them (False: gemv_tc with one used column, for the bench)
-GEMV_TC_AT_M1: frozenset[int] = frozenset({int(QT.Q4_K)})  # formats whose M = 1 GEMV is tc
-# Q6_K at M = 1: gemv1_tc_q6k from this many rows on (lm_head: 87% of copy
-# bandwidth against the float GEMV's 80%); below it both measured 66-70%, and
-# the float GEMV is faster on small shapes (NOTES.md v6)
-GEMV_Q6K_TC_MIN_N = 32768
+# At M = 1, the rows from which a format's GEMV runs on the tensor cores; a
+# format not listed keeps the float GEMV at M = 1.  Q4_K: always (70-98% of the
+# copy bandwidth against 50-60%).  Q6_K: gemv1_tc_q6k wins on the lm_head (87%
+# against 80%), ties at 66-70% on the mid shapes and loses on small ones.  Q5_K:
+# not measured with the tensor cores at M = 1.
+GEMV_TC_M1_MIN_N: dict[int, int] = {int(QT.Q4_K): 0, int(QT.Q6_K): 32768}
 GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by shape
 
 
@@ -206,8 +206,23 @@ def _sm_count(dev: int) -> int:
     return int(_cp().cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
 
 
-def _kernel(qt: QT, name: str) -> Any:
-    return _module(qt).get_function(name)
+_functions: dict[tuple[int, int, str], tuple[Any, int]] = {}
+
+
+def _kernel(qt: QT, name: str, smem: int = 0) -> Any:
+    """Kernel ``name`` of qt's module on the current device, looked up once and
+    allowed at least ``smem`` bytes of dynamic shared memory (set once, not per
+    launch: launches sit on the decode hot path)."""
+    key = (int(qt), int(_cp().cuda.runtime.getDevice()), name)
+    fn, allowed = _functions.get(key, (None, 0))
+    if fn is None:
+        fn = _module(qt).get_function(name)
+    if smem > allowed:
+        if fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        allowed = smem
+    _functions[key] = (fn, allowed)
+    return fn
 
 
 def compile_all() -> dict[str, str]:
@@ -307,8 +322,8 @@ def qmatmul(
 
     * "gemv" (M <= 8): exact weights, float32 accumulation: for bf16 x and
       Q4_K/Q5_K/Q6_K the tensor-core GEMV (integer weights in bf16, exact
-      products; at M = 1 not Q5_K, and Q6_K only from GEMV_Q6K_TC_MIN_N rows),
-      else the float32-decode GEMV;
+      products; at M = 1 only as GEMV_TC_M1_MIN_N says), else the float32-decode
+      GEMV;
     * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
       to mma.sync (x rounded to bf16), float32 accumulation;
     * "dequant": rows of W decoded in chunks into a scratch of at most
@@ -366,7 +381,8 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and (m > 1 or int(q) in GEMV_TC_AT_M1 or (q == QT.Q6_K and n >= GEMV_Q6K_TC_MIN_N)):
+        tc_ok = m > 1 or n >= GEMV_TC_M1_MIN_N.get(int(q), n + 1)
+        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and tc_ok:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
@@ -385,10 +401,8 @@ def qmatmul(
         elif path == "dequant":
             _dequant_matmul(cp, q, xc, xb, wc, y, m, n, k)
         else:
-            fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>")
             smem = _gemm_smem(q)
-            if fn.max_dynamic_shared_size_bytes < smem:
-                fn.max_dynamic_shared_size_bytes = smem
+            fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>", smem)
             t = _GEMM_TILE
             mt_, nt_ = -(-m // t), -(-n // t)
             if nt_ > 65535:
@@ -435,16 +449,12 @@ def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) 
     tiles = -(-n // 16)
     grid = (-(-tiles // (8 // wpr)),)
     if m == 1 and int(q) in _M1_KERNELS and GEMV_TC_M1:
-        fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>")
         smem = _tc_smem(q) if q == QT.Q6_K else 0  # Q6_K stages its blocks in shared memory
-        if fn.max_dynamic_shared_size_bytes < smem:
-            fn.max_dynamic_shared_size_bytes = smem
+        fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>", smem)
         fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)), shared_mem=smem)
         return
-    fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(GEMV_TC_FOLD)}>")
     smem = _tc_smem(q)
-    if fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
+    fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(GEMV_TC_FOLD)}>", smem)
     i32 = cp.int32
     fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)), shared_mem=smem)
 

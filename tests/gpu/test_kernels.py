@@ -186,7 +186,8 @@ def test_gemv_tc(
     calls = _spy_gemv_tc(monkeypatch)
     monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
     monkeypatch.setattr(launch, "GEMV_TC_FOLD", fold)
-    monkeypatch.setattr(launch, "GEMV_TC_AT_M1", launch._TC_TYPES)  # M = 1 through the tc kernels too
+    # M = 1 through the tensor-core kernels too
+    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_N", {t: 0 for t in launch._TC_TYPES})
     for m, n, k in ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584)):
         err = _run_matmul(cp, qt, m, n, k, True, "gemv", rng)
         print(f"gemv_tc {qt.name} wpr={wpr} fold={fold} M={m} N={n} K={k}: rel err {err:.3g}")
@@ -224,7 +225,7 @@ def test_gemv1_tc(
     calls = _spy_gemv_tc(monkeypatch)
     monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
     monkeypatch.setattr(launch, "GEMV_TC_M1", m1)
-    monkeypatch.setattr(launch, "GEMV_TC_AT_M1", launch._TC_TYPES)
+    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_N", {t: 0 for t in launch._TC_TYPES})
     for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
         err = _run_matmul(cp, qt, 1, n, k, True, "gemv", rng)
         print(f"gemv1 {qt.name} m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
@@ -233,12 +234,12 @@ def test_gemv1_tc(
 
 
 def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_Q6K_TC_MIN_N rows on and
+    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_TC_M1_MIN_N[Q6_K] rows on and
     # the float GEMV below; both exact
     from cupy_kernels import launch
 
     calls = _spy_gemv_tc(monkeypatch)
-    for n, want in ((launch.GEMV_Q6K_TC_MIN_N, 1), (100, 0)):
+    for n, want in ((launch.GEMV_TC_M1_MIN_N[int(T.Q6_K)], 1), (100, 0)):
         calls.clear()
         err = _run_matmul(cp, T.Q6_K, 1, n, 256, True, "gemv", rng)
         assert err < GEMV_TOL
