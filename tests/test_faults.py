@@ -8,7 +8,6 @@ record and the run (or the report) goes on.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,16 @@ from harness.cli import main as q4k
 from harness.report import build_report
 from harness.results import read_results
 from tests.test_memory_sampler import _fake_nvml
-from tests.test_plugin import CONFTEST, PLUGIN_ARGS, ROOT, _contract, _ft, results, run, write
+from tests.test_plugin import (
+    CONFTEST,
+    PLUGIN_ARGS,
+    _contract,
+    _ft,
+    results,
+    run,
+    start_run_stuck_in_third_item,
+    write,
+)
 
 FAULT_FALSIFIERS = '''
 import sys, time
@@ -161,26 +169,8 @@ def test_an_item_finishing_right_at_its_budget_never_leaks_the_interrupt(project
 def test_a_signal_keeps_results_whole_and_the_report_marks_what_did_not_finish(
     project: pytest.Pytester, sig: signal.Signals
 ) -> None:
-    tests = "".join(_ft(f"FT-K-{i}", "t_slow") for i in range(1, 3))
-    tests += _ft("FT-K-3", "t_slow", extra="params: {sleep: 60}")
-    tests += _ft("FT-K-4", "t_slow")
-    write(project, "a.yaml", _contract(tests))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "contracts", *PLUGIN_ARGS, "--run-id", "sig", "-p", "no:cacheprovider"],
-        cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    jsonl = project.path / "reports" / "sig" / "results.jsonl"
+    proc, jsonl = start_run_stuck_in_third_item(project, "sig", subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if jsonl.exists() and len(read_results(jsonl).results) >= 2:
-                break
-            assert proc.poll() is None, "the run ended before the signal"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("two items never finished")
-        time.sleep(0.3)  # inside FT-K-3's sleep now
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -317,31 +316,43 @@ def test_plugin_writes_nothing_for_a_run_without_contracts(pytester: pytest.Pyte
     assert not (pytester.path / "reports").exists()
 
 
-def test_killed_run_keeps_finished_items_and_the_report_marks_the_rest_unfinished(project: pytest.Pytester) -> None:
-    tests = "".join(_ft(f"FT-K-{i}", "t_slow", thresholds="") for i in range(1, 3))
+def start_run_stuck_in_third_item(
+    project: pytest.Pytester, run_id: str, output: int | None
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start a run of FT-K-1..4 in a subprocess (stdout/stderr to ``output``) and
+    return (process, results.jsonl) once FT-K-1 and FT-K-2 are recorded and FT-K-3
+    is inside its 60 s sleep; the process is killed if that never happens."""
+    tests = "".join(_ft(f"FT-K-{i}", "t_slow") for i in range(1, 3))
     tests += _ft("FT-K-3", "t_slow", extra="params: {sleep: 60}")
     tests += _ft("FT-K-4", "t_slow")
     write(project, "a.yaml", _contract(tests))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "contracts", *PLUGIN_ARGS, "--run-id", "killed", "-p", "no:cacheprovider"],
-        cwd=project.path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "pytest", "contracts", *PLUGIN_ARGS, "--run-id", run_id, "-p", "no:cacheprovider"],
+        cwd=project.path, env=env, stdout=output, stderr=subprocess.STDOUT,
     )
-    jsonl = project.path / "reports" / "killed" / "results.jsonl"
-    deadline = time.monotonic() + 60
+    jsonl = project.path / "reports" / run_id / "results.jsonl"
     try:
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if jsonl.exists() and len(read_results(jsonl).results) >= 2:
                 break
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert proc.poll() is None, "the run ended before FT-K-3 started"
             time.sleep(0.05)
         else:
             raise AssertionError("two items never finished")
-        time.sleep(0.2)  # inside FT-K-3's sleep now
-        proc.send_signal(signal.SIGKILL)
-    finally:
+        time.sleep(0.3)  # inside FT-K-3's sleep now
+    except BaseException:
         proc.kill()
         proc.wait()
+        raise
+    return proc, jsonl
+
+
+def test_killed_run_keeps_finished_items_and_the_report_marks_the_rest_unfinished(project: pytest.Pytester) -> None:
+    proc, jsonl = start_run_stuck_in_third_item(project, "killed", subprocess.DEVNULL)
+    proc.kill()
+    proc.wait()
     data = read_results(jsonl)
     assert sorted(r["id"] for r in data.results) == ["FT-K-1", "FT-K-2"]
     assert data.interrupted and not data.corrupt_lines

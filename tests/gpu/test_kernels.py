@@ -181,18 +181,28 @@ def test_gemv_tc(
     # the tensor-core GEMV (bf16 x, K-quants) in every K split, with and without
     # the folded bias; K = 3584 is 14 blocks, which 4 and 8 warps split unevenly;
     # N = 77 and 16 leave a partial 16-row tile and exactly one
+    cases = ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584))
+    _check_tc(cp, rng, monkeypatch, qt, cases, GEMV_TC_WPR=wpr, GEMV_TC_FOLD=fold)
+
+
+def _check_tc(
+    cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, qt: T,
+    cases: tuple[tuple[int, int, int], ...], **settings: Any,
+) -> None:
+    """Each (M, N, K) case through path "gemv" with bf16 x and the given launch
+    settings, M = 1 on the tensor cores too: within GEMV_TOL, and every case ran
+    on the tensor-core GEMV."""
     from cupy_kernels import launch
 
     calls = _spy_gemv_tc(monkeypatch)
-    monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
-    monkeypatch.setattr(launch, "GEMV_TC_FOLD", fold)
-    # M = 1 through the tensor-core kernels too
     monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_N", {t: 0 for t in launch._TC_TYPES})
-    for m, n, k in ((1, 77, 3584), (2, 16, 768), (5, 77, 512), (8, 131, 3584)):
+    for name, value in settings.items():
+        monkeypatch.setattr(launch, name, value)
+    for m, n, k in cases:
         err = _run_matmul(cp, qt, m, n, k, True, "gemv", rng)
-        print(f"gemv_tc {qt.name} wpr={wpr} fold={fold} M={m} N={n} K={k}: rel err {err:.3g}")
+        print(f"gemv_tc {qt.name} {settings} M={m} N={n} K={k}: rel err {err:.3g}")
         assert err < GEMV_TOL
-    assert len(calls) == 4, "the tensor-core GEMV was not the kernel that ran"
+    assert len(calls) == len(cases), "the tensor-core GEMV was not the kernel that ran"
 
 
 def _spy_gemv_tc(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -220,17 +230,8 @@ def test_gemv1_tc(
     # general one, on a single 16-row tile, partial tiles, one block per row and
     # 14 blocks split unevenly; K = 768 (3 Q6_K blocks of 210 B) leaves rows
     # 2 bytes off 4-byte alignment, so both halves of the funnel loads run
-    from cupy_kernels import launch
-
-    calls = _spy_gemv_tc(monkeypatch)
-    monkeypatch.setattr(launch, "GEMV_TC_WPR", wpr)
-    monkeypatch.setattr(launch, "GEMV_TC_M1", m1)
-    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_N", {t: 0 for t in launch._TC_TYPES})
-    for n, k in ((16, 256), (77, 3584), (1000, 768), (19, 3584)):
-        err = _run_matmul(cp, qt, 1, n, k, True, "gemv", rng)
-        print(f"gemv1 {qt.name} m1={m1} wpr={wpr} N={n} K={k}: rel err {err:.3g}")
-        assert err < GEMV_TOL
-    assert len(calls) == 4
+    cases = ((1, 16, 256), (1, 77, 3584), (1, 1000, 768), (1, 19, 3584))
+    _check_tc(cp, rng, monkeypatch, qt, cases, GEMV_TC_WPR=wpr, GEMV_TC_M1=m1)
 
 
 def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
