@@ -143,6 +143,45 @@ def _median_graph_time(cp: Any, launch: Callable[[int], None], replays: int) -> 
     return statistics.median(times[2:]), reps, graph is not None
 
 
+# A streaming read of the same bytes as the weight, with every load in flight at
+# once: what a kernel of that size can reach on this card including its launch,
+# ramp-up and tail (NOTES.md v7).  The XOR keeps the loads alive; the store
+# never happens for random data.
+_READ_FLOOR = r"""
+extern "C" __global__ void __launch_bounds__(256) read_floor(const uint4* __restrict__ p, long long n16,
+                                                          unsigned* out) {
+    unsigned acc = 0;
+    const long long stride = (long long)gridDim.x * 256;
+    long long i = blockIdx.x * 256LL + threadIdx.x;
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+        const uint4 a = __ldg(p + i), b = __ldg(p + i + stride), c = __ldg(p + i + 2 * stride),
+                    d = __ldg(p + i + 3 * stride);
+        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    }
+    for (; i < n16; i += stride) {
+        const uint4 v = __ldg(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9E3779B9u) out[0] = acc;
+}
+"""
+
+
+def read_floor_time(cp: Any, bufs: list[Any], replays: int) -> float:
+    """Median seconds to stream-read one of ``bufs`` (equal-sized byte arrays,
+    rotated like the weights), 8 CTAs of 256 threads per SM."""
+    fn = cp.RawKernel(_READ_FLOOR, "read_floor")
+    sink = cp.zeros(4, dtype=cp.uint32)
+    n16 = bufs[0].size // 16
+    grid = (8 * cp.cuda.Device().attributes["MultiProcessorCount"],)
+
+    def run(i: int) -> None:
+        fn(grid, (256,), (bufs[i % len(bufs)], cp.int64(n16), sink))
+
+    t, _, _ = _median_graph_time(cp, run, replays)
+    return t
+
+
 def _spin_kernel(cp: Any) -> Any:
     return cp.RawKernel(
         r"""extern "C" __global__ void spin(long long cycles) {
@@ -292,6 +331,7 @@ def run_kernels(args: argparse.Namespace) -> int:
             wbytes = n * rb
             nw = max(1, min(16, math.ceil(ROTATE_BYTES / wbytes)))
             ws = [random_weight_gpu(cp, qt, n, k) for _ in range(nw)]
+            floor_t = read_floor_time(cp, ws, args.replays)
             check: dict[int, float] = {}
             if args.check:
                 deq = qembed(cp.arange(n, dtype=cp.int32), ws[0], qt, n, k) if n <= 65535 else None
@@ -342,6 +382,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                         "median_us": t * 1e6, "tflops": flops / t / 1e12,
                         "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,
                         "copy_GBps": copy_bw / 1e9, "frac_of_copy_bw": wbytes / t / copy_bw,
+                        "read_floor_us": floor_t * 1e6, "frac_of_read_floor": floor_t / t,
                         "torch_bf16_us": torch_t[m] * 1e6,
                         "torch_bf16_tflops": flops / torch_t[m] / 1e12,
                         "speedup_vs_torch_bf16": torch_t[m] / t,
@@ -386,9 +427,9 @@ def _variants(
         return out
     if int(qt) in launch._TC_TYPES:
         # the tensor-core GEMV even where M = 1 defaults to the float one
-        tc = {"GEMV_TC_M1_MIN_N": {t: 0 for t in launch._TC_TYPES}}
+        tc = {"GEMV_TC_M1_MIN_WEIGHTS": {t: 0 for t in launch._TC_TYPES}}
         out.append(("gemv", "gemv-float", {"GEMV_TC": False}))
-        if m == 1 and launch.GEMV_TC_M1_MIN_N.get(int(qt)) != 0:
+        if m == 1 and launch.GEMV_TC_M1_MIN_WEIGHTS.get(int(qt)) != 0:
             out.append(("gemv", "gemv-tc", tc))
         if m == 1 and int(qt) in launch._M1_KERNELS:
             out.append(("gemv", "gemv-tc-m8", {"GEMV_TC_M1": False, **tc}))
@@ -406,11 +447,12 @@ def _variants(
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['env']['device']}: copy {result['copy_GBps']:.0f} GB/s (r+w)")
-    hdr = f"{'type':5s} {'path':12s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
+    hdr = f"{'type':5s} {'path':12s} {'M':>5s} {'N':>6s} {'K':>5s} {'us':>9s} {'TF/s':>7s} {'GB/s':>6s} {'%copy':>6s} {'%read':>6s} {'torch_us':>9s} {'torchTF':>7s} {'xtorch':>6s}"
     print(hdr)
     for r in result["rows"]:
         print(
             f"{r['type']:5s} {r['path']:12s} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['median_us']:9.1f} "
             f"{r['tflops']:7.1f} {r['weight_GBps']:6.0f} {100 * r['frac_of_copy_bw']:5.0f}% "
+            f"{100 * r['frac_of_read_floor']:5.0f}% "
             f"{r['torch_bf16_us']:9.1f} {r['torch_bf16_tflops']:7.1f} {r['speedup_vs_torch_bf16']:6.2f}"
         )

@@ -1,0 +1,35 @@
+"""``q4k bench kernels`` end to end on a small shape (CUDA only): the JSON has a
+row per (format, M, path) with consistent, finite measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_kernels_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "harness.cli", "bench", "kernels", "--types", "Q4_K,Q6_K", "--m", "1,8",
+           "--shapes", "512x1024", "--replays", "3", "--check", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["copy_GBps"] > 0
+    rows = result["rows"]
+    assert {(r["type"], r["M"]) for r in rows} == {(t, m) for t in ("Q4_K", "Q6_K") for m in (1, 8)}
+    for r in rows:
+        wbytes = r["N"] * r["K"] // 256 * {"Q4_K": 144, "Q6_K": 210}[r["type"]]
+        assert r["weight_bytes"] == wbytes
+        # every ratio is recomputable from the row's own measurements
+        assert math.isclose(r["weight_GBps"], wbytes / r["median_us"] / 1e3, rel_tol=1e-9)
+        assert math.isclose(r["frac_of_copy_bw"], r["weight_GBps"] / r["copy_GBps"], rel_tol=1e-9)
+        assert math.isclose(r["frac_of_read_floor"], r["read_floor_us"] / r["median_us"], rel_tol=1e-9)
+        assert math.isclose(r["speedup_vs_torch_bf16"], r["torch_bf16_us"] / r["median_us"], rel_tol=1e-9)
+        # a kernel that must decode cannot beat a plain read of its bytes by much
+        assert 0 < r["frac_of_read_floor"] < 1.5, r
+    for r in rows:
+        if r["M"] == 1:  # --check: the default path against the f32 dequant
+            assert r["rel_err_vs_f32_dequant"] is not None and r["rel_err_vs_f32_dequant"] < 1e-5
