@@ -390,7 +390,9 @@ __device__ __forceinline__ void mma_colsum(float (&c)[4], u32 b0, u32 b1) {
 }
 
 template <int QT> struct TcStage {
-    static const int RCH = (Fmt<QT>::BYTES + 15) / 16 + 1;  // chunks per row, worst alignment
+    // chunks per row: the block plus its offset in its first chunk, at most 14
+    // (every block size is even, W is 16-byte aligned: rows are 2-byte aligned)
+    static const int RCH = (Fmt<QT>::BYTES + 14 + 15) / 16;
     static const int RAWP = RCH * 16;                       // bytes per staged row
     static const int WARP_BYTES = 2 * 16 * RAWP;            // two stages of 16 rows
 };
@@ -521,24 +523,24 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
 
 // gemv1_*: lane (g, t) holds its columns' partial sums of rows g (acc 0, 1) and
 // g+8 (acc 2, 3); sum the quad, then the wpr warps of the row tile, and store.
+// Warp w passes its 16 partial row sums through shared memory at red + w * stride.
 __device__ __forceinline__ void gemv1_store(const float (&acc)[4], float* __restrict__ Y, int N, int n0,
-                                            int wpr, int part) {
+                                            int wpr, int part, float* red, int stride) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float r0 = acc[0] + acc[1], r1 = acc[2] + acc[3];
     r0 += __shfl_xor_sync(0xffffffffu, r0, 1);
     r1 += __shfl_xor_sync(0xffffffffu, r1, 1);
     r0 += __shfl_xor_sync(0xffffffffu, r0, 2);
     r1 += __shfl_xor_sync(0xffffffffu, r1, 2);
-    __shared__ float red[8][2][8];
     if (wpr > 1 && t == 0) {
-        red[warp][0][g] = r0;
-        red[warp][1][g] = r1;
+        red[warp * stride + g] = r0;
+        red[warp * stride + 8 + g] = r1;
     }
     __syncthreads();
     if (part == 0 && n0 < N && t == 0) {
         for (int p = 1; p < wpr; ++p) {
-            r0 += red[warp + p][0][g];
-            r1 += red[warp + p][1][g];
+            r0 += red[(warp + p) * stride + g];
+            r1 += red[(warp + p) * stride + 8 + g];
         }
         if (n0 + g < N) Y[n0 + g] = r0;
         if (n0 + g + 8 < N) Y[n0 + g + 8] = r1;
@@ -586,9 +588,15 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
             const u32 q1[8] = {qa1.x, qa1.y, qa1.z, qa1.w, qb1.x, qb1.y, qb1.z, qb1.w};
             const u32 xw[16] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w,
                                 xc.x, xc.y, xc.z, xc.w, xd.x, xd.y, xd.z, xd.w};
-            // two accumulator pairs (even / odd word) halve the mma dependency chain
+            // sum x of each sub-block c in C column c: A = ones, and lane (c, t)
+            // puts values 8t..8t+7 of sub-block c in its four k slots of
+            // column c (which slot holds which value does not matter to a sum)
+            const uint4 xs = __ldg((const uint4*)(X + (long long)blk * F::QK + 32 * g + 8 * t));
+            float cs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_colsum(cs, xs.x, xs.y);
+            mma_colsum(cs, xs.z, xs.w);
+            // two accumulators (even / odd word) halve the mma dependency chain
             float cq[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-            float cs[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -598,9 +606,7 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
                                       ((w >> 4) & 0x000F000Fu) | QF_MAGIC, ((v >> 4) & 0x000F000Fu) | QF_MAGIC};
                     // positions 4j+b, 4j+b+2 of the sub-block: halves b of x words 2j, 2j+1
                     const u32 pr = __byte_perm(xw[2 * j], xw[2 * j + 1], b ? 0x7632 : 0x5410);
-                    const u32 b0 = pr & mlo, b1 = pr & mhi;
-                    mma_bf16(cq[j & 1], A, b0, b1);
-                    mma_colsum(cs[j & 1], b0, b1);
+                    mma_bf16(cq[j & 1], A, pr & mlo, pr & mhi);
                 }
             }
             float sc0, m0, sc1, m1, sc2, m2, sc3, m3;
@@ -614,34 +620,54 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 acc[i] = fmaf(a[i], cq[0][i] + cq[1][i], acc[i]);
-                acc[i] = fmaf(fmaf(-128.0f, a[i], c[i]), cs[0][i] + cs[1][i], acc[i]);
+                acc[i] = fmaf(fmaf(-128.0f, a[i], c[i]), cs[i], acc[i]);
             }
         }
     }
-    gemv1_store(acc, Y, N, n0, wpr, part);
+    __shared__ float red[8 * 16];
+    gemv1_store(acc, Y, N, n0, wpr, part, red, 16);
 }
 
 // ---------------------------------------------------------------------------
 // M = 1 tensor-core GEMV for Q6_K, gemv1_tc's scheme with Q6_K's 16-value
-// scale groups: per 128-value half n, C column c is scale sc[8n + c] (value
-// group u = c/2 of llama.cpp's dequantize_row_q6_K, l in [0,16) or [16,32)),
-// and lane (g, t) owns value group t: low/high nibbles of ql[64n + 32(t&1) +
-// l] (t/2 picks which) with bits 2t, 2t+1 of qh[32n + l].  mma i (0..7 per
-// half) puts l = 4k+b, 4k+b+2 (k = i/2, b = i%2) in k slots 2t, 2t+1 and l+16
-// in 2t+8, 2t+9.  Rows are only 2-byte aligned, so the blocks come through
-// gemv_tc's cp.async staging; each half keeps its own accumulators.  The bias
-// is folded: a (128 + q) - 160 a = a (q - 32).
-// 8 consecutive words at byte offset off (2-byte aligned) of the shared-memory
-// buffer sm, branch-free: 9 aligned loads and a funnel shift by 0 or 16 bits
-__device__ __forceinline__ void ld8_a2(const u8* sm, int off, u32 (&w)[8]) {
+// scale groups.  Per 128-value half n, C column c is scale sc[8n + c]: value
+// group u = c/2 of llama.cpp's dequantize_row_q6_K (position 128n + 32u + l),
+// l in [0,16) or [16,32) for c even / odd.  Lane (g, t) decodes positions
+// l = 8t..8t+7 of all four groups of rows g and g+8: bytes ql[64n + l] (low
+// nibble: group 0, high: 2), ql[64n + 32 + l] (groups 1, 3) and qh[32n + l]
+// (bits 2u, 2u+1), so each byte is read from shared memory by one lane only.
+// mma (v, w, b), v = 0, 1: k slots 2t, 2t+1 take group v and 2t+8, 2t+9 group
+// v + 2, at positions l = 8t + 4w + b and l + 2.  Quad t's positions fall in
+// the l-half t >> 1, so group v's slots feed column 2v + (t >> 1) and group
+// v + 2's column 2v + 4 + (t >> 1): lane (c, t) supplies B only when c & 1 is
+// t >> 1, with the x of group c >> 1 at its own positions.  Rows are only
+// 2-byte aligned, so the blocks come through gemv_tc's cp.async staging.  The
+// bias is folded: a (128 + q) - 160 a = a (q - 32).
+// 2 consecutive words at byte offset off (2-byte aligned) of the shared-memory
+// buffer sm, branch-free: 3 aligned loads and a funnel shift by 0 or 16 bits
+__device__ __forceinline__ void ld2_a2(const u8* sm, int off, u32 (&w)[2]) {
     const u32* a = (const u32*)sm + (off >> 2);
     const u32 sh = (u32)(off & 3) * 8u;
-    u32 prev = a[0];
+    const u32 x0 = a[0], x1 = a[1], x2 = a[2];
+    w[0] = __funnelshift_r(x0, x1, sh);
+    w[1] = __funnelshift_r(x1, x2, sh);
+}
+
+// The 6-bit values of positions 8t..8t+7 of one row's half: v[u][w] holds
+// group u, positions 8t + 4w .. +3 in its bytes (bits 6, 7 of each byte are
+// left over from qh and masked off when the mma fragments are cut out).
+__device__ __forceinline__ void q6_row_half(const u8* sm, int off, int n, int t, u32 (&v)[4][2]) {
+    u32 la[2], lb[2], h[2];
+    ld2_a2(sm, off + 64 * n + 8 * t, la);
+    ld2_a2(sm, off + 64 * n + 32 + 8 * t, lb);
+    ld2_a2(sm, off + 128 + 32 * n + 8 * t, h);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const u32 nx = a[k + 1];
-        w[k] = __funnelshift_r(prev, nx, sh);
-        prev = nx;
+    for (int w = 0; w < 2; ++w) {
+        // low nibble from ql, bits 4, 5 from qh bits 2u, 2u+1 (one LOP3 each)
+        v[0][w] = (la[w] & 0x0F0F0F0Fu) | ((h[w] << 4) & 0xF0F0F0F0u);
+        v[1][w] = (lb[w] & 0x0F0F0F0Fu) | ((h[w] << 2) & 0xF0F0F0F0u);
+        v[2][w] = ((la[w] >> 4) & 0x0F0F0F0Fu) | (h[w] & 0xF0F0F0F0u);
+        v[3][w] = ((lb[w] >> 4) & 0x0F0F0F0Fu) | ((h[w] >> 2) & 0xF0F0F0F0u);
     }
 }
 
@@ -653,16 +679,21 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
     typedef TcStage<QT> S;
     extern __shared__ __align__(16) u8 tc_smem[];
     const TcWarp w = tc_warp<QT>(K, wpr);
-    const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
+    const int warp = w.warp, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
     const long long rb = w.rb;
-    const u32 mlo = w.mlo, mhi = w.mhi;
-    const int ns = 4 * (t >> 1), hs = 2 * t;  // nibble and qh-bit shifts of value group t
+    // B masks: this lane feeds column g (group g >> 1) when g & 1 is t >> 1;
+    // group g >> 1 is v (k slots 2t, 2t+1) or v + 2 (2t+8, 2t+9) of mma v
+    const bool feeds = (g & 1) == (t >> 1);
+    const u32 mlo[2] = {feeds && (g >> 1) == 0 ? 0xFFFFFFFFu : 0u, feeds && (g >> 1) == 1 ? 0xFFFFFFFFu : 0u};
+    const u32 mhi[2] = {feeds && (g >> 1) == 2 ? 0xFFFFFFFFu : 0u, feeds && (g >> 1) == 3 ? 0xFFFFFFFFu : 0u};
     u8* stages = tc_smem + warp * S::WARP_BYTES;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (n0 < N) {
         const long long ra = (long long)min(n0 + g, N - 1) * rb, rc = (long long)min(n0 + g + 8, N - 1) * rb;
-        // this lane's activations: value group t, l in [16 (g & 1), +16) of each half
-        const u16* xl = X + 32 * t + 16 * (g & 1);
+        // this lane's B activations: group g >> 1, positions 8t..8t+7 of each half
+        const u16* xl = X + 32 * (g >> 1) + 8 * t;
+        // and for the column sums: group g >> 1, l = 16 (g & 1) + 4t .. +3
+        const u16* xs = X + 32 * (g >> 1) + 16 * (g & 1) + 4 * t;
         if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
         int st = 0;
         for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
@@ -670,58 +701,48 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
             const long long bo = (long long)blk * F::BYTES;
             const u8* sb = stages + st * 16 * S::RAWP;  // 16-byte aligned stage
             const int o0 = g * S::RAWP + (int)((ra + bo) & 15), o1 = (g + 8) * S::RAWP + (int)((rc + bo) & 15);
-            const u8* b0p = sb + o0;
-            const u8* b1p = sb + o1;
-            u32 v0[2][8], v1[2][8];  // [half][word k]: bytes 6-bit q of l = 4k..4k+3
-            float a0[2][2], a1[2][2];  // [half][is]
-            const float d0 = h2f(ld16(b0p + 208)), d1 = h2f(ld16(b1p + 208));
+            const float d0 = h2f(ld16(sb + o0 + 208)), d1 = h2f(ld16(sb + o1 + 208));
 #pragma unroll
             for (int n = 0; n < 2; ++n) {
-                const u32 s0 = ld16(b0p + 192 + 8 * n + 2 * t), s1 = ld16(b1p + 192 + 8 * n + 2 * t);
-                a0[n][0] = d0 * (float)(i8)(s0 & 0xFFu);
-                a0[n][1] = d0 * (float)(i8)(s0 >> 8);
-                a1[n][0] = d1 * (float)(i8)(s1 & 0xFFu);
-                a1[n][1] = d1 * (float)(i8)(s1 >> 8);
-                u32 l0[8], h0[8], l1[8], h1[8];
-                ld8_a2(sb, o0 + 64 * n + 32 * (t & 1), l0);
-                ld8_a2(sb, o0 + 128 + 32 * n, h0);
-                ld8_a2(sb, o1 + 64 * n + 32 * (t & 1), l1);
-                ld8_a2(sb, o1 + 128 + 32 * n, h1);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    v0[n][k] = ((l0[k] >> ns) & 0x0F0F0F0Fu) | (((h0[k] >> hs) & 0x03030303u) << 4);
-                    v1[n][k] = ((l1[k] >> ns) & 0x0F0F0F0Fu) | (((h1[k] >> hs) & 0x03030303u) << 4);
-                }
-            }
-            __syncwarp();  // every lane has read this stage before it is refilled
-#pragma unroll
-            for (int n = 0; n < 2; ++n) {
-                const uint4* xp = (const uint4*)(xl + (long long)blk * F::QK + 128 * n);
-                const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
-                const u32 xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+                const u32 s0 = ld16(sb + o0 + 192 + 8 * n + 2 * t), s1 = ld16(sb + o1 + 192 + 8 * n + 2 * t);
+                // columns 2t, 2t+1 of rows g, g+8
+                const float a[4] = {d0 * (float)(i8)(s0 & 0xFFu), d0 * (float)(i8)(s0 >> 8),
+                                    d1 * (float)(i8)(s1 & 0xFFu), d1 * (float)(i8)(s1 >> 8)};
+                u32 v0[4][2], v1[4][2];  // [group][word]
+                q6_row_half(sb, o0, n, t, v0);
+                q6_row_half(sb, o1, n, t, v1);
+                const uint4 xv = __ldg((const uint4*)(xl + (long long)blk * F::QK + 128 * n));
+                const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+                // sum x of each scale group c in C column c: lane (c, t) puts
+                // values 4t..4t+3 of column c's 16 in its four k slots of column c
+                const uint2 xg = __ldg((const uint2*)(xs + (long long)blk * F::QK + 128 * n));
                 float cq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma_colsum(cs, xg.x, xg.y);
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
+                for (int wd = 0; wd < 2; ++wd) {
 #pragma unroll
                     for (int b = 0; b < 2; ++b) {
-                        const u32 A[4] = {((v0[n][k] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                          ((v1[n][k] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                          ((v0[n][k + 4] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                          ((v1[n][k + 4] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC};
-                        const u32 pr = __byte_perm(xw[2 * k], xw[2 * k + 1], b ? 0x7632 : 0x5410);
-                        const u32 bl = pr & mlo, bh = pr & mhi;
-                        mma_bf16(cq, A, bl, bh);
-                        mma_colsum(cs, bl, bh);
+                        // x at positions 8t + 4wd + b and + 2 (halves b of x words 2wd, 2wd+1)
+                        const u32 pr = __byte_perm(xw[2 * wd], xw[2 * wd + 1], b ? 0x7632 : 0x5410);
+#pragma unroll
+                        for (int v = 0; v < 2; ++v) {
+                            const u32 A[4] = {((v0[v][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                              ((v1[v][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                              ((v0[v + 2][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
+                                              ((v1[v + 2][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC};
+                            mma_bf16(cq, A, pr & mlo[v], pr & mhi[v]);
+                        }
                     }
                 }
-                // columns 2t (is 0), 2t+1 (is 1) of rows g, g+8
-                const float a[4] = {a0[n][0], a0[n][1], a1[n][0], a1[n][1]};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i] = fmaf(a[i], fmaf(-160.0f, cs[i], cq[i]), acc[i]);
             }
+            __syncwarp();  // every lane has read this stage before the next step refills it
         }
     }
-    gemv1_store(acc, Y, N, n0, wpr, part);
+    // each warp's partial sums go to the start of its own (drained) stages, which
+    // keeps the CTA within a quarter of the SM's shared memory (4 CTAs per SM)
+    gemv1_store(acc, Y, N, n0, wpr, part, (float*)tc_smem, S::WARP_BYTES / 4);
 }
 
 // ---------------------------------------------------------------------------

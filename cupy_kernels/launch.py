@@ -79,19 +79,20 @@ _GEMM_TILE = 128  # BM = BN = BK
 # Formats with an integer fragment decode (qfrag.cuh): with bf16 activations
 # their GEMV runs on the tensor cores (gemv_tc; the _M1_KERNELS at M = 1), exact
 # like the float GEMV.  From M = 2 on the tensor-core kernels win 1.7-2.8x; at
-# M = 1 only where GEMV_TC_M1_MIN_N says (NOTES.md v6).
+# M = 1 only where GEMV_TC_M1_MIN_WEIGHTS says (NOTES.md v6, v7).
 _TC_TYPES = frozenset({int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)})
 GEMV_TC = True  # False: the float GEMV for every format (the bench compares both)
 GEMV_TC_FOLD = False  # keep 128 + q and fold the bias into c (gemv_tc FOLD)
 # M = 1 kernels that put the block's scale groups in the mma columns
 _M1_KERNELS = {int(QT.Q4_K): "gemv1_tc", int(QT.Q6_K): "gemv1_tc_q6k"}
 GEMV_TC_M1 = True  # use them (False: gemv_tc with one used column, for the bench)
-# At M = 1, the rows from which a format's GEMV runs on the tensor cores; a
-# format not listed keeps the float GEMV at M = 1.  Q4_K: always (70-98% of the
-# copy bandwidth against 50-60%).  Q6_K: gemv1_tc_q6k wins on the lm_head (87%
-# against 80%), ties at 66-70% on the mid shapes and loses on small ones.  Q5_K:
-# not measured with the tensor cores at M = 1.
-GEMV_TC_M1_MIN_N: dict[int, int] = {int(QT.Q4_K): 0, int(QT.Q6_K): 32768}
+# At M = 1, the weight count (N * K) from which a format's GEMV runs on the
+# tensor cores; a format not listed keeps the float GEMV at M = 1.  Q4_K:
+# always (73-104% of the copy bandwidth against 50-60%).  Q6_K: gemv1_tc_q6k
+# wins from the 7B mid shapes on (N * K = 68 M: 75% against 68-70%; lm_head 96%
+# against 80%) and loses by ~7% on 3584 x 3584 (13 M).  Q5_K: not measured with
+# the tensor cores at M = 1.
+GEMV_TC_M1_MIN_WEIGHTS: dict[int, int] = {int(QT.Q4_K): 0, int(QT.Q6_K): 1 << 25}
 GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by shape
 
 
@@ -209,14 +210,17 @@ def _sm_count(dev: int) -> int:
 _functions: dict[tuple[int, int, str], tuple[Any, int]] = {}
 
 
-def _kernel(qt: QT, name: str, smem: int = 0) -> Any:
+def _kernel(qt: QT, name: str, smem: int = 0, smem_carveout: bool = False) -> Any:
     """Kernel ``name`` of qt's module on the current device, looked up once and
     allowed at least ``smem`` bytes of dynamic shared memory (set once, not per
-    launch: launches sit on the decode hot path)."""
+    launch: launches sit on the decode hot path).  ``smem_carveout``: prefer the
+    largest shared-memory split of L1, for kernels whose occupancy needs it."""
     key = (int(qt), int(_cp().cuda.runtime.getDevice()), name)
     fn, allowed = _functions.get(key, (None, 0))
     if fn is None:
         fn = _module(qt).get_function(name)
+        if smem_carveout:
+            fn.preferred_shared_memory_carveout = 100
     if smem > allowed:
         if fn.max_dynamic_shared_size_bytes < smem:
             fn.max_dynamic_shared_size_bytes = smem
@@ -322,7 +326,7 @@ def qmatmul(
 
     * "gemv" (M <= 8): exact weights, float32 accumulation: for bf16 x and
       Q4_K/Q5_K/Q6_K the tensor-core GEMV (integer weights in bf16, exact
-      products; at M = 1 only as GEMV_TC_M1_MIN_N says), else the float32-decode
+      products; at M = 1 only as GEMV_TC_M1_MIN_WEIGHTS says), else the float32-decode
       GEMV;
     * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
       to mma.sync (x rounded to bf16), float32 accumulation;
@@ -381,7 +385,7 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        tc_ok = m > 1 or n >= GEMV_TC_M1_MIN_N.get(int(q), n + 1)
+        tc_ok = m > 1 or n * k >= GEMV_TC_M1_MIN_WEIGHTS.get(int(q), n * k + 1)
         if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and tc_ok:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:
@@ -422,35 +426,39 @@ def qmatmul(
     return y
 
 
-def gemv_tc_wpr(n: int, nblocks: int, sms: int) -> int:
-    """Warps per 16-row tile for gemv_tc / gemv1_tc: split K while the grid has
-    fewer than ~32 warps per SM and each warp keeps >= 2 blocks (bench: the
-    M = 1 kernels are latency-bound per warp, so short rows want more warps)."""
+def gemv_tc_wpr(n: int, nblocks: int, sms: int, m: int = 2) -> int:
+    """Warps per 16-row tile for gemv_tc / the M = 1 kernels: split K while the
+    grid has fewer than 32 (M = 1: 128) warps per SM and each warp keeps >= 2
+    blocks.  Bench: these kernels are latency-bound per warp, so short rows want
+    more warps; at M = 1 the 7B shapes measured 2-5% faster with 8 warps per
+    tile on 18944 x 3584 and 2 on the lm_head than with 4 and 1 (NOTES.md v7)."""
     if GEMV_TC_WPR is not None:
         return GEMV_TC_WPR
     tiles = -(-n // 16)
+    target = (128 if m == 1 else 32) * sms
     wpr = 1
-    while wpr < 8 and tiles * wpr < 32 * sms and nblocks >= 2 * wpr:
+    while wpr < 8 and tiles * wpr < target and nblocks >= 2 * wpr:
         wpr *= 2
     return wpr
 
 
 def _tc_smem(q: QT) -> int:
     """Dynamic shared memory of gemv_tc<q>: 8 warps x 2 stages x 16 staged rows."""
-    rch = -(-_BLOCKS[q][1] // 16) + 1  # TcStage<QT>::RCH
+    rch = -(-(_BLOCKS[q][1] + 14) // 16)  # TcStage<QT>::RCH
     return 8 * 2 * 16 * rch * 16
 
 
 def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
     cp = _cp()
-    wpr = gemv_tc_wpr(n, k // _BLOCKS[q][0], _sm_count(dev))
+    wpr = gemv_tc_wpr(n, k // _BLOCKS[q][0], _sm_count(dev), m)
     if wpr not in (1, 2, 4, 8):
         raise ValueError(f"GEMV_TC_WPR={wpr} must be 1, 2, 4 or 8")
     tiles = -(-n // 16)
     grid = (-(-tiles // (8 // wpr)),)
     if m == 1 and int(q) in _M1_KERNELS and GEMV_TC_M1:
-        smem = _tc_smem(q) if q == QT.Q6_K else 0  # Q6_K stages its blocks in shared memory
-        fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>", smem)
+        # Q6_K stages its blocks in shared memory: 4 CTAs of 56 KiB fill the SM's 228 KiB
+        smem = _tc_smem(q) if q == QT.Q6_K else 0
+        fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>", smem, smem_carveout=smem > 0)
         fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)), shared_mem=smem)
         return
     smem = _tc_smem(q)

@@ -195,7 +195,7 @@ def _check_tc(
     from cupy_kernels import launch
 
     calls = _spy_gemv_tc(monkeypatch)
-    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_N", {t: 0 for t in launch._TC_TYPES})
+    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_WEIGHTS", {t: 0 for t in launch._TC_TYPES})
     for name, value in settings.items():
         monkeypatch.setattr(launch, name, value)
     for m, n, k in cases:
@@ -229,20 +229,23 @@ def test_gemv1_tc(
     # M = 1: the scale-groups-as-columns kernels (gemv1_tc, gemv1_tc_q6k) and the
     # general one, on a single 16-row tile, partial tiles, one block per row and
     # 14 blocks split unevenly; K = 768 (3 Q6_K blocks of 210 B) leaves rows
-    # 2 bytes off 4-byte alignment, so both halves of the funnel loads run
-    cases = ((1, 16, 256), (1, 77, 3584), (1, 1000, 768), (1, 19, 3584))
+    # 2 bytes off 4-byte alignment, so both halves of the funnel loads run;
+    # K = 18944 (74 blocks, the 7B down projection) gives long K splits
+    cases = ((1, 16, 256), (1, 77, 3584), (1, 1000, 768), (1, 19, 3584), (1, 40, 18944))
     _check_tc(cp, rng, monkeypatch, qt, cases, GEMV_TC_WPR=wpr, GEMV_TC_M1=m1)
 
 
 def test_q6k_m1_dispatch(cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_TC_M1_MIN_N[Q6_K] rows on and
-    # the float GEMV below; both exact
+    # Q6_K at M = 1 runs the tensor-core GEMV from GEMV_TC_M1_MIN_WEIGHTS[Q6_K]
+    # weights (N * K) on and the float GEMV below; both exact
     from cupy_kernels import launch
 
     calls = _spy_gemv_tc(monkeypatch)
-    for n, want in ((launch.GEMV_TC_M1_MIN_N[int(T.Q6_K)], 1), (100, 0)):
+    k = 3584
+    at_min = -(-launch.GEMV_TC_M1_MIN_WEIGHTS[int(T.Q6_K)] // k)
+    for n, want in ((at_min, 1), (at_min - 1, 0), (100, 0)):
         calls.clear()
-        err = _run_matmul(cp, T.Q6_K, 1, n, 256, True, "gemv", rng)
+        err = _run_matmul(cp, T.Q6_K, 1, n, k, True, "gemv", rng)
         assert err < GEMV_TOL
         assert len(calls) == want, f"N={n}: tensor-core GEMV ran {len(calls)} times, expected {want}"
 
