@@ -327,13 +327,18 @@ def _real_path(name: str) -> Path | None:
 
 
 @pytest.mark.parametrize("model", list(REAL))
-def test_real_model_tensors(cp: Any, model: str) -> None:
+def test_real_model_tensors(cp: Any, monkeypatch: pytest.MonkeyPatch, model: str) -> None:
     path = _real_path(model)
     if path is None:
         pytest.skip(f"NOT RUN: {model} GGUF not available here (set ${REAL[model]})")
     from gguf import GGUFReader
 
+    from cupy_kernels import launch
     from cupy_kernels.launch import SUPPORTED, qembed, qmatmul
+
+    # bf16 x at M = 1 runs the K-quants on the tensor-core GEMVs whatever the size
+    monkeypatch.setattr(launch, "GEMV_TC_M1_MIN_WEIGHTS", {t: 0 for t in launch._TC_TYPES})
+    tc_calls = _spy_gemv_tc(monkeypatch)
 
     rng = np.random.default_rng(0)
     seen: set[T] = set()
@@ -357,6 +362,15 @@ def test_real_model_tensors(cp: Any, model: str) -> None:
             err = _rel(cp.asnumpy(out), x.astype(np.float64) @ deq.T)
             print(f"{model} {t.name} {qt.name} [{n_use},{k}] M={m} {path_}: rel err {err:.3g}")
             assert err < tol, t.name
+        if k % 16 == 0:  # bf16 activations: the tensor-core GEMV for K-quants
+            xb = _x(rng, 1, k, True)
+            tc_calls.clear()
+            out = cp.full((1, n_use), cp.nan, dtype=cp.float32)
+            qmatmul(_to_device_x(cp, xb, True), w, qt, n_use, k, out=out, path="gemv")
+            err = _rel(cp.asnumpy(out), xb.astype(np.float64) @ deq.T)
+            print(f"{model} {t.name} {qt.name} [{n_use},{k}] M=1 bf16 (tc: {bool(tc_calls)}): rel err {err:.3g}")
+            assert err < GEMV_TOL, t.name
+            assert bool(tc_calls) == (int(qt) in launch._TC_TYPES), t.name
         ids = cp.asarray(rng.integers(0, n_use, size=9))
         emb = cp.asnumpy(qembed(ids, w, qt, n_use, k))
         assert _rel(emb, deq[cp.asnumpy(ids)]) < EMBED_TOL
