@@ -1,4 +1,4 @@
-"""nox sessions: tests, falsify, lint.
+"""nox sessions: tests, falsify, lint, bench.
 
 By default every session runs on the interpreter nox itself runs on
 (``venv_backend="none"``): nothing is installed and nothing is downloaded, so
@@ -60,3 +60,17 @@ def lint(session: nox.Session) -> None:
     py = _python(session, "dev")
     session.run(py, "-m", "ruff", "check", *LINT_PATHS, external=True)
     session.run(py, "-m", "mypy", *LINT_PATHS, external=True)
+
+
+@nox.session(venv_backend=BACKEND)
+def bench(session: nox.Session) -> None:
+    """GPU benchmarks, JSON out: ``q4k bench kernels --check`` by default
+    (reports/bench_kernels.json).
+
+    Arguments after ``--`` replace the default and go to ``q4k bench``, e.g.
+    ``nox -s bench -- kernels --m 1 --replays 30`` or ``nox -s bench -- teacher``.
+    Without a CUDA device the bench stops with the reason (exit status 2).
+    """
+    py = _python(session, "cuda,oracle")
+    args = session.posargs or ["kernels", "--check"]
+    session.run(py, "-m", "harness.cli", "bench", *args, external=True)

@@ -59,3 +59,26 @@ def test_q4k_falsify_end_to_end_in_a_fresh_directory(tmp_path: Path) -> None:
     signoff = subprocess.run([*cmd[:-2], "--signoff"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert signoff.returncode != 0
     assert "NOT READY" in signoff.stdout
+
+
+def _cuda_device() -> bool:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_cuda_device(), reason="NOT RUN: a CUDA device is present (this checks the CPU refusal)")
+def test_nox_bench_session_refuses_clearly_without_cuda() -> None:
+    # `nox -s bench` runs `q4k bench kernels --check` by default; on a machine
+    # without CUDA it must stop with the reason, not a traceback
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox", "-s", "bench", "--", "kernels", "--m", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "q4k bench kernels: " in out and "exit code 2" in out, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
