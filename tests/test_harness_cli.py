@@ -51,7 +51,9 @@ def test_q4k_falsify_end_to_end_in_a_fresh_directory(tmp_path: Path) -> None:
             prediction: later
             check: {falsifier: logit_parity, subject: q4k-teacher, thresholds: {cosine_min: 0.999}}
         """))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the repository first, then whatever the runner already had (offline GPU
+    # runners carry gguf and friends on PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "harness.cli", "falsify", "--run-id", "e2e", "-p", "no:cacheprovider"]
     plain = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0, plain.stdout + plain.stderr
