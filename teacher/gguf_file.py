@@ -144,6 +144,14 @@ class _Scanner:
         self.offs += n
         return s
 
+    def text(self, what: str, rule: str, max_len: int | None = None) -> str:
+        """A string that must be UTF-8 (metadata keys, tensor names)."""
+        raw = self.string(what, max_len)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _err(self.path, rule, f"{what} is not valid UTF-8: {raw[:40]!r}") from None
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         """Read one metadata value of GGUF type ``vtype``; all lengths bounded by the file."""
         if vtype in _SCALAR_FMT:
@@ -212,13 +220,7 @@ def _parse_header(
     alignment = DEFAULT_ALIGNMENT
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        raw_key = sc.string(f"key #{i}", MAX_NAME_LEN)
-        try:
-            key = raw_key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _err(
-                path, "keys are UTF-8", f"key #{i} is not valid UTF-8: {raw_key[:40]!r}"
-            ) from None
+        key = sc.text(f"key #{i}", "keys are UTF-8", MAX_NAME_LEN)
         if key in metadata:
             raise _err(path, "keys unique", f"duplicate metadata key '{key}'")
         vtype = sc.u32(f"type of '{key}'")
@@ -235,13 +237,7 @@ def _parse_header(
     infos: list[_TensorInfo] = []
     names: set[str] = set()
     for i in range(n_tensors):
-        raw_name = sc.string(f"tensor #{i} name", MAX_NAME_LEN)
-        try:
-            name = raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _err(
-                path, "tensor names are UTF-8", f"tensor #{i} name is not valid UTF-8"
-            ) from None
+        name = sc.text(f"tensor #{i} name", "tensor names are UTF-8", MAX_NAME_LEN)
         if name in names:
             raise _err(path, "tensor names unique", "duplicate tensor name", name)
         names.add(name)

@@ -240,6 +240,19 @@ def test_duplicate_tensor_name(tmp_path: Path, small: bytes) -> None:
     expect_error(tmp_path, data, "'a.weight'", "unique")
 
 
+@pytest.mark.parametrize(
+    "name,fragments",
+    [
+        (b"llama.block_count", ("key #1", "keys are UTF-8")),  # key #0 is general.architecture
+        (b"a.weight", ("tensor #0 name", "tensor names are UTF-8")),
+    ],
+)
+def test_non_utf8_key_or_tensor_name(tmp_path: Path, small: bytes, name: bytes, fragments: tuple[str, ...]) -> None:
+    pos = small.index(name)
+    data = small[:pos] + b"\xff" + small[pos + 1 :]
+    expect_error(tmp_path, data, "not valid UTF-8", *fragments)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match="readable"):
         open_gguf(tmp_path / "absent.gguf")
