@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 
 def test_bench_kernels_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -21,7 +23,8 @@ def test_bench_kernels_json(tmp_path: Path) -> None:
     rows = result["rows"]
     assert {(r["type"], r["M"]) for r in rows} == {(t, m) for t in ("Q4_K", "Q6_K") for m in (1, 8)}
     for r in rows:
-        wbytes = r["N"] * r["K"] // 256 * {"Q4_K": 144, "Q6_K": 210}[r["type"]]
+        values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[r["type"]]]  # gguf: the independent sizes
+        wbytes = r["N"] * r["K"] // values * nbytes
         assert r["weight_bytes"] == wbytes
         # every ratio is recomputable from the row's own measurements
         assert math.isclose(r["weight_GBps"], wbytes / r["median_us"] / 1e3, rel_tol=1e-9)
