@@ -684,8 +684,12 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
     // B masks: this lane feeds column g (group g >> 1) when g & 1 is t >> 1;
     // group g >> 1 is v (k slots 2t, 2t+1) or v + 2 (2t+8, 2t+9) of mma v
     const bool feeds = (g & 1) == (t >> 1);
-    const u32 mlo[2] = {feeds && (g >> 1) == 0 ? 0xFFFFFFFFu : 0u, feeds && (g >> 1) == 1 ? 0xFFFFFFFFu : 0u};
-    const u32 mhi[2] = {feeds && (g >> 1) == 2 ? 0xFFFFFFFFu : 0u, feeds && (g >> 1) == 3 ? 0xFFFFFFFFu : 0u};
+    u32 mlo[2], mhi[2];
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+        mlo[v] = feeds && (g >> 1) == v ? 0xFFFFFFFFu : 0u;
+        mhi[v] = feeds && (g >> 1) == v + 2 ? 0xFFFFFFFFu : 0u;
+    }
     u8* stages = tc_smem + warp * S::WARP_BYTES;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (n0 < N) {
