@@ -60,13 +60,7 @@ def t_busy(ctx):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _preload_bindings() -> None:
-    """As in test_plugin: import the plugin and torch-using falsifiers before the inline runs."""
-    import harness.plugin  # noqa: F401
-    from harness import registry
-
-    registry.load_bindings()
+pytestmark = pytest.mark.usefixtures("preload_bindings")  # as in test_plugin
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from harness.report import build_report
 from harness.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
-# the plugin module is already imported in this process (see _preload_bindings): no rewrite warning
+# the plugin module is already imported in this process (see the preload_bindings fixture): no rewrite warning
 PLUGIN_ARGS = ("-p", "no:q4k_contracts", "-p", "harness.plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning")
 
 # Falsifiers and subjects for the plugin tests, registered by the test project's conftest.
@@ -98,17 +98,7 @@ def _ft(ft_id: str, falsifier: str, *, subject: str = "t-good", controls: str = 
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(autouse=True)
-def _preload_bindings() -> None:
-    """Import the plugin and the falsifier modules (torch among them) in this process first.
-
-    pytester's inline runs drop every module they imported when they end; a second
-    import of torch in one process then crashes the interpreter.
-    """
-    import harness.plugin  # noqa: F401
-    from harness import registry
-
-    registry.load_bindings()
+pytestmark = pytest.mark.usefixtures("preload_bindings")
 
 
 @pytest.fixture
