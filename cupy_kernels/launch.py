@@ -31,8 +31,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 __all__ = [
+    "PATHS",
     "SUPPORTED",
     "CudaUnavailable",
+    "dispatch_path",
     "kernel_block",
     "qembed",
     "qmatmul",
@@ -424,6 +426,27 @@ def qmatmul(
                 cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
             fn((mt_, nt_, splits), (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(sps)), shared_mem=smem)
     return y
+
+
+# Every kernel path qmatmul can take, as dispatch_path names them.
+PATHS: tuple[str, ...] = ("gemv1_tc", "gemv_tc", "gemv", "mma", "dequant")
+
+
+def dispatch_path(m: int, qtype: Any, n: int, k: int, *, x_is_bf16: bool) -> str:
+    """The kernel path ``qmatmul(path="auto")`` runs for an [m, k] x against an [n, k]
+    ``qtype`` weight: one of :data:`PATHS`.  Pure host logic (no CUDA needed), so
+    the contracts can state which paths a parity run covered."""
+    q = _qtype(qtype)
+    if m < 1:
+        raise ValueError(f"m={m} must be >= 1")
+    if m >= DEQUANT_MIN_M:
+        return "dequant"
+    if m > GEMV_MAX_M:
+        return "mma"
+    tc_ok = m > 1 or n * k >= GEMV_TC_M1_MIN_WEIGHTS.get(int(q), n * k + 1)
+    if x_is_bf16 and GEMV_TC and int(q) in _TC_TYPES and tc_ok:
+        return "gemv1_tc" if m == 1 and int(q) in _M1_KERNELS and GEMV_TC_M1 else "gemv_tc"
+    return "gemv"
 
 
 def gemv_tc_wpr(n: int, nblocks: int, sms: int, m: int = 2) -> int:
