@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 }
 
 // ---------------------------------------------------------------------------
-// Tensor-core GEMV for K-quants and bf16 activations, M <= 8 (qfrag.cuh says
+// Tensor-core GEMV for K-quants and bf16 activations, M <= 8 NT (qfrag.cuh says
 // why it is exact).  A warp owns 16 rows (lanes 4g+t: rows g and g+8) and one
 // mma m16n8k16 per 16 x 16 weights: A = the rows' integer fragments, B = the
 // activations of the same positions, one column per activation row m (the 8
@@ -433,7 +433,7 @@ __device__ __forceinline__ void tc_stage_next(u8* stages, int st, const u8* __re
     __syncwarp();
 }
 
-template <int QT, bool FOLD>
+template <int QT, bool FOLD, int NT>
 __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u16* __restrict__ X,
                                                float* __restrict__ Y, int M, int N, int K, int wpr) {
     typedef Fmt<QT> F;
@@ -445,12 +445,18 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
     const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
     const long long rb = w.rb;
     u8* stages = tc_smem + warp * S::WARP_BYTES;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // NT column tiles of 8 activation rows each: the weight fragments of a unit are
+    // decoded once and feed NT mma (M <= 8 NT), so the decode cost is shared by all
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
     if (n0 < N) {
         // offsets of rows g, g+8 inside their first staged chunk (the same for every
         // block when the row length is a multiple of 16 bytes, else per block)
         const long long ra = (long long)min(n0 + g, N - 1) * rb, rc = (long long)min(n0 + g + 8, N - 1) * rb;
-        const u16* xr = X + (long long)min(g, M - 1) * K;
+        const u16* xr[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xr[nt] = X + (long long)min(8 * nt + g, M - 1) * K;
         if (part < nblk) tc_stage<QT>(stages, W, ra, rc, part, g, t);
         int st = 0;
         for (int blk = part; blk < nblk; blk += wpr, st ^= 1) {
@@ -462,7 +468,7 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
             C::load(s0, t, r0);
             C::load(s1, t, r1);
             __syncwarp();  // every lane has read this stage before it is refilled
-            const u16* xb = xr + (long long)blk * F::QK;
+            const long long xo = (long long)blk * F::QK;
 #pragma unroll
             for (int s = 0; s < C::STEPS; ++s) {
                 u32 q0[C::UNITS][2], q1[C::UNITS][2];
@@ -475,49 +481,63 @@ __global__ void __launch_bounds__(256) gemv_tc(const u8* __restrict__ W, const u
                         c0[gi] = fmaf(-C::BIAS, a0[gi], c0[gi]);
                         c1[gi] = fmaf(-C::BIAS, a1[gi], c1[gi]);
                     }
-                    float cq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    float cq[NT][4], cs[NT][4];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) cq[nt][i] = cs[nt][i] = 0.0f;
 #pragma unroll
                     for (int j = 0; j < C::SG; ++j) {
                         const int u = gi * C::SG + j;
-                        const uint2 xv = *(const uint2*)(xb + C::xpos(s, u, t));
-                        const u32 b0 = __byte_perm(xv.x, xv.y, 0x5410), b1 = __byte_perm(xv.x, xv.y, 0x7632);
                         u32 A[4] = {q0[u][0], q1[u][0], q0[u][1], q1[u][1]};
                         if (!FOLD) {
 #pragma unroll
                             for (int i = 0; i < 4; ++i) A[i] = bf2_add(A[i], C::BIAS2);
                         }
-                        mma_bf16(cq, A, b0, b1);
-                        if (C::HAS_MIN || FOLD) mma_colsum(cs, b0, b1);
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            const uint2 xv = *(const uint2*)(xr[nt] + xo + C::xpos(s, u, t));
+                            const u32 b0 = __byte_perm(xv.x, xv.y, 0x5410), b1 = __byte_perm(xv.x, xv.y, 0x7632);
+                            mma_bf16(cq[nt], A, b0, b1);
+                            if (C::HAS_MIN || FOLD) mma_colsum(cs[nt], b0, b1);
+                        }
                     }
-                    acc[0] = fmaf(a0[gi], cq[0], acc[0]);
-                    acc[1] = fmaf(a0[gi], cq[1], acc[1]);
-                    acc[2] = fmaf(a1[gi], cq[2], acc[2]);
-                    acc[3] = fmaf(a1[gi], cq[3], acc[3]);
-                    if (C::HAS_MIN || FOLD) {
-                        acc[0] = fmaf(c0[gi], cs[0], acc[0]);
-                        acc[1] = fmaf(c0[gi], cs[1], acc[1]);
-                        acc[2] = fmaf(c1[gi], cs[2], acc[2]);
-                        acc[3] = fmaf(c1[gi], cs[3], acc[3]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        acc[nt][0] = fmaf(a0[gi], cq[nt][0], acc[nt][0]);
+                        acc[nt][1] = fmaf(a0[gi], cq[nt][1], acc[nt][1]);
+                        acc[nt][2] = fmaf(a1[gi], cq[nt][2], acc[nt][2]);
+                        acc[nt][3] = fmaf(a1[gi], cq[nt][3], acc[nt][3]);
+                        if (C::HAS_MIN || FOLD) {
+                            acc[nt][0] = fmaf(c0[gi], cs[nt][0], acc[nt][0]);
+                            acc[nt][1] = fmaf(c0[gi], cs[nt][1], acc[nt][1]);
+                            acc[nt][2] = fmaf(c1[gi], cs[nt][2], acc[nt][2]);
+                            acc[nt][3] = fmaf(c1[gi], cs[nt][3], acc[nt][3]);
+                        }
                     }
                 }
             }
         }
     }
-    // acc[i]: row n0 + g + 8 (i >> 1), activation row 2t + (i & 1)
-    __shared__ float red[8][4][32];
+    // acc[nt][i]: row n0 + g + 8 (i >> 1), activation row 8 nt + 2t + (i & 1)
+    __shared__ float red[8][4 * NT][32];
     if (wpr > 1) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp][i][lane] = acc[i];
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) red[warp][4 * nt + i][lane] = acc[nt][i];
     }
     __syncthreads();
     if (part == 0 && n0 < N) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            float v = acc[i];
-            for (int p = 1; p < wpr; ++p) v += red[warp + p][i][lane];
-            const int row = n0 + g + 8 * (i >> 1), m = 2 * t + (i & 1);
-            if (row < N && m < M) Y[(long long)m * N + row] = v;
-        }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float v = acc[nt][i];
+                for (int p = 1; p < wpr; ++p) v += red[warp + p][4 * nt + i][lane];
+                const int row = n0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
+                if (row < N && m < M) Y[(long long)m * N + row] = v;
+            }
     }
 }
 

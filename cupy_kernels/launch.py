@@ -3,10 +3,12 @@
 Two kernel families, one launcher each:
 
 * :func:`qmatmul` -- ``y = x @ W.T`` from the raw GGUF bytes of ``W`` ([N, K]);
-  a GEMV for M <= 8 (tensor-core on exact integer weights for K-quants with
-  bf16 x, float decode otherwise), a bf16 tensor-core GEMM (weights decoded
-  tile by tile into shared memory) up to M = 127, and dequantize + cuBLAS in
-  bounded chunks above that.
+  a GEMV for small M (tensor-core on exact integer weights for K-quants with
+  bf16 x up to M = 32, float decode up to M = 8 otherwise), a bf16 tensor-core
+  GEMM (weights decoded tile by tile into shared memory) up to M = 127, and
+  dequantize + cuBLAS in bounded chunks above that (:func:`dispatch_path`).
+* :func:`qdequant` -- rows of W decoded to float32 / bf16 (the large-M path's
+  decode, also used by the teacher, which runs the GEMM through torch).
 * :func:`qembed` -- embedding row gather from a quantized table.
 
 CuPy is imported lazily: this module imports on a machine without CuPy or a
@@ -34,8 +36,10 @@ __all__ = [
     "PATHS",
     "SUPPORTED",
     "CudaUnavailable",
+    "dequant_chunk_rows",
     "dispatch_path",
     "kernel_block",
+    "qdequant",
     "qembed",
     "qmatmul",
     "row_bytes",
@@ -63,9 +67,16 @@ _BLOCKS: dict[QT, tuple[int, int]] = {
 
 SUPPORTED: frozenset[QT] = frozenset(_BLOCKS)
 
+# Every kernel path qmatmul can take, as dispatch_path names them.
+PATHS: tuple[str, ...] = ("gemv1_tc", "gemv_tc", "gemv", "mma", "dequant")
 # M at or below which the GEMV kernel runs; above it the fused tensor-core GEMM,
 # and from DEQUANT_MIN_M on the chunked dequantize + cuBLAS path (see qmatmul).
 GEMV_MAX_M = 8
+# M up to which the tensor-core GEMV (K-quants, bf16 x) runs: its NT column tiles
+# of 8 rows share each decoded weight fragment (NT = 1, 2, 4, 8 compiled)
+GEMV_TC_MAX_M = 32
+GEMV_TC_NT: int | None = None  # column tiles per warp; None: the fewest that hold M
+_TC_NT = (1, 2, 4, 8)
 DEQUANT_MIN_M = 128
 # bound of the transient dequantized weight scratch of the chunked path
 DEQUANT_SCRATCH_BYTES = 64 << 20
@@ -178,7 +189,7 @@ def _names(qt: int) -> list[str]:
                 names.append(f"gemv<{qt}, {mt}, {r}, {u}, {_b(xb)}>")
         names.append(f"mma_gemm<{qt}, {_b(xb)}>")
         if xb and qt in _TC_TYPES:
-            names += [f"gemv_tc<{qt}, {_b(fold)}>" for fold in (False, True)]
+            names += [f"gemv_tc<{qt}, true, 1>"] + [f"gemv_tc<{qt}, false, {nt}>" for nt in _TC_NT]
             if qt in _M1_KERNELS:
                 names.append(f"{_M1_KERNELS[qt]}<{qt}>")
         names.append(f"dequant_rows<{qt}, {_b(xb)}>")
@@ -326,16 +337,18 @@ def qmatmul(
     x: [M, k] float32 or bfloat16 (CuPy or torch CUDA).  Returns a new (or the
     given ``out``) CuPy float32 array [M, n].  ``path``:
 
-    * "gemv" (M <= 8): exact weights, float32 accumulation: for bf16 x and
-      Q4_K/Q5_K/Q6_K the tensor-core GEMV (integer weights in bf16, exact
-      products; at M = 1 only as GEMV_TC_M1_MIN_WEIGHTS says), else the float32-decode
-      GEMV;
+    * "gemv": exact weights, float32 accumulation: for bf16 x and Q4_K/Q5_K/Q6_K
+      the tensor-core GEMV up to M = GEMV_TC_MAX_M (integer weights in bf16,
+      exact products; at M = 1 only as GEMV_TC_M1_MIN_WEIGHTS says), else the
+      float32-decode GEMV up to M = GEMV_MAX_M;
     * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
       to mma.sync (x rounded to bf16), float32 accumulation;
     * "dequant": rows of W decoded in chunks into a scratch of at most
       DEQUANT_SCRATCH_BYTES (bf16 for bf16 x, f32 for f32 x) and multiplied by
       cuBLAS (bf16, or TF32 tensor cores for f32 x), float32 output;
-    * "auto": gemv for M <= GEMV_MAX_M, dequant for M >= DEQUANT_MIN_M, mma between.
+    * "auto": what :func:`dispatch_path` says: gemv for M <= GEMV_MAX_M, dequant
+      for M >= DEQUANT_MIN_M, mma between ("gemv1_tc" and "gemv_tc" name members
+      of the gemv family and are accepted as "gemv").
     ``x_is_bf16``: x is a CuPy uint16/int16 array holding bf16 bit patterns
     (CuPy has no bfloat16 dtype; torch bf16 tensors are recognised by themselves).
     """
@@ -364,13 +377,18 @@ def qmatmul(
         xc = cp.ascontiguousarray(xc)
     if xc.data.ptr % 16:
         raise ValueError(f"x's data pointer {xc.data.ptr:#x} is not 16-byte aligned")
-    if path not in ("auto", "gemv", "mma", "dequant"):
-        raise ValueError(f"path={path!r} must be 'auto', 'gemv', 'mma' or 'dequant'")
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"path={path!r} must be 'auto' or one of {', '.join(PATHS)}")
     if path == "auto":
-        path = "gemv" if m <= GEMV_MAX_M else "dequant" if m >= DEQUANT_MIN_M else "mma"
+        path = dispatch_path(m, q, n, k, x_is_bf16=xb)
+    if path.startswith("gemv"):  # the GEMV family: which GEMV, the rules below decide
+        path = "gemv"
     use_gemv = path == "gemv"
-    if use_gemv and m > GEMV_MAX_M:
-        raise ValueError(f"path='gemv' supports M <= {GEMV_MAX_M}, got M={m}")
+    use_tc = use_gemv and _tc_applies(q, m, n, k, xb)
+    if use_gemv and not use_tc and m > GEMV_MAX_M:
+        raise ValueError(
+            f"path='gemv' supports M <= {GEMV_MAX_M} (M <= {GEMV_TC_MAX_M} for K-quants with bf16 x), got M={m}"
+        )
     if max(m, n, k) >= 2**31:
         raise ValueError(f"dimension too large for 32-bit indexing: M={m}, n={n}, k={k}")
     arrs = {"x": xc, "w": wc}
@@ -387,8 +405,7 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        tc_ok = m > 1 or n * k >= GEMV_TC_M1_MIN_WEIGHTS.get(int(q), n * k + 1)
-        if use_gemv and xb and GEMV_TC and int(q) in _TC_TYPES and tc_ok:
+        if use_tc:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
@@ -428,10 +445,6 @@ def qmatmul(
     return y
 
 
-# Every kernel path qmatmul can take, as dispatch_path names them.
-PATHS: tuple[str, ...] = ("gemv1_tc", "gemv_tc", "gemv", "mma", "dequant")
-
-
 def dispatch_path(m: int, qtype: Any, n: int, k: int, *, x_is_bf16: bool) -> str:
     """The kernel path ``qmatmul(path="auto")`` runs for an [m, k] x against an [n, k]
     ``qtype`` weight: one of :data:`PATHS`.  Pure host logic (no CUDA needed), so
@@ -441,12 +454,17 @@ def dispatch_path(m: int, qtype: Any, n: int, k: int, *, x_is_bf16: bool) -> str
         raise ValueError(f"m={m} must be >= 1")
     if m >= DEQUANT_MIN_M:
         return "dequant"
-    if m > GEMV_MAX_M:
-        return "mma"
-    tc_ok = m > 1 or n * k >= GEMV_TC_M1_MIN_WEIGHTS.get(int(q), n * k + 1)
-    if x_is_bf16 and GEMV_TC and int(q) in _TC_TYPES and tc_ok:
+    if _tc_applies(q, m, n, k, x_is_bf16):
         return "gemv1_tc" if m == 1 and int(q) in _M1_KERNELS and GEMV_TC_M1 else "gemv_tc"
-    return "gemv"
+    return "gemv" if m <= GEMV_MAX_M else "mma"
+
+
+def _tc_applies(q: QT, m: int, n: int, k: int, xb: bool) -> bool:
+    """Whether the tensor-core GEMV family serves this call (K-quant, bf16 x, M in range;
+    at M = 1 only from GEMV_TC_M1_MIN_WEIGHTS weights on)."""
+    if not (xb and GEMV_TC and int(q) in _TC_TYPES and m <= GEMV_TC_MAX_M):
+        return False
+    return m > 1 or n * k >= GEMV_TC_M1_MIN_WEIGHTS.get(int(q), n * k + 1)
 
 
 def gemv_tc_wpr(n: int, nblocks: int, sms: int, m: int = 2) -> int:
@@ -484,8 +502,12 @@ def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) 
         fn = _kernel(q, f"{_M1_KERNELS[int(q)]}<{int(q)}>", smem, smem_carveout=smem > 0)
         fn(grid, (256,), (wc, xc, y, cp.int32(n), cp.int32(k), cp.int32(wpr)), shared_mem=smem)
         return
+    nt = GEMV_TC_NT or next(v for v in _TC_NT if 8 * v >= m)
+    if nt not in _TC_NT or 8 * nt < m:
+        raise ValueError(f"GEMV_TC_NT={nt} must be one of {_TC_NT} and hold M={m} rows (8 per tile)")
     smem = _tc_smem(q)
-    fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(GEMV_TC_FOLD)}>", smem)
+    fold = GEMV_TC_FOLD and nt == 1  # the folded bias is compiled for one column tile only
+    fn = _kernel(q, f"gemv_tc<{int(q)}, {_b(fold)}, {nt}>", smem)
     i32 = cp.int32
     fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr)), shared_mem=smem)
 
@@ -505,20 +527,15 @@ def _dequant_matmul(cp: Any, q: QT, xc: Any, xb: bool, wc: Any, y: Any, m: int, 
     """
     from cupy.cuda import cublas
 
-    elem = 2 if xb else 4
-    rows = max(128, DEQUANT_SCRATCH_BYTES // (k * elem) // 128 * 128)
-    rows = min(rows, n)
-    scratch = cp.empty(rows * k * elem, dtype=cp.uint8)
-    fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(xb)}>")
+    rows = dequant_chunk_rows(n, k, 2 if xb else 4)
+    scratch = cp.empty((rows, k), dtype=cp.uint16 if xb else cp.float32)
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, 0)  # host alpha/beta
     dtype = _CUDA_R_16BF if xb else _CUDA_R_32F
     compute = _CUBLAS_COMPUTE_32F if xb else _CUBLAS_COMPUTE_32F_FAST_TF32
-    units = k // 16
     for n0 in range(0, n, rows):
         nr = min(rows, n - n0)
-        grid = max(1, min(-(-nr * units // 256), 16 * _sm_count(int(y.device.id))))
-        fn((grid,), (256,), (wc, scratch, cp.int32(nr), cp.int32(k), cp.int64(n0)))
+        qdequant(wc, q, n, k, row0=n0, out=scratch[:nr], out_is_bf16=xb)
         cublas.gemmEx(
             handle, _CUBLAS_OP_T, _CUBLAS_OP_N, nr, m, k,
             _ONE.ctypes.data, scratch.data.ptr, dtype, k,
@@ -528,11 +545,56 @@ def _dequant_matmul(cp: Any, q: QT, xc: Any, xb: bool, wc: Any, y: Any, m: int, 
         )
 
 
-def qembed(ids: Any, w: Any, qtype: Any, n: int, k: int, *, out: Any = None) -> Any:
+def dequant_chunk_rows(n: int, k: int, elem_bytes: int, budget: int | None = None) -> int:
+    """Rows per chunk of the dequantize + GEMM path: the fewest chunks whose
+    scratch fits ``budget`` bytes (DEQUANT_SCRATCH_BYTES by default), balanced so
+    that no chunk is a sliver, in multiples of 128 rows (whole GEMM tiles)."""
+    cap = max(128, (budget or DEQUANT_SCRATCH_BYTES) // (k * elem_bytes) // 128 * 128)
+    chunks = -(-n // cap)
+    per_chunk = -(-n // chunks)
+    return min(n, -(-per_chunk // 128) * 128)
+
+
+def qdequant(
+    w: Any, qtype: Any, n: int, k: int, *, row0: int, out: Any, out_is_bf16: bool = False
+) -> Any:
+    """Decode rows ``row0 .. row0 + out.shape[0]`` of the quantized [n, k] tensor
+    ``w`` into ``out`` ([rows, k] float32 or bfloat16, CuPy or torch CUDA), on the
+    current stream.  ``out_is_bf16``: a CuPy uint16 ``out`` holds bf16 bits."""
+    q = _qtype(qtype)
+    cp = _cp()
+    wc, _ = _as_cupy(w, "w")
+    _check_w(wc, q, n, k)
+    oc, ob = _as_cupy(out, "out", bf16_ok=True)
+    if out_is_bf16:
+        if oc.dtype not in (cp.uint16, cp.int16):
+            raise ValueError(f"out_is_bf16=True needs out as uint16/int16 bf16 bits, got dtype {oc.dtype}")
+        ob = True
+    elif not ob and oc.dtype != cp.float32:
+        raise ValueError(f"out must be float32 or bfloat16, got dtype {oc.dtype}")
+    if oc.ndim != 2 or int(oc.shape[1]) != k or not oc.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous [rows, {k}] array, got shape {tuple(oc.shape)}")
+    rows = int(oc.shape[0])
+    if not (0 <= row0 and 0 < rows and row0 + rows <= n):
+        raise ValueError(f"rows {row0}..{row0 + rows} are outside the tensor's [0, {n}) rows")
+    dev = _check_device({"w": wc, "out": oc})
+    with cp.cuda.Device(dev):
+        units = k // 16
+        grid = max(1, min(-(-rows * units // 256), 16 * _sm_count(dev)))
+        fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(ob)}>")
+        fn((grid,), (256,), (wc, oc, cp.int32(rows), cp.int32(k), cp.int64(row0)))
+    return oc
+
+
+def qembed(
+    ids: Any, w: Any, qtype: Any, n: int, k: int, *, out: Any = None, check_ids: bool = True
+) -> Any:
     """Rows ``ids`` of the quantized [n, k] table ``w``, decoded: float32 [M, k].
 
     ids: 1-D int32/int64 (CuPy or torch CUDA).  Every id must be in [0, n): checked
-    (one device reduction and a host sync) before the gather launches.
+    (one device reduction and a host sync) before the gather launches, unless
+    ``check_ids=False`` says the caller validated them already (the teachers check
+    ids on the host, so their forward has no sync and can be captured in a graph).
     """
     q = _qtype(qtype)
     if not isinstance(k, int) or k <= 0:
@@ -559,7 +621,7 @@ def qembed(ids: Any, w: Any, qtype: Any, n: int, k: int, *, out: Any = None) -> 
         arrs["out"] = oc
     dev = _check_device(arrs)
     with cp.cuda.Device(dev):
-        lo, hi = int(ic.min()), int(ic.max())
+        lo, hi = (int(ic.min()), int(ic.max())) if check_ids else (0, 0)
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
             raise ValueError(f"ids contains {bad}, outside the table's [0, {n}) rows")

@@ -1,18 +1,24 @@
-"""`q4k bench teacher`: tokens/s and peak GPU memory of the Q4K teacher vs dense bf16.
+"""`q4k bench teacher`: tokens/s and GPU memory of the Q4K teacher vs dense bf16 (and llama.cpp).
 
-Both backends run the same forward pass (``teacher.forward``) on the same file
-and the same token batches in one process, one after the other; only the
+Both backends run the same forward pass (``teacher.forward``) through the same
+runner (``teacher.runtime``: CUDA graph per shape, chunked lm_head) on the same
+file and the same token batches, in one process, one after the other; only the
 weight operations differ: raw GGUF blocks + CuPy kernels, or every weight
-dequantized once to bf16 and multiplied by cuBLAS. Ratios are computed from
-numbers measured in this run only.
+decoded once to bf16 and multiplied by cuBLAS. With ``--llama-bench PATH``
+llama.cpp's own benchmark runs on the same file in the same run. Ratios are
+computed from numbers measured in this run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,21 +27,7 @@ import torch
 
 from harness.memory import GIB
 
-
-def _dense_bf16(path: Path, device: int) -> Any:
-    """The dense baseline: each tensor dequantized on the host, then held on the GPU in bf16."""
-    from teacher.dequant_teacher import DenseOps, DequantTeacher
-    from teacher.gguf_file import open_gguf
-    from teacher.quants import dequantize
-
-    model = open_gguf(path)
-    dev = torch.device("cuda", device)
-    weights = {}
-    for name, rec in model.tensors.items():
-        dense = torch.from_numpy(dequantize(rec.data, rec.qtype, rec.shape).reshape(rec.shape))
-        weights[name] = dense.to(dev, dtype=torch.bfloat16 if dense.dim() >= 2 else torch.float32)
-        del dense
-    return DequantTeacher(model.config, DenseOps(weights, device=dev, dtype=torch.bfloat16))
+DEFAULT_SHAPES = "1x512,4x512,8x512,1x2048,1x4096"
 
 
 def _q4k(path: Path, device: int) -> Any:
@@ -44,69 +36,246 @@ def _q4k(path: Path, device: int) -> Any:
     return Q4KTeacher.from_gguf(path, device=device)
 
 
+def _dense_bf16(path: Path, device: int) -> Any:
+    """The dense baseline: every 2-D weight decoded once to bf16 and held on the GPU.
+
+    The weights are decoded on the GPU from the uploaded blocks (the same decode
+    the kernels use, checked against gguf by the tests): a host dequant of a 7B
+    file costs a minute, and the values do not change what is timed."""
+    from cupy_kernels import launch
+    from teacher.dequant_teacher import DenseOps, DequantTeacher
+
+    q4k = _q4k(path, device)
+    dev = torch.device("cuda", device)
+    weights: dict[str, torch.Tensor] = {}
+    with torch.cuda.device(dev):
+        for name, w in q4k.device_weights().items():
+            dense = torch.empty((w.n, w.k), dtype=torch.bfloat16, device=dev)
+            launch.qdequant(w.data, w.qtype, w.n, w.k, row0=0, out=dense)
+            weights[name] = dense
+        weights.update(q4k.device_vectors())
+        torch.cuda.synchronize(dev)
+    cfg = q4k.config
+    del q4k
+    return DequantTeacher(cfg, DenseOps(weights, device=dev, dtype=torch.bfloat16))
+
+
 BACKENDS: dict[str, Callable[[Path, int], Any]] = {"q4k": _q4k, "dense-bf16": _dense_bf16}
 
 
-def _time_forward(teacher: Any, ids: torch.Tensor, reps: int) -> float:
-    """Median seconds of logits_for_batch after one warm-up (compilation, allocator growth)."""
-    teacher.logits_for_batch(ids)
+def _time_forward(teacher: Any, ids: torch.Tensor, reps: int, dtype: torch.dtype) -> float:
+    """Median wall seconds of logits_for_batch after one warm-up call (graph capture,
+    kernel compilation, allocator growth): what a caller waits, host time included."""
+    out = teacher.logits_for_batch(ids, dtype=dtype)
+    del out
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = teacher.logits_for_batch(ids)
+        out = teacher.logits_for_batch(ids, dtype=dtype)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         del out
     return statistics.median(times)
 
 
+# --------------------------------------------------------------------------- profile
+
+
+def _range_names() -> set[str]:
+    from teacher.forward import STAGES
+
+    return {*STAGES, "lm_head"}
+
+
+def profile_forward(teacher: Any, ids: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """GPU time of one forward by stage, from torch.profiler ranges (teacher.forward).
+
+    The profiled forward runs eagerly (a replayed graph has no per-op ranges); its
+    kernels are the graph's kernels. Host gaps = wall time of a forward minus the
+    GPU busy time, for the eager forward and for the graphed one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = teacher.runner
+    graphs = runner.graphs
+    try:
+        runner.graphs = False
+        eager_s = _time_forward(teacher, ids, 3, dtype)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            out = teacher.logits_for_batch(ids, dtype=dtype)
+            torch.cuda.synchronize()
+            del out
+    finally:
+        runner.graphs = graphs
+    graph_s = _time_forward(teacher, ids, 5, dtype) if graphs else eager_s
+    names = _range_names()
+    by_stage: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    busy_us = 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = float(e.time_range.elapsed_us())
+            busy_us += us
+            k = kernels[e.name[:90]]
+            k[0] += 1
+            k[1] += us
+        elif e.name in names or e.name.startswith("matmul:"):
+            by_stage[e.name] += float(e.device_time_total)
+    attributed = sum(by_stage.values())
+    by_stage["unattributed"] = max(0.0, busy_us - attributed)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+    return {
+        "gpu_ms_by_stage": {k: v / 1e3 for k, v in sorted(by_stage.items())},
+        "gpu_busy_ms": busy_us / 1e3,
+        "eager_wall_ms": eager_s * 1e3,
+        "graph_wall_ms": graph_s * 1e3,
+        "host_gap_eager_ms": eager_s * 1e3 - busy_us / 1e3,
+        "host_gap_graph_ms": graph_s * 1e3 - busy_us / 1e3,
+        "top_kernels": [{"name": n, "count": int(c), "ms": us / 1e3} for n, (c, us) in top],
+    }
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+def _cuda_library_dirs() -> list[str]:
+    """Directories of the CUDA runtime and cuBLAS libraries that pip's torch ships,
+    for a llama-bench built against the CUDA toolkit on a machine that has only those."""
+    dirs = []
+    for entry in sys.path:
+        root = Path(entry) / "nvidia"
+        if root.is_dir():
+            dirs += [str(p) for p in sorted(root.glob("*/lib")) if p.is_dir()]
+    return dirs
+
+
+def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int = 3) -> dict[str, Any]:
+    """llama.cpp's ``llama-bench`` prompt processing (flash attention on, every layer on
+    the GPU) at each token count: {"tokens_per_s": {T: avg}, "stddev": {...}, "cmd": [...]}."""
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"--llama-bench {binary}: not an executable file")
+    cmd = [str(binary), "-m", str(model), "-p", ",".join(str(t) for t in tokens), "-n", "0",
+           "-fa", "1", "-ngl", "999", "-r", str(reps), "-o", "json"]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join([*_cuda_library_dirs(), env.get("LD_LIBRARY_PATH", "")]).strip(":")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout)[-2000:]
+        raise RuntimeError(f"llama-bench exited with status {done.returncode}: {tail}")
+    rows = json.loads(done.stdout)
+    res: dict[str, Any] = {"cmd": cmd, "tokens_per_s": {}, "stddev": {}}
+    for row in rows:
+        if int(row.get("n_gen", 0)) == 0:
+            t = int(row["n_prompt"])
+            res["tokens_per_s"][t] = float(row["avg_ts"])
+            res["stddev"][t] = float(row.get("stddev_ts", 0.0))
+    for key in ("build_commit", "gpu_info", "n_batch", "n_ubatch", "flash_attn"):
+        if rows and key in rows[0]:
+            res[key] = rows[0][key]
+    return res
+
+
+# --------------------------------------------------------------------------- the bench
+
+
 def bench_teacher(
-    path: Path, shapes: Sequence[tuple[int, int]], reps: int = 5, device: int = 0
+    path: Path,
+    shapes: Sequence[tuple[int, int]],
+    reps: int = 5,
+    device: int = 0,
+    profile: bool = False,
+    llama_bench: Path | None = None,
+    backends: Sequence[str] = tuple(BACKENDS),
 ) -> dict[str, Any]:
     from harness.memory import MemorySampler, release_gpu, warm_cuda
 
     torch.cuda.set_device(device)
     warm_cuda()
     results: dict[str, Any] = {"model": str(path), "device": torch.cuda.get_device_name(device),
-                               "backends": {}}
-    for backend, build in BACKENDS.items():
+                               "torch": torch.__version__, "backends": {}}
+    for backend in backends:
         release_gpu()
         row: dict[str, Any] = {}
         with MemorySampler(device=device) as mem:
             t0 = time.perf_counter()
-            teacher = build(path, device)
+            teacher = BACKENDS[backend](path, device)
             torch.cuda.synchronize()
             row["load_s"] = time.perf_counter() - t0
-            for batch, seq in shapes:
-                ids = torch.randint(0, teacher.vocab_size(), (batch, seq),
-                                    generator=torch.Generator().manual_seed(batch * seq))
-                median = _time_forward(teacher, ids, reps)
-                row[f"{batch}x{seq}"] = {"median_s": median, "tokens_per_s": batch * seq / median}
+            release_gpu()  # the dense build's transient upload is not part of its working set
+            vocab = teacher.vocab_size()
+            with MemorySampler(device=device) as m32:
+                for batch, seq in shapes:
+                    ids = torch.randint(0, vocab, (batch, seq),
+                                        generator=torch.Generator().manual_seed(batch * seq))
+                    median = _time_forward(teacher, ids, reps, torch.float32)
+                    row[f"{batch}x{seq}"] = {"median_s": median, "tokens_per_s": batch * seq / median}
+            with MemorySampler(device=device) as m16:
+                for batch, seq in shapes:
+                    ids = torch.randint(0, vocab, (batch, seq),
+                                        generator=torch.Generator().manual_seed(batch * seq))
+                    median = _time_forward(teacher, ids, reps, torch.bfloat16)
+                    row[f"{batch}x{seq}"]["bf16_logits_tokens_per_s"] = batch * seq / median
+            if profile:
+                row["profile"] = {}
+                for batch, seq in shapes:
+                    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+                    row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
             del teacher
-        mem.check_ok()
+        for m in (mem, m32, m16):
+            m.check_ok()
+        out_f32 = max(b * s for b, s in shapes) * vocab * 4
         row["peak_gpu_gib_above_baseline"] = mem.peak_above_baseline / GIB
+        row["peak_f32_logits_gib"] = (m32.peak_device - mem.baseline_device) / GIB
+        row["peak_bf16_logits_gib"] = (m16.peak_device - mem.baseline_device) / GIB
+        row["largest_f32_output_gib"] = out_f32 / GIB
+        # what the teacher itself holds (weights, activations, graphs, workspace):
+        # the peak of the float32-logits forwards less the output buffer the caller owns
+        row["working_set_gib"] = row["peak_f32_logits_gib"] - out_f32 / GIB
         row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         results["backends"][backend] = row
-    q, d = results["backends"]["q4k"], results["backends"]["dense-bf16"]
-    results["ratios"] = {
-        f"{b}x{s}_tokens_per_s_q4k_over_dense": q[f"{b}x{s}"]["tokens_per_s"]
-        / d[f"{b}x{s}"]["tokens_per_s"]
-        for b, s in shapes
-    }
-    results["ratios"]["peak_memory_q4k_over_dense"] = (
-        q["peak_gpu_gib_above_baseline"] / d["peak_gpu_gib_above_baseline"]
-    )
+    if llama_bench is not None:
+        tokens = sorted({s for b, s in shapes if b == 1})
+        results["llama_cpp"] = run_llama_bench(llama_bench, path, tokens)
+    results["ratios"] = _ratios(results, shapes)
     release_gpu()
     return results
+
+
+def _ratios(results: dict[str, Any], shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
+    rows = results["backends"]
+    ratios: dict[str, float] = {}
+    if {"q4k", "dense-bf16"} <= rows.keys():
+        q, d = rows["q4k"], rows["dense-bf16"]
+        for b, s in shapes:
+            ratios[f"{b}x{s}_tokens_per_s_q4k_over_dense"] = (
+                q[f"{b}x{s}"]["tokens_per_s"] / d[f"{b}x{s}"]["tokens_per_s"])
+        ratios["peak_memory_q4k_over_dense"] = (
+            q["peak_gpu_gib_above_baseline"] / d["peak_gpu_gib_above_baseline"])
+        ratios["working_set_q4k_over_dense"] = q["working_set_gib"] / d["working_set_gib"]
+        ratios["peak_bf16_logits_q4k_over_dense"] = q["peak_bf16_logits_gib"] / d["peak_bf16_logits_gib"]
+    llama = results.get("llama_cpp", {}).get("tokens_per_s", {})
+    if "q4k" in rows:
+        for b, s in shapes:
+            if b == 1 and s in llama:
+                ratios[f"{b}x{s}_tokens_per_s_q4k_over_llama_cpp"] = (
+                    rows["q4k"][f"{b}x{s}"]["tokens_per_s"] / llama[s])
+    return ratios
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-7b-shape",
                    help="model name (teacher.models) or GGUF path [qwen2.5-7b-shape]")
-    p.add_argument("--shapes", default="8x512,1x2048", help="batch x seq list [8x512,1x2048]")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"batch x seq list [{DEFAULT_SHAPES}]")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per shape [5]")
     p.add_argument("--device", type=int, default=0, help="CUDA device index [0]")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma list of backends to time [{','.join(BACKENDS)}]")
+    p.add_argument("--profile", action="store_true",
+                   help="also split one forward per shape by stage (torch.profiler): quantized "
+                        "matmul by kernel path, attention, norms, elementwise, embedding, lm_head, host gaps")
+    p.add_argument("--llama-bench", type=Path, default=None, metavar="PATH",
+                   help="a llama.cpp llama-bench binary: run it on the same file at the same token "
+                        "counts (batch-1 shapes; prompt processing, flash attention on) and print the ratios")
     p.add_argument("-o", "--output", type=Path, default=Path("reports/bench-teacher.json"),
                    help="JSON output path [reports/bench-teacher.json]")
 
@@ -118,8 +287,29 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
             b, s = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise SystemExit(f"q4k bench teacher: bad shape {item!r}; write BATCHxSEQ, e.g. 8x512") from None
+        if b < 1 or s < 1:
+            raise SystemExit(f"q4k bench teacher: shape {item!r} must have batch and seq >= 1")
         shapes.append((b, s))
     return shapes
+
+
+def print_results(res: dict[str, Any]) -> None:
+    print(f"{'backend':<12}{'shape':>10}{'tokens/s':>12}{'bf16-logits':>13}")
+    for backend, row in res["backends"].items():
+        for key, val in row.items():
+            if isinstance(val, dict) and "tokens_per_s" in val:
+                print(f"{backend:<12}{key:>10}{val['tokens_per_s']:>12.0f}{val['bf16_logits_tokens_per_s']:>13.0f}")
+        print(f"{backend:<12} working set {row['working_set_gib']:.2f} GiB; peak with f32 logits "
+              f"{row['peak_f32_logits_gib']:.2f} GiB, with bf16 logits {row['peak_bf16_logits_gib']:.2f} GiB")
+        for shape, prof in row.get("profile", {}).items():
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in prof["gpu_ms_by_stage"].items())
+            print(f"  profile {backend} {shape}: GPU {prof['gpu_busy_ms']:.2f} ms ({stages}); wall eager "
+                  f"{prof['eager_wall_ms']:.2f} / graph {prof['graph_wall_ms']:.2f} ms; host gaps eager "
+                  f"{prof['host_gap_eager_ms']:.2f} / graph {prof['host_gap_graph_ms']:.2f} ms")
+    for t, v in res.get("llama_cpp", {}).get("tokens_per_s", {}).items():
+        print(f"{'llama.cpp':<12}{'1x' + str(t):>10}{v:>12.0f}")
+    for k, v in res["ratios"].items():
+        print(f"{k}: {v:.3f}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,17 +320,15 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("q4k bench teacher: needs a CUDA GPU (torch.cuda.is_available() is False)")
         return 2
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise SystemExit(f"q4k bench teacher: unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     path = Path(args.model) if Path(args.model).is_file() else resolve_model(args.model)
-    res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device)
+    res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device,
+                        profile=args.profile, llama_bench=args.llama_bench, backends=backends)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
-    print(f"{'backend':<12}{'shape':>10}{'tokens/s':>12}{'peak GiB':>10}")
-    for backend, row in res["backends"].items():
-        for key, val in row.items():
-            if isinstance(val, dict):
-                print(f"{backend:<12}{key:>10}{val['tokens_per_s']:>12.0f}"
-                      f"{row['peak_gpu_gib_above_baseline']:>10.2f}")
-    for k, v in res["ratios"].items():
-        print(f"{k}: {v:.3f}")
+    print_results(res)
     print(f"wrote {args.output}")
     return 0

@@ -12,29 +12,33 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from teacher.config import ModelConfig
-from teacher.forward import forward
-from teacher.provider import as_id_batch, effective_vocab, truncate_logits
+from teacher.forward import matmul_into, matmul_label
+from teacher.provider import as_id_batch, effective_vocab
+from teacher.runtime import ForwardRunner, frozen_chunks, logits_dtype
 
 if TYPE_CHECKING:
     from teacher.gguf_file import TensorRecord
 
 log = logging.getLogger("teacher.dequant")
 
+DENSE_CHUNK_ROWS = 8192  # rows of W per GEMM when the output dtype differs from the weights'
+
 
 class DenseOps:
     """WeightOps over dense torch tensors, keyed by GGUF tensor name.
 
-    ``dtype`` is the storage dtype of the 2-D weights (float32 for the legacy
-    teacher, bfloat16 for a dense-bf16 baseline); matmuls run in that dtype and
-    return float32. 1-D tensors (norms, biases) always stay float32.
+    ``dtype`` is the storage dtype of the 2-D weights and the activation dtype
+    (float32 for the legacy teacher, bfloat16 for a dense-bf16 baseline): matmuls
+    run and return that dtype. 1-D tensors (norms, biases) always stay float32.
     """
 
     def __init__(
@@ -57,12 +61,19 @@ class DenseOps:
         except KeyError:
             raise KeyError(f"weight {name!r} is not loaded") from None
 
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         w = self._get(name)
-        return (x.to(w.dtype) @ w.T).float()
+        x = x.to(w.dtype)
+        with record_function(matmul_label(name, "dense")):
+            if out is None:
+                return x @ w.T
+            # another out dtype (float32 logits of a bf16 model) goes through a bounded
+            # temporary per row chunk of W, never a second full-size output
+            step = w.shape[0] if out.dtype == x.dtype else DENSE_CHUNK_ROWS
+            return matmul_into(x, ((n0, w[n0 : n0 + step]) for n0 in range(0, w.shape[0], step)), out)
 
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
-        return self._get(name)[ids].float()
+        return self._get(name)[ids].to(self.dtype)
 
     def vector(self, name: str) -> torch.Tensor:
         return self._get(name)
@@ -93,6 +104,7 @@ class DequantTeacher:
         self.ops = ops
         self.native_vocab = cfg.vocab_size
         self._vocab = effective_vocab(cfg.vocab_size, target_vocab)
+        self.runner = ForwardRunner(cfg, ops, ops.device)
 
     @classmethod
     def from_gguf(
@@ -142,10 +154,23 @@ class DequantTeacher:
     def vocab_size(self) -> int:
         return self._vocab
 
-    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    def logits_for_batch(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16), truncated before any softmax."""
         ids = as_id_batch(input_ids, self.native_vocab, self.cfg.context)  # before any compute
         # no_grad rather than inference_mode: inference tensors cannot be saved for
         # backward, and a KD loss against a trainable student must save them
         with torch.no_grad():
-            logits = forward(self.cfg, self.ops, ids.to(self.ops.device))
-        return truncate_logits(logits, self._vocab).detach()
+            return self.runner.logits(ids, self._vocab, logits_dtype(dtype)).detach()
+
+    def logit_chunks(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        chunk_tokens: int = 2048,
+        dtype: str | torch.dtype = torch.bfloat16,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
+        ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
+        ids = as_id_batch(input_ids, self.native_vocab, self.cfg.context)
+        return frozen_chunks(self.runner.logit_chunks(ids, self._vocab, logits_dtype(dtype), chunk_tokens))

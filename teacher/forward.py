@@ -1,10 +1,19 @@
 """The one forward pass shared by every teacher (gpt-fast style: short and readable).
 
 Weights are reached only through a :class:`WeightOps`, by their GGUF tensor
-names, so the dense torch backend (``DenseOps``, the legacy F32 teacher) and the
-Q4K-native CUDA backend run this same code. Activations are float32 torch
-tensors on the device the ops return them on; norms, RoPE and attention are
-plain torch.
+names, so the dense torch backend (``DenseOps``, the legacy F32 teacher and the
+dense-bf16 baseline) and the Q4K-native CUDA backend run this same code.
+Activations are torch tensors of ``ops.dtype`` (float32 for the reference,
+bfloat16 where a dense bf16 model would run bf16) on the ops' device; norms
+accumulate in float32 whatever that dtype is, attention is torch's SDPA (flash
+or cuDNN kernels for bf16 on a GPU), and the logits come out in the dtype the
+caller asks for (float32 by default).
+
+Profiling: each stage runs inside a ``torch.profiler.record_function`` range
+named by :data:`STAGES` (matmuls are labelled by the ops, see
+:func:`matmul_label`), so ``q4k bench teacher --profile`` can split GPU time by
+stage; outside a profiler a range costs about a microsecond of host time and
+nothing on the GPU.
 
 GGUF conventions this relies on (checked by parity with transformers loading
 the same files, tests/test_forward_parity.py):
@@ -17,22 +26,36 @@ the same files, tests/test_forward_parity.py):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from teacher.config import ModelConfig
+
+# profiler ranges of the forward (the matmuls add "matmul:<path>" and "lm_head")
+STAGES = ("embedding", "norm", "attention", "elementwise")
+HEAD_NAMES = ("output.weight", "token_embd.weight")
+
+
+def matmul_label(name: str, path: str) -> str:
+    """The profiler range of one linear: the lm_head apart, other matmuls by kernel path."""
+    return "lm_head" if name in HEAD_NAMES else f"matmul:{path}"
 
 
 @runtime_checkable
 class WeightOps(Protocol):
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x [M, K] -> x @ W.T [M, N] float32 (no bias)."""
+    dtype: torch.dtype  # activation dtype of this backend
+
+    def linear(self, x: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] -> x @ W.T [M, N] (no bias): a new tensor of ``dtype``, or written
+        into ``out`` (any float dtype: the lm_head writes float32 logits this way)."""
         ...
 
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
-        """ids [M] int64 -> rows [M, K] float32."""
+        """ids [M] int64 (already validated) -> rows [M, K] of ``dtype``."""
         ...
 
     def vector(self, name: str) -> torch.Tensor:
@@ -42,8 +65,13 @@ class WeightOps(Protocol):
     def has(self, name: str) -> bool: ...
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """RMSNorm accumulated in float32 (as transformers does for bf16 models); the result
+    in ``dtype`` (default: x's)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype or x.dtype)
 
 
 def rope_tables(
@@ -61,7 +89,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     """x [B, T, H, D]; rotates the first 2 * cos.shape[-1] dims of each head."""
     d = 2 * cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    # tables in x's dtype, as transformers applies them to a bf16 model
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     if style == "normal":  # adjacent pairs (2i, 2i + 1)
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
@@ -75,7 +104,8 @@ def _linear(ops: WeightOps, x: torch.Tensor, base: str) -> torch.Tensor:
     """ops.linear on ``base.weight`` plus ``base.bias`` where the file has one (qwen2 q/k/v)."""
     y = ops.linear(x, f"{base}.weight")
     if ops.has(f"{base}.bias"):
-        y = y + ops.vector(f"{base}.bias")
+        with record_function("elementwise"):
+            y = y + ops.vector(f"{base}.bias").to(y.dtype)
     return y
 
 
@@ -93,40 +123,59 @@ def _attention(
     k = _linear(ops, h, f"{p}.attn_k").view(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = _linear(ops, h, f"{p}.attn_v").view(b, t, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, ops.vector(f"{p}.attn_q_norm.weight"), cfg.norm_eps)
-        k = rms_norm(k, ops.vector(f"{p}.attn_k_norm.weight"), cfg.norm_eps)
-    q = apply_rope(q, *rope, cfg.rope_style).transpose(1, 2)  # [B, H, T, D]
-    k = apply_rope(k, *rope, cfg.rope_style).transpose(1, 2)
-    v = v.transpose(1, 2)
-    if cfg.n_kv_heads != cfg.n_heads:  # GQA: each KV head serves a group of query heads
-        k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-        v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-    if local_mask is not None:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask, scale=cfg.attn_scale)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
-    o = o.transpose(1, 2).reshape(b * t, cfg.n_heads * cfg.head_dim)
+        with record_function("norm"):
+            q = rms_norm(q, ops.vector(f"{p}.attn_q_norm.weight"), cfg.norm_eps)
+            k = rms_norm(k, ops.vector(f"{p}.attn_k_norm.weight"), cfg.norm_eps)
+    with record_function("attention"):
+        q = apply_rope(q, *rope, cfg.rope_style).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(k, *rope, cfg.rope_style).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cfg.n_kv_heads != cfg.n_heads:  # GQA: each KV head serves a group of query heads
+            k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+            v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+        if local_mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask, scale=cfg.attn_scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
+        o = o.transpose(1, 2).reshape(b * t, cfg.n_heads * cfg.head_dim)
     return ops.linear(o, f"{p}.attn_output.weight")
 
 
 def _ffn(cfg: ModelConfig, ops: WeightOps, h: torch.Tensor, i: int) -> torch.Tensor:
     p = f"blk.{i}"
     gate = ops.linear(h, f"{p}.ffn_gate.weight")
-    act = F.gelu(gate, approximate="tanh") if cfg.gelu_ffn else F.silu(gate)
-    return ops.linear(act * ops.linear(h, f"{p}.ffn_up.weight"), f"{p}.ffn_down.weight")
+    up = ops.linear(h, f"{p}.ffn_up.weight")
+    with record_function("elementwise"):
+        act = (F.gelu(gate, approximate="tanh") if cfg.gelu_ffn else F.silu(gate)) * up
+    return ops.linear(act, f"{p}.ffn_down.weight")
 
 
-def forward(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.Tensor:
-    """ids [B, T] int64 (already validated) -> logits [B, T, cfg.vocab_size] float32."""
+def _residual(cfg: ModelConfig, ops: WeightOps, x: torch.Tensor, h: torch.Tensor, post_norm: str) -> torch.Tensor:
+    """x + h, with gemma's sandwich norm on h first."""
+    if cfg.sandwich_norms:
+        with record_function("norm"):
+            h = rms_norm(h, ops.vector(post_norm), cfg.norm_eps)
+    with record_function("elementwise"):
+        return x + h  # float32 residual + h of ops.dtype: float32
+
+
+def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] int64 (already validated, on the ops' device) -> the final-normed
+    hidden states [B*T, hidden] of ``ops.dtype``: everything but the lm_head, so a
+    caller can run the head in chunks (see :func:`head_logits`)."""
     if ops.has("rope_freqs.weight"):
         # llama 3.x frequency factors: not needed by the supported models; refuse
         # rather than return plausible wrong logits
         raise NotImplementedError("rope_freqs.weight (llama3 RoPE scaling) is not supported")
     b, t = ids.shape
-    x = ops.embed(ids.reshape(-1), "token_embd.weight")  # [B*T, hidden]
-    if cfg.embed_scale != 1.0:
-        # transformers rounds the scale to the weight dtype; in float32 that is a no-op
-        x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype, device=x.device)
+    with record_function("embedding"):
+        x = ops.embed(ids.reshape(-1), "token_embd.weight")  # [B*T, hidden]
+        if cfg.embed_scale != 1.0:
+            # transformers rounds the scale to the activation dtype (a no-op in float32)
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype, device=x.device)
+        # the residual stream accumulates every layer's output: it stays float32 (a
+        # [tokens, hidden] tensor, small next to the matmuls), the matmuls see ops.dtype
+        x = x.float()
     pos = torch.arange(t, device=x.device)
 
     ropes: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -142,19 +191,57 @@ def forward(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.Tensor
             ropes[key] = rope_tables(cfg, key[0], key[1], pos)
         mask = local_mask if cfg.is_sliding(i) else None
 
-        h = rms_norm(x, ops.vector(f"blk.{i}.attn_norm.weight"), cfg.norm_eps)
+        with record_function("norm"):
+            h = rms_norm(x, ops.vector(f"blk.{i}.attn_norm.weight"), cfg.norm_eps, ops.dtype)
         h = _attention(cfg, ops, h, i, b, ropes[key], mask)
-        if cfg.sandwich_norms:
-            h = rms_norm(h, ops.vector(f"blk.{i}.post_attention_norm.weight"), cfg.norm_eps)
-        x = x + h
-
-        h = rms_norm(x, ops.vector(f"blk.{i}.ffn_norm.weight"), cfg.norm_eps)
+        x = _residual(cfg, ops, x, h, f"blk.{i}.post_attention_norm.weight")
+        with record_function("norm"):
+            h = rms_norm(x, ops.vector(f"blk.{i}.ffn_norm.weight"), cfg.norm_eps, ops.dtype)
         h = _ffn(cfg, ops, h, i)
-        if cfg.sandwich_norms:
-            h = rms_norm(h, ops.vector(f"blk.{i}.post_ffw_norm.weight"), cfg.norm_eps)
-        x = x + h
+        x = _residual(cfg, ops, x, h, f"blk.{i}.post_ffw_norm.weight")
 
-    x = rms_norm(x, ops.vector("output_norm.weight"), cfg.norm_eps)
+    with record_function("norm"):
+        return rms_norm(x, ops.vector("output_norm.weight"), cfg.norm_eps, ops.dtype)
+
+
+def head_name(cfg: ModelConfig, ops: WeightOps) -> str:
+    """The lm_head's tensor: output.weight, or the embedding where the model ties them."""
     tied = cfg.tied_embeddings if cfg.tied_embeddings is not None else not ops.has("output.weight")
-    head = "token_embd.weight" if tied else "output.weight"  # tied: the lm_head is the embedding
-    return ops.linear(x, head).view(b, t, -1)
+    return "token_embd.weight" if tied else "output.weight"
+
+
+def head_logits(
+    cfg: ModelConfig, ops: WeightOps, hidden: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """hidden [M, hidden] -> logits [M, cfg.vocab_size]: of ``ops.dtype``, or into ``out``."""
+    return ops.linear(hidden, head_name(cfg, ops), out=out)
+
+
+def forward(
+    cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor, logits_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """ids [B, T] int64 (already validated) -> logits [B, T, cfg.vocab_size] of ``logits_dtype``."""
+    b, t = ids.shape
+    h = hidden_states(cfg, ops, ids)
+    out = None
+    if logits_dtype != h.dtype:
+        out = torch.empty((b * t, cfg.vocab_size), dtype=logits_dtype, device=h.device)
+    return head_logits(cfg, ops, h, out).view(b, t, -1)
+
+
+def matmul_into(
+    x: torch.Tensor, weight_chunks: Iterable[tuple[int, torch.Tensor]], out: torch.Tensor
+) -> torch.Tensor:
+    """out[:, n0:n0+rows] = x @ chunk.T for each (n0, chunk [rows, K]) of W, in x's dtype.
+
+    The weight backends share it: the dense one passes views of its weight, the
+    Q4K one a scratch it decodes each chunk into. A GEMM writes its column slice
+    of ``out`` in place where the dtypes agree (cuBLAS takes the row stride as
+    its leading dimension); otherwise through a [M, rows] temporary."""
+    for n0, w in weight_chunks:
+        dst = out[:, n0 : n0 + w.shape[0]]
+        if out.dtype == x.dtype:
+            torch.mm(x, w.T, out=dst)
+        else:
+            dst.copy_(x @ w.T)
+    return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,13 +26,15 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from torch.profiler import record_function
 from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
-from teacher.forward import forward
+from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
-from teacher.provider import as_id_batch, effective_vocab, truncate_logits
+from teacher.provider import as_id_batch, effective_vocab
 from teacher.quants import dequantize
+from teacher.runtime import ForwardRunner, frozen_chunks, logits_dtype
 
 log = logging.getLogger("teacher.q4k")
 
@@ -131,39 +133,77 @@ class _Uploader:
 
 
 class Q4KOps:
-    """``teacher.forward.WeightOps`` over raw quantized bytes on the GPU."""
+    """``teacher.forward.WeightOps`` over raw quantized bytes on the GPU.
+
+    Activations are ``dtype`` (bf16 by default, as a dense bf16 model runs). Each
+    linear takes the kernel path ``launch.dispatch_path`` names for its M: the
+    GEMV / fused kernels write float32, cast to ``dtype``; the large-M path
+    decodes row chunks of W into a bounded bf16 scratch and multiplies each with
+    torch's cuBLAS GEMM (the same GEMM the dense baseline runs). CuPy launches go
+    to torch's current stream, so the forward captures into a CUDA graph, and
+    every temporary comes from torch's allocator (graph-aware, one pool).
+    """
 
     def __init__(
         self,
         weights: dict[str, DeviceWeight],
         vectors: dict[str, torch.Tensor],
         device: torch.device,
-        activation_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         from cupy_kernels import launch
 
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"activation dtype {dtype} is not float32 or bfloat16")
         self._launch = launch
+        self._cp = launch._cp()
         self.weights = weights
         self.vectors = vectors
         self.device = device
-        self.activation_dtype = activation_dtype
+        self.dtype = dtype
 
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _torch_stream(self) -> Any:
+        return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+
+    def path_for(self, w: DeviceWeight, m: int) -> str:
+        return str(self._launch.dispatch_path(m, w.qtype, w.n, w.k, x_is_bf16=self.dtype == torch.bfloat16))
+
+    def linear(self, x: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self.weights:  # a small 2-D F32 tensor the kernels have no type for
-            return x.float() @ self.vectors[name].T
+            y = x.float() @ self.vectors[name].T
+            return y.to(self.dtype) if out is None else out.copy_(y)
         w = self.weights[name]
-        xin = x.to(self.activation_dtype).contiguous()
-        # outputs come from torch's caching allocator, like every other activation: with a
-        # second pool (CuPy's) caching freed outputs, the two pools' high-water marks add up
-        y = torch.empty((xin.shape[0], w.n), dtype=torch.float32, device=xin.device)
-        self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y)
-        return y
+        xin = x.to(self.dtype).contiguous()
+        m = int(xin.shape[0])
+        path = self.path_for(w, m)
+        with record_function(matmul_label(name, path)), self._torch_stream():
+            if path == "dequant":
+                y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
+                return matmul_into(xin, self._decoded_chunks(w), y)
+            if out is not None and out.dtype == torch.float32 and out.is_contiguous():
+                self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
+                return out
+            y32 = torch.empty((m, w.n), dtype=torch.float32, device=self.device)
+            self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y32, path=path)
+        return y32.to(self.dtype) if out is None else out.copy_(y32)
+
+    def _decoded_chunks(self, w: DeviceWeight) -> Iterator[tuple[int, torch.Tensor]]:
+        """(row0, W rows decoded to ``dtype``) chunk by chunk, all through one scratch:
+        stream order makes each GEMM finish reading before the next decode writes."""
+        rows = self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize)
+        scratch = torch.empty((rows, w.k), dtype=self.dtype, device=self.device)
+        for n0 in range(0, w.n, rows):
+            part = scratch[: min(rows, w.n - n0)]
+            self._launch.qdequant(w.data, w.qtype, w.n, w.k, row0=n0, out=part)
+            yield n0, part
 
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         w = self.weights[name]
         rows = torch.empty((ids.numel(), w.k), dtype=torch.float32, device=ids.device)
-        self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k, out=rows)
-        return rows
+        with self._torch_stream():
+            # ids were validated on the host (as_id_batch): no device check, no sync
+            self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k, out=rows, check_ids=False)
+        return rows.to(self.dtype)
 
     def vector(self, name: str) -> torch.Tensor:
         return self.vectors[name]
@@ -178,6 +218,7 @@ class Q4KTeacher:
     __slots__ = (
         "_native_vocab",
         "_ops",
+        "_runner",
         "_vocab",
         "config",
         "device",
@@ -193,6 +234,7 @@ class Q4KTeacher:
     _native_vocab: int
     _vocab: int
     _ops: Q4KOps
+    _runner: ForwardRunner
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("use Q4KTeacher.from_gguf(path, target_vocab=None, device=0)")
@@ -205,9 +247,13 @@ class Q4KTeacher:
         device: int = 0,
         *,
         transform: Transform | None = None,
-        activation_dtype: torch.dtype = torch.float32,
+        activation_dtype: torch.dtype = torch.bfloat16,
+        graphs: bool = True,
     ) -> Q4KTeacher:
-        """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only)."""
+        """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
+
+        ``activation_dtype``: bf16 (default, as a dense bf16 model runs) or float32.
+        ``graphs``: replay the forward from a CUDA graph per input shape."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
         cfg = model.config
         vocab = effective_vocab(cfg.vocab_size, target_vocab)
@@ -226,6 +272,7 @@ class Q4KTeacher:
         obj._native_vocab = cfg.vocab_size
         obj._vocab = vocab
         obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype)
+        obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs)
         obj.load_seconds = seconds
         obj.uploaded_bytes = dict(per_type)
         total = sum(per_type.values())
@@ -244,14 +291,37 @@ class Q4KTeacher:
     def native_vocab_size(self) -> int:
         return self._native_vocab
 
-    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        """[B, T, vocab_size()] float32 logits on the teacher's GPU, truncated before any softmax."""
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self._ops.dtype
+
+    @property
+    def runner(self) -> ForwardRunner:
+        return self._runner
+
+    def logits_for_batch(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16) on the teacher's GPU,
+        truncated before any softmax."""
         ids = as_id_batch(input_ids, self._native_vocab, self.config.context)
         # no_grad, not inference_mode: a KD loss must be able to save these logits for the
         # student's backward, and inference tensors cannot be saved
         with torch.no_grad(), torch.cuda.device(self.device):
-            logits = forward(self.config, self._ops, ids.to(self.device))
-        return truncate_logits(logits, self._vocab).detach()
+            return self._runner.logits(ids, self._vocab, logits_dtype(dtype)).detach()
+
+    def logit_chunks(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        chunk_tokens: int = 2048,
+        dtype: str | torch.dtype = torch.bfloat16,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
+        ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
+        ids = as_id_batch(input_ids, self._native_vocab, self.config.context)
+        with torch.cuda.device(self.device):
+            chunks = self._runner.logit_chunks(ids, self._vocab, logits_dtype(dtype), chunk_tokens)
+        return frozen_chunks(chunks)
 
     def device_weights(self) -> dict[str, DeviceWeight]:
         return dict(self._ops.weights)

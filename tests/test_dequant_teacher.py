@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import teacher.dequant_teacher as dt
+import teacher.runtime as rt
 from teacher.dequant_teacher import DenseOps, DequantTeacher
 from teacher.provider import LogitProvider
 
@@ -113,7 +113,7 @@ def test_bad_input_is_a_value_error_before_any_compute(
     def no_compute(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise AssertionError("forward ran before the input check")
 
-    monkeypatch.setattr(dt, "forward", no_compute)
+    monkeypatch.setattr(rt, "hidden_states", no_compute)
     with pytest.raises(ValueError, match=match):
         native.logits_for_batch(ids)
 

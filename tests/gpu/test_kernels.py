@@ -185,6 +185,17 @@ def test_gemv_tc(
     _check_tc(cp, rng, monkeypatch, qt, cases, GEMV_TC_WPR=wpr, GEMV_TC_FOLD=fold)
 
 
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
+def test_gemv_tc_column_tiles(cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, qt: T) -> None:
+    # M = 9..32 on the tensor-core GEMV: 2 or 4 column tiles share each decoded
+    # fragment; M = 13 and 27 leave a partial tile, N = 77 a partial row tile
+    cases = ((9, 77, 3584), (13, 16, 768), (16, 131, 3584), (27, 77, 512), (32, 131, 3584))
+    _check_tc(cp, rng, monkeypatch, qt, cases)
+    # every compiled tile count, including more tiles than M needs
+    for nt in (2, 4, 8):
+        _check_tc(cp, rng, monkeypatch, qt, ((9, 77, 3584),), GEMV_TC_NT=nt)
+
+
 def _check_tc(
     cp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, qt: T,
     cases: tuple[tuple[int, int, int], ...], **settings: Any,

@@ -1,0 +1,135 @@
+"""How a teacher runs the one forward pass: CUDA graphs per shape, and the lm_head in chunks.
+
+Both teacher backends (``DequantTeacher``, ``Q4KTeacher``) hand their weight ops
+to a :class:`ForwardRunner`, so the dense-bf16 baseline and the Q4K teacher are
+timed through the same machinery.
+
+- **Graphs.** On a GPU, everything up to the final norm (``hidden_states``) is
+  captured once per (batch, seq) shape into a CUDA graph and replayed: a 7B
+  forward is ~900 kernel launches, and launched one by one from Python the GPU
+  idles between them (about 40% of a 1 x 512 forward before graphs). The
+  forward has no host sync (ids are validated on the host before upload), so it
+  captures whole. A capture that fails falls back to eager, once, with a warning.
+- **The head.** The lm_head runs outside the graph, in row chunks, into an
+  output the caller owns, in the dtype the caller asks for: float32 for parity,
+  bf16 for distillation. :meth:`ForwardRunner.logit_chunks` never holds more than
+  one chunk of logits, so a KD step need not hold [B, T, V] float32 at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from teacher.config import ModelConfig
+from teacher.forward import WeightOps, head_logits, hidden_states
+from teacher.provider import truncate_logits
+
+log = logging.getLogger("teacher.runtime")
+
+LOGIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEAD_CHUNK_ROWS = 2048  # tokens per chunk of logit_chunks (each chunk runs the whole head)
+MAX_GRAPHS = 8  # captured shapes kept; the least recently used is dropped first
+
+
+def logits_dtype(name: str | torch.dtype) -> torch.dtype:
+    """float32 / bfloat16 by name or dtype; anything else is an error naming the choices."""
+    if isinstance(name, torch.dtype):
+        if name in LOGIT_DTYPES.values():
+            return name
+    elif name in LOGIT_DTYPES:
+        return LOGIT_DTYPES[name]
+    raise ValueError(f"logits dtype {name!r} is not one of {', '.join(LOGIT_DTYPES)}")
+
+
+def frozen_chunks(chunks: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each chunk computed under no_grad and detached. Grad mode is per thread, not
+    per generator: a ``with torch.no_grad()`` around the yields would leak into
+    the caller's code (its student loss) between chunks, so it wraps each step."""
+    while True:
+        with torch.no_grad():
+            item = next(chunks, None)
+        if item is None:
+            return
+        yield item[0], item[1].detach()
+
+
+class ForwardRunner:
+    """``hidden_states`` (graphed on CUDA) + a chunked lm_head for one model's ops."""
+
+    def __init__(self, cfg: ModelConfig, ops: WeightOps, device: torch.device, graphs: bool = True) -> None:
+        self.cfg = cfg
+        self.ops = ops
+        self.device = device
+        self.graphs = graphs and device.type == "cuda"
+        self._captured: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._pool: Any = None
+
+    # -- hidden states ------------------------------------------------------
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device.
+
+        With graphs the result is the graph's static output: valid until the next call."""
+        if not self.graphs:
+            return hidden_states(self.cfg, self.ops, ids.to(self.device))
+        shape = (int(ids.shape[0]), int(ids.shape[1]))
+        entry = self._captured.get(shape)
+        if entry is None:
+            try:
+                entry = self._capture(shape)
+            except RuntimeError as exc:  # an op that cannot be captured: run eager from now on
+                log.warning("CUDA graph capture failed (%s); running the forward eagerly", exc)
+                self.graphs = False
+                self._captured.clear()
+                return hidden_states(self.cfg, self.ops, ids.to(self.device))
+        self._captured.move_to_end(shape)
+        graph, static_ids, out = entry
+        static_ids.copy_(ids, non_blocking=False)
+        graph.replay()
+        return out
+
+    def _capture(self, shape: tuple[int, int]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        while len(self._captured) >= MAX_GRAPHS:
+            self._captured.popitem(last=False)
+        static_ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        # warm up on a side stream, as torch asks: kernels compile and load, cuBLAS
+        # picks its algorithms and workspaces, the allocator grows, all before capture
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            hidden_states(self.cfg, self.ops, static_ids)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = hidden_states(self.cfg, self.ops, static_ids)
+        self._captured[shape] = (graph, static_ids, out)
+        log.info("captured the forward for shape %s in a CUDA graph", shape)
+        return self._captured[shape]
+
+    # -- logits ---------------------------------------------------------------
+    def logit_chunks(
+        self, ids: torch.Tensor, vocab: int, dtype: torch.dtype, chunk_rows: int = HEAD_CHUNK_ROWS
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(row0, logits [rows, vocab] of ``dtype``) over the B*T rows of ``ids``, in order,
+        truncated to ``vocab`` before anything else sees them. Each chunk is a new
+        tensor; no more than one is alive here at a time."""
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+        h = self.hidden(ids)
+        for r0 in range(0, h.shape[0], chunk_rows):
+            rows = h[r0 : r0 + chunk_rows]
+            out = torch.empty((rows.shape[0], self.cfg.vocab_size), dtype=dtype, device=h.device)
+            yield r0, truncate_logits(head_logits(self.cfg, self.ops, rows, out), vocab)
+
+    def logits(self, ids: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, T, vocab] of ``dtype``: one output the caller owns, written by the head directly."""
+        b, t = ids.shape
+        h = self.hidden(ids)
+        out = torch.empty((b * t, self.cfg.vocab_size), dtype=dtype, device=h.device)
+        return truncate_logits(head_logits(self.cfg, self.ops, h, out).view(b, t, -1), vocab)

@@ -1,0 +1,164 @@
+"""The forward's runtime on CPU: logits dtypes, the chunked lm_head, bf16 activations,
+and the host-side kernel dispatch rules (no CUDA needed for any of these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from teacher.dequant_teacher import DenseOps, DequantTeacher
+from teacher.forward import matmul_into, rms_norm
+from teacher.models import resolve_model
+from teacher.runtime import frozen_chunks, logits_dtype
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DequantTeacher:
+    return DequantTeacher.from_gguf(resolve_model("tiny"))
+
+
+def _bf16_twin(t: DequantTeacher) -> DequantTeacher:
+    ops = DenseOps({n: t.ops._get(n) for n in t.ops.names()}, dtype=torch.bfloat16)
+    return DequantTeacher(t.cfg, ops)
+
+
+def _ids(t: DequantTeacher, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, t.native_vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_dtype_names_and_refusal() -> None:
+    assert logits_dtype("float32") is torch.float32
+    assert logits_dtype(torch.bfloat16) is torch.bfloat16
+    for bad in ("float16", torch.float64, "fp8"):
+        with pytest.raises(ValueError, match="float32, bfloat16"):
+            logits_dtype(bad)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 96])
+def test_logit_chunks_tile_the_full_logits(tiny: DequantTeacher, chunk: int) -> None:
+    ids = _ids(tiny, (3, 32))
+    full = tiny.logits_for_batch(ids).reshape(-1, tiny.vocab_size())
+    rows = 0
+    for r0, part in tiny.logit_chunks(ids, chunk_tokens=chunk, dtype="float32"):
+        assert r0 == rows and part.shape == (min(chunk, full.shape[0] - r0), tiny.vocab_size())
+        torch.testing.assert_close(part, full[r0 : r0 + part.shape[0]], rtol=1e-5, atol=1e-5)
+        rows += part.shape[0]
+    assert rows == full.shape[0]
+
+
+def test_logit_chunks_do_not_leak_no_grad(tiny: DequantTeacher) -> None:
+    # the caller's student loss between chunks must still build a graph
+    w = torch.ones(1, requires_grad=True)
+    seen = 0
+    for _, part in frozen_chunks(tiny.logit_chunks(_ids(tiny, (1, 8)), chunk_tokens=3)):
+        assert torch.is_grad_enabled() and not part.requires_grad
+        assert (part.float().sum() * w).requires_grad
+        seen += 1
+    assert seen == 3
+
+
+def test_bf16_logits_dtype_and_truncation(tiny: DequantTeacher) -> None:
+    cut = DequantTeacher(tiny.cfg, tiny.ops, target_vocab=tiny.native_vocab - 5)
+    out = cut.logits_for_batch(_ids(tiny, (2, 5)), dtype="bfloat16")
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, tiny.native_vocab - 5)
+
+
+def test_bf16_activations_track_the_f32_forward(tiny: DequantTeacher) -> None:
+    # the forward in bf16 (norms and residual in float32) stays close to float32, and a
+    # float32 forward is not accidentally run in bf16 (it would not match to 1e-5)
+    ids = _ids(tiny, (2, 24), seed=1)
+    ref = tiny.logits_for_batch(ids).double()
+    bf = _bf16_twin(tiny).logits_for_batch(ids).double()
+    cos = torch.nn.functional.cosine_similarity(ref, bf, dim=-1)
+    assert float(cos.min()) > 0.999
+    assert float((ref - bf).abs().max()) > 1e-5, "the bf16 forward computed in float32"
+
+
+def test_rms_norm_accumulates_in_float32() -> None:
+    # bf16 input whose squares overflow bf16's precision: float32 accumulation keeps
+    # the result equal to the float64 reference rounded once
+    x = (torch.arange(1, 4097, dtype=torch.float32) * 37.0).reshape(1, -1).to(torch.bfloat16)
+    w = torch.ones(4096)
+    got = rms_norm(x, w, 1e-6, torch.float32)
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    assert rms_norm(x, w, 1e-6).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_matmul_into_writes_column_slices(out_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g).to(torch.bfloat16)
+    w = torch.randn(23, 16, generator=g).to(torch.bfloat16)
+    out = torch.full((5, 23), float("nan"), dtype=out_dtype)
+    matmul_into(x, ((n0, w[n0 : n0 + 8]) for n0 in range(0, 23, 8)), out)
+    torch.testing.assert_close(out.float(), (x @ w.T).float(), rtol=1e-2, atol=1e-2)
+    assert not out.isnan().any(), "a column slice was never written"
+
+
+# ------------------------------------------------------------ kernel dispatch (host logic)
+
+
+def test_dispatch_path_by_m() -> None:
+    from cupy_kernels import launch
+
+    q4 = (QT.Q4_K, 18944, 3584)
+    assert launch.dispatch_path(1, *q4, x_is_bf16=True) == "gemv1_tc"
+    assert launch.dispatch_path(8, *q4, x_is_bf16=True) == "gemv_tc"
+    assert launch.dispatch_path(launch.GEMV_TC_MAX_M, *q4, x_is_bf16=True) == "gemv_tc"
+    assert launch.dispatch_path(launch.GEMV_TC_MAX_M + 1, *q4, x_is_bf16=True) == "mma"
+    assert launch.dispatch_path(launch.DEQUANT_MIN_M, *q4, x_is_bf16=True) == "dequant"
+    # float32 x and formats without an integer fragment decode keep the float GEMV
+    assert launch.dispatch_path(8, *q4, x_is_bf16=False) == "gemv"
+    assert launch.dispatch_path(16, *q4, x_is_bf16=False) == "mma"
+    assert launch.dispatch_path(16, QT.Q8_0, 3584, 3584, x_is_bf16=True) == "mma"
+    # Q6_K at M = 1: the tensor cores only from GEMV_TC_M1_MIN_WEIGHTS weights on
+    assert launch.dispatch_path(1, QT.Q6_K, 3584, 3584, x_is_bf16=True) == "gemv"
+    assert launch.dispatch_path(1, QT.Q6_K, 18944, 3584, x_is_bf16=True) == "gemv1_tc"
+    with pytest.raises(ValueError, match="not supported"):
+        launch.dispatch_path(4, QT.IQ2_XXS, 256, 256, x_is_bf16=True)
+
+
+@pytest.mark.parametrize("n,k", [(18944, 3584), (3584, 18944), (152064, 3584), (100, 256), (129, 512)])
+def test_dequant_chunks_fit_the_budget_and_cover_w(n: int, k: int) -> None:
+    from cupy_kernels import launch
+
+    rows = launch.dequant_chunk_rows(n, k, 2)
+    chunks = [min(rows, n - n0) for n0 in range(0, n, rows)]
+    assert sum(chunks) == n
+    assert rows == n or (rows % 128 == 0 and rows * k * 2 <= max(launch.DEQUANT_SCRATCH_BYTES, 128 * k * 2))
+    # balanced: the last chunk is not a sliver next to the others
+    assert chunks[-1] >= rows - 128 * len(chunks)
+
+
+def test_bench_ratios_from_the_run(tmp_path: Path) -> None:
+    from teacher.bench import _ratios, run_llama_bench
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo \'[{"n_prompt": 512, "n_gen": 0, "avg_ts": 1000.0, "stddev_ts": 5.0, "n_batch": 2048},'
+        ' {"n_prompt": 0, "n_gen": 16, "avg_ts": 50.0}]\'\n'
+    )
+    fake.chmod(0o755)
+    llama = run_llama_bench(fake, tmp_path / "m.gguf", [512])
+    assert llama["tokens_per_s"] == {512: 1000.0} and "-fa" in llama["cmd"]
+    row = {"1x512": {"tokens_per_s": 2500.0}, "peak_gpu_gib_above_baseline": 6.0,
+           "working_set_gib": 5.0, "peak_bf16_logits_gib": 5.5}
+    dense = {"1x512": {"tokens_per_s": 2000.0}, "peak_gpu_gib_above_baseline": 18.0,
+             "working_set_gib": 16.0, "peak_bf16_logits_gib": 16.5}
+    r = _ratios({"backends": {"q4k": row, "dense-bf16": dense}, "llama_cpp": llama}, [(1, 512)])
+    assert r["1x512_tokens_per_s_q4k_over_dense"] == pytest.approx(1.25)
+    assert r["1x512_tokens_per_s_q4k_over_llama_cpp"] == pytest.approx(2.5)
+    assert r["working_set_q4k_over_dense"] == pytest.approx(5 / 16)
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\necho 'no GPU' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match="status 3: no GPU"):
+        run_llama_bench(broken, tmp_path / "m.gguf", [512])
+    with pytest.raises(FileNotFoundError, match="not an executable"):
+        run_llama_bench(tmp_path / "missing", tmp_path / "m.gguf", [512])
