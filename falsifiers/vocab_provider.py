@@ -54,10 +54,10 @@ class _ReportsNative(DequantTeacher):
 class _NoTruncate(DequantTeacher):
     """Reports the effective vocab but returns logits of the native width (FT-004 must catch it)."""
 
-    def logits_for_batch(self, input_ids: Any) -> torch.Tensor:
+    def logits_for_batch(self, input_ids: Any, dtype: str | torch.dtype = torch.float32) -> torch.Tensor:
         saved, self._vocab = self._vocab, self.native_vocab
         try:
-            return super().logits_for_batch(input_ids)
+            return super().logits_for_batch(input_ids, dtype)
         finally:
             self._vocab = saved
 
@@ -67,6 +67,7 @@ class _SkipsSizeCheck(DequantTeacher):
 
     def __init__(self, teacher: DequantTeacher, target_vocab: int | None) -> None:
         self.cfg, self.ops, self.native_vocab = teacher.cfg, teacher.ops, teacher.native_vocab
+        self.runner = teacher.runner
         self._vocab = self.native_vocab if target_vocab is None else target_vocab
 
 
