@@ -402,6 +402,11 @@ def _variants(
         # more column tiles per warp than M needs: the cost of each extra tile
         out += [("gemv", f"gemv-tc-nt{nt}", {"GEMV_TC_NT": nt, "GEMV_TC_MAX_M": 8 * nt})
                 for nt in launch._TC_NT if 8 * nt >= m and nt != next(v for v in launch._TC_NT if 8 * v >= m)]
+    if auto == "dequant":  # the decode's unroll and the scratch size (L2-resident or not)
+        out += [("dequant", f"dequant-u{u}", {"DEQUANT_UNROLL": u})
+                for u in launch._DEQUANT_UNROLLS if u != launch.DEQUANT_UNROLL]
+        out += [("dequant", f"dequant-s{mib}M", {"DEQUANT_SCRATCH_BYTES": mib << 20})
+                for mib in (8, 16, 32, 128) if mib << 20 != launch.DEQUANT_SCRATCH_BYTES]
     if m > launch.GEMV_MAX_M:
         return out
     if int(qt) in launch._TC_TYPES:

@@ -80,6 +80,9 @@ _TC_NT = (1, 2, 4, 8)
 DEQUANT_MIN_M = 128
 # bound of the transient dequantized weight scratch of the chunked path
 DEQUANT_SCRATCH_BYTES = 64 << 20
+# decode groups each thread of dequant_rows has in flight (1, 2 or 4 compiled)
+DEQUANT_UNROLL = 1
+_DEQUANT_UNROLLS = (1, 2, 4)
 _GEMV_MT = (1, 2, 4, 8)  # compiled GEMV widths (M rounded up to one of these)
 # GEMV shape (see kernels.cu): R rows per warp share each activation load, U
 # decode groups per lane are in flight per loop trip.  (R, U) for M <= 2 is one
@@ -192,7 +195,7 @@ def _names(qt: int) -> list[str]:
             names += [f"gemv_tc<{qt}, true, 1>"] + [f"gemv_tc<{qt}, false, {nt}>" for nt in _TC_NT]
             if qt in _M1_KERNELS:
                 names.append(f"{_M1_KERNELS[qt]}<{qt}>")
-        names.append(f"dequant_rows<{qt}, {_b(xb)}>")
+        names += [f"dequant_rows<{qt}, {_b(xb)}, {u}>" for u in _DEQUANT_UNROLLS]
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
 
@@ -578,10 +581,12 @@ def qdequant(
     if not (0 <= row0 and 0 < rows and row0 + rows <= n):
         raise ValueError(f"rows {row0}..{row0 + rows} are outside the tensor's [0, {n}) rows")
     dev = _check_device({"w": wc, "out": oc})
+    if DEQUANT_UNROLL not in _DEQUANT_UNROLLS:
+        raise ValueError(f"DEQUANT_UNROLL={DEQUANT_UNROLL} must be one of {_DEQUANT_UNROLLS}")
     with cp.cuda.Device(dev):
         units = k // 16
-        grid = max(1, min(-(-rows * units // 256), 16 * _sm_count(dev)))
-        fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(ob)}>")
+        grid = max(1, min(-(-rows * units // (256 * DEQUANT_UNROLL)), 16 * _sm_count(dev)))
+        fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(ob)}, {DEQUANT_UNROLL}>")
         fn((grid,), (256,), (wc, oc, cp.int32(rows), cp.int32(k), cp.int64(row0)))
     return oc
 

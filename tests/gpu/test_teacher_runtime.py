@@ -72,7 +72,9 @@ def test_chunks_and_bf16_logits(tiny: Any) -> None:
     full = tiny.logits_for_batch(ids).reshape(-1, tiny.vocab_size())
     parts = [(r0, p) for r0, p in tiny.logit_chunks(ids, chunk_tokens=33, dtype="float32")]
     assert [r0 for r0, _ in parts] == [0, 33, 66, 99]
-    torch.testing.assert_close(torch.cat([p for _, p in parts]), full, rtol=1e-3, atol=1e-3)
+    # the last chunk is one token: the M = 1 GEMV (exact weights) instead of the bf16
+    # decode + GEMM, so rounding differs at the bf16 level; a misplaced chunk would not
+    torch.testing.assert_close(torch.cat([p for _, p in parts]), full, rtol=2e-2, atol=2e-2)
     bf = tiny.logits_for_batch(ids, dtype="bfloat16")
     assert bf.dtype == torch.bfloat16
     torch.testing.assert_close(bf.float().reshape(-1, tiny.vocab_size()), full, rtol=2e-2, atol=2e-2)
