@@ -162,3 +162,25 @@ def test_bench_ratios_from_the_run(tmp_path: Path) -> None:
         run_llama_bench(broken, tmp_path / "m.gguf", [512])
     with pytest.raises(FileNotFoundError, match="not an executable"):
         run_llama_bench(tmp_path / "missing", tmp_path / "m.gguf", [512])
+
+
+def test_profile_split_counts_each_kernel_once_in_its_range() -> None:
+    from teacher.bench import split_gpu_time
+
+    events = [  # (name, start us, end us) as the profiler lists GPU events
+        ("matmul:dequant", 0.0, 100.0),
+        ("void dequant_rows<12, true, 1>(...)", 0.0, 60.0),
+        ("nvjet_sm90_gemm", 61.0, 100.0),
+        ("attention", 120.0, 150.0),
+        ("flash_fwd_kernel", 121.0, 149.0),
+        ("elementwise_kernel", 160.0, 170.0),  # launched outside any range
+        ("lm_head", 200.0, 260.0),
+        ("nvjet_sm90_gemm", 200.0, 258.0),
+    ]
+    split = split_gpu_time(events)
+    assert split["gpu_busy_ms"] == pytest.approx((60 + 39 + 28 + 10 + 58) / 1e3)
+    assert split["gpu_ms_by_stage"] == pytest.approx(
+        {"matmul:dequant": 0.099, "attention": 0.028, "unattributed": 0.010, "lm_head": 0.058})
+    assert split["gpu_ms_matmul_by_kernel"] == pytest.approx(
+        {"matmul:dequant decode": 0.060, "matmul:dequant gemm/other": 0.039, "lm_head gemm/other": 0.058})
+    assert split["top_kernels"][0] == {"name": "nvjet_sm90_gemm", "count": 2, "ms": pytest.approx(0.097)}
