@@ -109,6 +109,10 @@ class ForwardRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             out = hidden_states(self.cfg, self.ops, static_ids)
         self._captured[shape] = (graph, static_ids, out)
+        # the warm-up's activations sit in the allocator's cache, a second copy of what
+        # the graph's pool now holds: give them back, or they count against the
+        # teacher's working set for the rest of the run
+        torch.cuda.empty_cache()
         log.info("captured the forward for shape %s in a CUDA graph", shape)
         return self._captured[shape]
 
