@@ -77,7 +77,10 @@ GEMV_MAX_M = 8
 GEMV_TC_MAX_M = 32
 GEMV_TC_NT: int | None = None  # column tiles per warp; None: the fewest that hold M
 _TC_NT = (1, 2, 4, 8)
-DEQUANT_MIN_M = 128
+# From here the decode-then-cuBLAS path beats the fused mma kernel: on the H200,
+# at M = 64 on the 7B shapes, 95-114 us against 114-126 us (Q4_K/Q6_K, bf16 x;
+# lm_head Q4_K within 3%), once the decode ran at ~4 TB/s.  It was 128 before.
+DEQUANT_MIN_M = 64
 # bound of the transient dequantized weight scratch of the chunked path
 DEQUANT_SCRATCH_BYTES = 64 << 20
 # decode groups each thread of dequant_rows has in flight (1, 2 or 4 compiled)
