@@ -30,7 +30,9 @@ __all__ = [
     "resolve_model",
 ]
 
-SYNTHETIC = ("tiny", "tiny-student", "qwen2.5-7b-shape", "qwen2.5-0.5b-shape")
+SYNTHETIC = (
+    "tiny", "tiny-student", "qwen2.5-7b-shape", "qwen2.5-0.5b-shape", "tiny-qwen3", "tiny-llama3",
+)
 REAL = ("smollm2-135m", "gemma3-270m")
 MODEL_NAMES: tuple[str, ...] = SYNTHETIC + REAL
 

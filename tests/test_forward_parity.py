@@ -218,3 +218,100 @@ def test_qwen2_with_biases_matches_transformers(tmp_path: Path) -> None:
     cos, ours, ref = pair.compare(ids)
     assert float(cos.min()) >= COS_MIN, f"cosine per position: {cos.tolist()}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+# -- qwen3 and llama 3.x: the synthetic recipes `q4k synth tiny-qwen3 / tiny-llama3` -----
+#
+# The installed transformers loads both from GGUF but misses two facts the files
+# state, so the test hands them over from the *recipe* (never from our config):
+# - qwen3: its GGUF mapping drops `qwen3.attention.key_length`, so a head dim other
+#   than hidden / heads is passed as `head_dim`;
+# - llama 3.x: it ignores `rope_freqs.weight`, so the recipe's llama3 RoPE scaling is
+#   passed as `rope_parameters` and transformers derives the factors itself
+#   (`_compute_llama3_parameters`); ours come from the tensor the writer stored.
+# Mistral-style sliding windows: transformers' llama ignores the key, so the oracle is
+# MistralForCausalLM holding the same weights (the llama model's state dict).
+
+
+def _synth_pair(tmp_path: Path, recipe_name: str, **changes: Any) -> tuple[Any, Any, Any]:
+    """(recipe, DequantTeacher, transformers model) for a recipe written to tmp_path."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from teacher.synth import RECIPES, write_gguf
+
+    recipe = dataclasses.replace(RECIPES[recipe_name], **changes)
+    path = write_gguf(recipe, tmp_path / f"{recipe.name}.gguf")
+    hints: dict[str, Any] = {}
+    if recipe.key_length is not None:
+        hints["head_dim"] = recipe.key_length
+    if recipe.llama3_rope is not None:
+        factor, low, high, original = recipe.llama3_rope
+        hints["rope_parameters"] = {
+            "rope_type": "llama3", "rope_theta": recipe.rope_theta, "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32, **hints
+    ).eval()
+    return recipe, DequantTeacher.from_gguf(path), hf
+
+
+def _parity(teacher: Any, hf: Any, n: int, seed: int = 1) -> tuple[float, bool]:
+    ids = np.random.default_rng(seed).integers(0, teacher.vocab_size(), n).tolist()
+    ours = teacher.logits_for_batch([ids])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
+    return float(cos.min()), bool(torch.equal(ours.argmax(-1), ref.argmax(-1)))
+
+
+def test_tiny_qwen3_matches_transformers(tmp_path: Path) -> None:
+    recipe, teacher, hf = _synth_pair(tmp_path, "tiny-qwen3")
+    cfg = teacher.cfg
+    assert cfg.arch == "qwen3" and cfg.qk_norm and not cfg.qkv_bias
+    assert cfg.head_dim == recipe.key_length != cfg.hidden // cfg.n_heads
+    assert teacher.ops.has("blk.0.attn_q_norm.weight") and not teacher.ops.has("blk.0.attn_q.bias")
+    cos, same = _parity(teacher, hf, 160)
+    assert cos >= COS_MIN and same, (cos, same)
+
+
+def test_tiny_llama3_matches_transformers_with_llama3_rope(tmp_path: Path) -> None:
+    _, teacher, hf = _synth_pair(tmp_path, "tiny-llama3")
+    assert teacher.cfg.arch == "llama" and teacher.ops.has("rope_freqs.weight")
+    cos, same = _parity(teacher, hf, 200)
+    assert cos >= COS_MIN and same, (cos, same)
+
+
+def test_llama3_parity_sees_the_rope_factors(tmp_path: Path) -> None:
+    """Negative control of the test above: transformers with plain RoPE (what it does
+    with the file alone) must fail the same threshold, or the test could not tell."""
+    from transformers import AutoModelForCausalLM
+
+    _, teacher, _ = _synth_pair(tmp_path, "tiny-llama3")
+    plain = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny-llama3.gguf", dtype=torch.float32
+    ).eval()
+    cos, same = _parity(teacher, plain, 200)
+    assert cos < COS_MIN or not same, (cos, same)
+
+
+def test_mistral_style_sliding_window_matches_mistral(tmp_path: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    window = 16
+    _, teacher, hf = _synth_pair(
+        tmp_path, "tiny-llama3", name="tiny-swa", llama3_rope=None, sliding_window=window
+    )
+    assert teacher.cfg.sliding_window == window and teacher.cfg.is_sliding(0)
+    fields = {k: v for k, v in hf.config.to_dict().items() if k not in ("model_type", "architectures")}
+    mistral = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).eval()
+    missing, unexpected = mistral.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    cos, same = _parity(teacher, mistral, 4 * window)
+    assert cos >= COS_MIN and same, (cos, same)
+    # and the window matters at this length: full causal attention (the llama oracle) differs
+    cos_full, same_full = _parity(teacher, hf, 4 * window)
+    assert cos_full < COS_MIN or not same_full
