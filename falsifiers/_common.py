@@ -33,6 +33,54 @@ def model_path(ctx: Context, name: str | None = None) -> Path:
         ctx.not_run(f"model {name!r} unavailable: {exc}")
 
 
+def _host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def require_host_f32(ctx: Context, path: Path, copies: int = 1) -> None:
+    """NOT RUN when ``copies`` F32-dequantized copies of ``path`` would not fit in host memory.
+
+    The CPU items (the dequant teacher) were written for tiny models; ``--teacher``
+    may hand them a 7B file, whose F32 weights (about 30 GB) a laptop cannot hold."""
+    from teacher.gguf_file import open_gguf
+
+    need = copies * 4 * sum(t.n_elements for t in open_gguf(path, strict=False).tensors.values())
+    avail = _host_available_bytes()
+    ctx.measure("host_f32_bytes_needed", need, "bytes")
+    if avail is not None and need > 0.8 * avail:
+        ctx.not_run(
+            f"{path.name}: {copies} F32-dequantized cop{'y' if copies == 1 else 'ies'} of the "
+            f"weights need {need / 1e9:.1f} GB of host memory; {avail / 1e9:.1f} GB is available"
+        )
+
+
+def student_for(ctx: Context, teacher: Path, default: str) -> str:
+    """The student to pair with the item's teacher: ``--student`` when given; with
+    ``--teacher`` and no ``--student``, a synthetic student sized from the file
+    (teacher.student.student_spec_for); otherwise ``default`` (the contract's)."""
+    chosen = ctx.options.get("student")
+    if chosen:
+        return str(chosen)
+    if ctx.options.get("teacher_file"):
+        from teacher.gguf_inspect import inspect_gguf
+        from teacher.student import student_spec_for
+
+        r = inspect_gguf(teacher, sha256=False)
+        if r.vocab is None or r.hidden is None or r.layers is None or r.ffn is None:
+            ctx.not_run(f"{teacher.name}: no config to size a synthetic student from: {r.refusals}")
+        spec = student_spec_for(r.vocab, r.tokenizer_tokens, r.hidden, r.layers, r.ffn)
+        ctx.note(f"no --student given: a synthetic student sized from {teacher.name}: {spec}")
+        return spec
+    return default
+
+
 def random_ids(vocab: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Seeded token ids in [0, vocab): the same batch on every run and every backend."""
     g = torch.Generator().manual_seed(seed)

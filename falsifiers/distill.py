@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from falsifiers._common import model_path, random_ids
+from falsifiers._common import model_path, random_ids, require_host_f32, student_for
 from harness.context import Context
 from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
@@ -142,7 +142,9 @@ def distill_epoch(ctx: Context) -> None:
         progress=bool(ctx.param("progress", False)),
     )
     subj = ctx.subject()
-    student = build_student(str(ctx.param("student", "tiny-student")), seed=cfg.seed)
+    student_name = student_for(ctx, path, str(ctx.param("student", "tiny-student")))
+    ctx.measure("student", student_name)
+    student = build_student(student_name, seed=cfg.seed)
     ctx.measure("student_parameters", student.num_parameters())
     # one epoch of `steps` batches: the corpus is sized so that the epoch is the step budget
     data = _corpus(ctx, student.vocab_size, seq_len, steps * batch, path)
@@ -280,11 +282,18 @@ def _build_pair(ctx: Context, aligned: bool) -> Pair:
     # params.pairs maps each model of the matrix to its student and teacher backend, so one
     # FT runs the tiny pair on CPU and the 7B-shape -> 0.5B-shape pair where CUDA is
     pair_params: dict[str, Any] = dict((ctx.param("pairs") or {}).get(ctx.model or "", {}))
-    student_name = str(pair_params.get("student", ctx.param("student", "tiny-student")))
-    backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
+    if ctx.options.get("teacher_file") and not pair_params:
+        # --teacher: no pair in the contract names the file; the Q4K teacher where CUDA is
+        backend = "q4k" if device.startswith("cuda") else "dequant"
+    else:
+        backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
     if backend == "q4k" and not device.startswith("cuda"):  # before the model: no 4 GB write for nothing
         ctx.not_run("cuda: teacher_backend q4k needs a CUDA GPU")
     path = model_path(ctx, ctx.model or ctx.param("teacher"))
+    if backend == "dequant" and not device.startswith("cuda"):
+        require_host_f32(ctx, path)
+    student_name = str(pair_params.get("student") or student_for(ctx, path, str(ctx.param("student", "tiny-student"))))
+    ctx.measure("student", student_name)
     student = build_student(student_name, seed=int(ctx.param("seed", 0))).to(device)
     target = student.vocab_size if aligned else None
     teacher: Any

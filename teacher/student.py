@@ -298,6 +298,22 @@ def gguf_name_map(cfg: StudentConfig) -> dict[str, str]:
     return out
 
 
+def student_spec_for(vocab: int, tokenizer_tokens: int, hidden: int, layers: int, ffn: int) -> str:
+    """An inline recipe for a synthetic student paired with a teacher of these dims.
+
+    Its vocab is smaller than the teacher's, as in the contracts' pairs: the
+    tokenizer's token count where the lm_head is padded past it, else the
+    teacher's vocab less 128 (152064 -> 151936, Qwen2.5-7B -> 0.5B). Its body is
+    a quarter of the teacher's width and depth (a 7B shape gives hidden 896, 7
+    layers), so memory claims still see a student of proportionate size."""
+    v = tokenizer_tokens if 0 < tokenizer_tokens < vocab else max(1, vocab - 128)
+    h = max(64, hidden // 4 // 64 * 64)
+    heads = h // 64
+    kv = 2 if heads % 2 == 0 else 1
+    f = max(64, ffn // 4 // 32 * 32)
+    return f"qwen2:vocab={v},hidden={h},layers={max(2, layers // 4)},heads={heads},kv_heads={kv},ffn={f}"
+
+
 def config_from_model(mc: Any, tensor_names: set[str]) -> StudentConfig:
     """teacher.config.ModelConfig (read from GGUF metadata by the GGUF layer) -> StudentConfig."""
     if mc.arch != "qwen2":
