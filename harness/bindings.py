@@ -53,7 +53,23 @@ def apply(models: list[str] | None, teacher: str | None, student: str | None) ->
             tpath = bind_model(tname, p)
         except (FileNotFoundError, ValueError) as exc:
             raise BindingError(f"--teacher {teacher}: {exc}") from None
+        _refuse_unservable(tpath)
     return Bindings(tname, tpath, student)
+
+
+def _refuse_unservable(path: Path) -> None:
+    """A file the teacher cannot serve stops the run before any item (and any GPU work)."""
+    from teacher.gguf_file import GGUFError
+    from teacher.gguf_inspect import inspect_gguf
+
+    try:
+        report = inspect_gguf(path, sha256=False)
+    except GGUFError as exc:
+        raise BindingError(f"--teacher {path}: {exc}") from None
+    if report.refusals:
+        raise BindingError(
+            f"--teacher {path}: the teacher cannot serve this file:\n  - " + "\n  - ".join(report.refusals)
+        )
 
 
 def teacher_facts(path: Path) -> dict[str, Any]:

@@ -65,6 +65,8 @@ _PACKED_REGION: dict[QT, tuple[int, int, int]] = {
     QT.Q4_1: (20, 4, 20),
     QT.Q5_0: (22, 6, 22),
     QT.Q8_0: (34, 2, 34),
+    QT.Q2_K: (84, 16, 80),  # 2-bit values: swapping nibbles exchanges value pairs
+    QT.Q3_K: (110, 32, 96),
     QT.Q4_K: (144, 16, 144),
     QT.Q5_K: (176, 48, 176),
     QT.Q6_K: (210, 0, 128),
