@@ -67,7 +67,19 @@ def student_for(ctx: Context, teacher: Path, default: str) -> str:
     (teacher.student.student_spec_for); otherwise ``default`` (the contract's)."""
     chosen = ctx.options.get("student")
     if chosen:
-        return str(chosen)
+        from teacher.models import UnknownModel, resolve_model
+        from teacher.student import RECIPES
+
+        name = str(chosen)
+        if name in RECIPES or name.startswith("qwen2:") or Path(name).exists():
+            return name
+        try:  # a model name: bound, or built in (a qwen2 GGUF the student starts from)
+            return str(resolve_model(name))
+        except UnknownModel:
+            raise ValueError(
+                f"--student {name!r} is neither a student recipe ({', '.join(sorted(RECIPES))}), "
+                "an inline qwen2: spec, a file nor a model name"
+            ) from None
     if ctx.options.get("teacher_file"):
         from teacher.gguf_inspect import inspect_gguf
         from teacher.student import student_spec_for
