@@ -162,8 +162,14 @@ def inspect_gguf(path: str | Path, *, sha256: bool = True) -> FileReport:
         "style": cfg.rope_style, "theta": cfg.rope_theta, "dims": cfg.rope_dim,
         "linear_scale": cfg.rope_scale, "llama3_freq_factors": "rope_freqs.weight" in model.tensors,
     }  # fmt: skip
-    if "rope_freqs.weight" in model.tensors and not cfg.spec.rope_freq_factors:
+    freqs = model.tensors.get("rope_freqs.weight")
+    if freqs is not None and not cfg.spec.rope_freq_factors:
         report.refusals.append(f"{p}: tensor 'rope_freqs.weight' in a {arch} file (only llama has one)")
+    elif freqs is not None and freqs.shape != (cfg.rope_dim // 2,):
+        report.refusals.append(
+            f"{p}: tensor 'rope_freqs.weight' has shape {freqs.shape}; RoPE over {cfg.rope_dim} "
+            f"dims needs {cfg.rope_dim // 2} factors"
+        )
     missing = _missing_tensors(model, arch, cfg.n_layers)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

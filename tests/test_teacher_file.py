@@ -272,3 +272,34 @@ def test_inspect_real_files(which: str, arch: str, layers: int, vocab: int, toke
     assert data["tokenizer"] == tokenizer and data["servable"] and not data["refusals"]
     assert all(t["teacher_loads"] for t in data["types"])
     assert data["f32_gpu_bytes"] > 3 * data["q4k_gpu_bytes"]
+
+
+def test_inspect_names_a_wrong_rope_freqs_and_a_missing_tensor(tmp_path: Path) -> None:
+    """Files that parse but that the forward would refuse: inspect says so first."""
+    from teacher.gguf_inspect import inspect_gguf
+
+    # RoPE over 32 dims with factors written for 64, and one tensor left out: the same
+    # file rebuilt by hand
+    src = write_gguf(RECIPES["tiny-llama3"], tmp_path / "ok.gguf")
+    assert inspect_gguf(src, sha256=False).servable
+    reader = gguf.GGUFReader(str(src))
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("llama.") and field.types and len(field.types) == 1:
+            value = field.contents()
+            if field.name == "llama.rope.dimension_count":
+                value = 32
+            w.add_key_value(field.name, value, field.types[0])
+    for t in reader.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            continue  # a llama layer without its up projection
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = inspect_gguf(bad, sha256=False)
+    assert not r.servable
+    assert any("'rope_freqs.weight' has shape (32,)" in x and "needs 16 factors" in x for x in r.refusals)
+    assert any("lacks: blk.1.ffn_up.weight" in x for x in r.refusals), r.refusals
