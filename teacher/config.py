@@ -123,8 +123,10 @@ class ModelConfig:
         return self.rope_theta
 
     def layer_rope_scale(self, layer: int) -> float:
-        # Gemma 3 scales only its global layers (llama.cpp: freq_scale_swa = 1)
-        return 1.0 if self.is_sliding(layer) else self.rope_scale
+        # Gemma 3 scales only its global layers (llama.cpp: freq_scale_swa = 1); a
+        # mistral-style llama, all of whose layers slide, keeps its scaling everywhere
+        local = self.sliding_window_pattern > 0 and self.is_sliding(layer)
+        return 1.0 if local else self.rope_scale
 
     @property
     def spec(self) -> ArchSpec:

@@ -82,9 +82,13 @@ def test_qwen3_has_qk_norm_no_biases_and_its_own_head_dim() -> None:
 
 def test_mistral_style_llama_slides_every_layer_only_with_the_key() -> None:
     assert not config_from_metadata(LLAMA, "m.gguf").is_sliding(0)
-    cfg = config_from_metadata({**LLAMA, "llama.attention.sliding_window": 4096}, "m.gguf")
+    cfg = config_from_metadata(
+        {**LLAMA, "llama.attention.sliding_window": 4096, "llama.rope.scaling.type": "linear",
+         "llama.rope.scaling.factor": 4.0}, "m.gguf")  # fmt: skip
     assert cfg.sliding_window == 4096
     assert all(cfg.is_sliding(i) for i in range(cfg.n_layers))
+    # unlike gemma3's local layers, these keep the file's RoPE scaling
+    assert {cfg.layer_rope_scale(i) for i in range(cfg.n_layers)} == {4.0}
     # a qwen2 file never reads the key (the table says which architectures do)
     meta = {k.replace("llama.", "qwen2."): v for k, v in LLAMA.items()}
     meta.update({"general.architecture": "qwen2", "qwen2.attention.sliding_window": 4096})
