@@ -243,8 +243,13 @@ class Student(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast)."""
+    def forward(self, ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast).
+
+        ``hidden_only``: the final-norm hidden states [B, T, hidden] instead, for a
+        loss that applies ``lm_head`` itself chunk by chunk (``teacher.kd_chunked``).
+        A flag of forward rather than a second method: DDP prepares its gradient
+        reduction in the wrapped module's forward."""
         if ids.dim() != 2:
             raise ValueError(f"student input must be [B, T], got shape {tuple(ids.shape)}")
         t = ids.shape[1]
@@ -258,7 +263,8 @@ class Student(nn.Module):
         cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x)).float()
+        h = self.norm(x)
+        return h if hidden_only else self.lm_head(h).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -212,3 +212,44 @@ def test_resume_on_other_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="other data"):
         distill(FakeTeacher(target=CFG.vocab_size), Student(CFG), _data(seed=1), cfg, checkpoint_dir=tmp_path,
                 resume=True)
+
+
+def test_step_in_backward_is_the_same_adamw(tmp_path: Path) -> None:
+    """AdamW per parameter inside backward ends where one AdamW after backward does (no clip in either)."""
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None)
+    student, res = _run(tmp_path / "sib", grad_clip=None, step_in_backward=True)
+    assert res.completed and len(res.losses) == len(ref.losses)
+    assert res.losses == pytest.approx(ref.losses, rel=1e-5)
+    for (name, a), b in zip(ref_student.state_dict().items(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # every hook was removed: a later backward leaves its gradients alone
+    out = kd_step_loss(FakeTeacher(target=CFG.vocab_size), student, _data()[:2], temperature=2.0)
+    out.loss.backward()
+    assert student.embed.weight.grad is not None
+
+
+def test_step_in_backward_resumes(tmp_path: Path) -> None:
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None, step_in_backward=True)
+    _run(tmp_path / "run", grad_clip=None, step_in_backward=True, max_steps=4)
+    student, res = _run(tmp_path / "run", grad_clip=None, step_in_backward=True)
+    assert res.resumed_from_step == 4 and res.losses == ref.losses
+    for a, b in zip(ref_student.state_dict().values(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="checkpoint was made with"):  # the optimizer state differs in kind
+        _run(tmp_path / "run", grad_clip=None)
+
+
+def test_step_in_backward_refuses_a_global_clip() -> None:
+    with pytest.raises(ValueError, match=r"grad_clip=1.0"):
+        DistillConfig(step_in_backward=True).validate()
+
+
+def test_steady_state_numbers(tmp_path: Path) -> None:
+    _, res = _run(tmp_path, epochs=1, warmup_steps=2)
+    assert res.steps == 5 and res.steady_steps == 3 and res.steady_tokens_per_s is not None
+    assert res.step_ms is not None and set(res.step_ms) == {"teacher", "student_fwd_bwd", "optimizer", "total"}
+    assert res.step_ms["teacher"] > 0 and res.step_ms["optimizer"] > 0
+    assert res.step_ms["total"] >= res.step_ms["teacher"] + res.step_ms["optimizer"]
+    assert "steady state over 3 steps after 2 warm-up" in res.summary()
+    _, short = _run(tmp_path / "short", epochs=1, warmup_steps=9)
+    assert short.steady_tokens_per_s is None and "no steady-state numbers" in short.summary()
