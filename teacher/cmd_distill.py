@@ -1,10 +1,12 @@
 """``q4k distill``: distil a student from a frozen GGUF teacher.
 
-    q4k distill TEACHER --student RECIPE|STUDENT.gguf|SAVED_DIR (--text FILE | --ids FILE) -o OUT
+    q4k distill TEACHER --student RECIPE|STUDENT.gguf|SAVED_DIR (--text FILE|DIR | --ids FILE) -o OUT
 
-TEACHER is a GGUF path or a model name known to ``teacher.models``. Text is
-tokenized with the teacher's own tokenizer, rebuilt from its GGUF metadata by
-transformers; ``--ids`` takes a file of token ids instead. The teacher is
+TEACHER is a GGUF path or a model name known to ``teacher.models``. ``--text``
+(a file, a JSONL file or a directory of them; ``teacher.corpus``) is streamed
+and tokenized in a background worker with the teacher's own tokenizer, rebuilt
+from its GGUF metadata by transformers, into a token file under OUT/tokens that
+training memory-maps; ``--ids`` takes a file of token ids instead. The teacher is
 aligned to the student's vocab (``target_vocab``) unless ``--no-align``, in
 which case a size difference stops the run at once with both sizes named.
 
@@ -39,8 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student recipe (tiny-student, qwen2.5-0.5b-shape, or qwen2:vocab=V,hidden=H,layers=L,"
                         "heads=N,kv_heads=K,ffn=F), a qwen2 GGUF to dequantize, or a saved student directory")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--text", type=Path, help="UTF-8 text file, tokenized with the teacher's GGUF tokenizer")
+    data.add_argument("--text", type=Path,
+                      help="UTF-8 text file, JSONL file (text under --text-field), or a directory of .txt/.md/.jsonl "
+                           "files; streamed and tokenized with the teacher's GGUF tokenizer in a background worker "
+                           "into OUTPUT/tokens (reused on --resume)")
     data.add_argument("--ids", type=Path, help="file of token ids (JSON list, or integers separated by spaces/commas)")
+    p.add_argument("--text-field", default="text", help="the JSONL records' text field (default: text)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -144,7 +150,9 @@ def _run(args: argparse.Namespace) -> int:
 def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
     import torch
 
+    from teacher import dist
     from teacher import distill as D
+    from teacher.corpus import BackgroundTokenizer, corpus_files
     from teacher.gguf_file import open_gguf
     from teacher.kd_chunked import KD_CHUNK_TOKENS
     from teacher.provider import effective_vocab
@@ -181,15 +189,29 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
     if target is None:
         D.check_vocab(native, student.vocab_size)
 
+    shared_vocab = min(native, student.vocab_size)
+    tokenizing: BackgroundTokenizer | None = None
     if args.text is not None:
-        if not args.text.is_file():
-            raise FileNotFoundError(f"--text {args.text} does not exist")
-        stream = D.tokenize_with_gguf(args.text.read_text(encoding="utf-8"), teacher_path)
+        files = corpus_files(args.text)
+        if info.is_main:  # one process tokenizes; the others read its token file
+            tokenizing = BackgroundTokenizer(files, teacher_path, args.output / "tokens", text_field=args.text_field,
+                                             vocab_limit=shared_vocab, progress=not args.no_progress)
+        # the teacher loads while the worker tokenizes
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+        if tokenizing is not None:
+            stream = tokenizing.result()
+        dist.barrier()
+        if tokenizing is None:
+            tokenizing = BackgroundTokenizer(files, teacher_path, args.output / "tokens", text_field=args.text_field,
+                                             vocab_limit=shared_vocab)
+            stream = tokenizing.result()
+        say(f"tokens: {stream.numel()} from {len(files)} file(s) in {tokenizing.path}"
+            + (" (tokenized before)" if tokenizing.cached else ""))
     else:
         if not args.ids.is_file():
             raise FileNotFoundError(f"--ids {args.ids} does not exist")
         stream = D.load_token_ids(args.ids)
-    D.check_ids_in_vocab(stream, min(native, student.vocab_size), "data")
+    D.check_ids_in_vocab(stream, shared_vocab, "data")
     data = D.windows(stream, cfg.seq_len)
     n_hold = round(data.shape[0] * args.holdout)
     if args.holdout > 0 and n_hold == 0:
@@ -201,7 +223,8 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         + (f", {n_hold} held out" if n_hold else "")
         + (f"; {info.world} processes x {cfg.batch_size} sequences per step" if info.distributed else ""))
 
-    teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+    if args.text is None:
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
     before = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
                         chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
     result = D.distill(

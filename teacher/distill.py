@@ -182,7 +182,9 @@ def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     n = ids.numel() // seq_len
     if n == 0:
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than one window of seq_len {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len).to(torch.int64)
+    # a view, in the stream's dtype: a memory-mapped int32 token file stays on disk (batches are
+    # converted to int64 as they are drawn)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def load_token_ids(path: str | Path) -> torch.Tensor:
@@ -441,8 +443,11 @@ def save_checkpoint(ckpt: Path, student: Student, opt: Optim, state: dict[str, A
 
 def data_fingerprint(data: torch.Tensor) -> str:
     """Shape and SHA-256 of the training windows: a checkpoint's data position is only valid for them."""
-    digest = hashlib.sha256(data.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
-    return f"{list(data.shape)}:{digest}"
+    h = hashlib.sha256()
+    rows = max(1, (1 << 22) // max(1, data.shape[1]))  # hashed a block at a time: the windows may be a memory map
+    for i in range(0, data.shape[0], rows):
+        h.update(data[i : i + rows].to(torch.int64).contiguous().numpy().tobytes())
+    return f"{list(data.shape)}:{h.hexdigest()[:16]}"
 
 
 def has_checkpoint(ckpt: Path) -> bool:
@@ -592,7 +597,7 @@ def distill(
                 t_step = time.perf_counter()
                 rows = batches[next_batch]
                 mine = _shard(rows, info.rank, info.world)
-                ids = data[mine]
+                ids = data[mine].to(torch.int64)
                 out = kd_step_loss(teacher, student, ids, temperature=cfg.temperature, alpha=cfg.alpha, amp=cfg.amp,
                                    chunk_tokens=cfg.kd_chunk_tokens, teacher_dtype=cfg.teacher_dtype, model=model,
                                    clock=clock)
@@ -713,7 +718,7 @@ def evaluate(
     use_amp = device.type == "cuda" if amp is None else amp
     ce_sum, ce_n, kd_sum, kd_n = 0.0, 0, 0.0, 0
     for i in range(0, data.shape[0], batch_size):
-        ids = data[i : i + batch_size]
+        ids = data[i : i + batch_size].to(torch.int64)
         with autocast(device, amp):
             hidden = student(ids.to(device), hidden_only=True)
         hidden = hidden.reshape(-1, hidden.shape[-1])
