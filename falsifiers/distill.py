@@ -128,6 +128,7 @@ def distill_epoch(ctx: Context) -> None:
     """One distillation epoch of the student against the subject teacher: exit 0, finite losses,
     the completion line, a checkpoint that loads back, peak memory under the contract's budget."""
     from teacher.distill import COMPLETION_FORMAT, DistillConfig, distill
+    from teacher.kd_chunked import KD_CHUNK_TOKENS
     from teacher.student import build_student, load_student
 
     budget = float(ctx.threshold("peak_gpu_gb_max"))
@@ -135,11 +136,17 @@ def distill_epoch(ctx: Context) -> None:
     path = model_path(ctx, ctx.model or ctx.param("teacher"))
     seq_len, batch = int(ctx.param("seq_len", 64)), int(ctx.param("batch", 4))
     steps = int(ctx.param("steps", 8))
+    # step_in_backward / checkpoint_activations: the memory-lean configuration (AdamW per
+    # parameter inside backward, layers recomputed); the first excludes a global grad clip
+    step_in_backward = bool(ctx.param("step_in_backward", False))
     cfg = DistillConfig(
         epochs=1, batch_size=batch, seq_len=seq_len, lr=float(ctx.param("lr", 1e-3)),
         temperature=float(ctx.param("temperature", 2.0)), alpha=float(ctx.param("alpha", 0.0)),
         seed=int(ctx.param("seed", 0)), checkpoint_every=int(ctx.param("checkpoint_every", max(1, steps // 2))),
-        progress=bool(ctx.param("progress", False)),
+        progress=bool(ctx.param("progress", False)), step_in_backward=step_in_backward,
+        grad_clip=None if step_in_backward else 1.0,
+        checkpoint_activations=bool(ctx.param("checkpoint_activations", False)),
+        kd_chunk_tokens=int(ctx.param("kd_chunk_tokens", KD_CHUNK_TOKENS)),
     )
     subj = ctx.subject()
     student_name = student_for(ctx, path, str(ctx.param("student", "tiny-student")))
@@ -228,6 +235,10 @@ def distill_epoch(ctx: Context) -> None:
         ctx.measure("steps", result.steps)
         ctx.measure("tokens", result.tokens)
         ctx.measure("tokens_per_s", result.tokens_per_s, "tokens/s")
+        if result.steady_tokens_per_s is not None and result.step_ms is not None:
+            ctx.measure("steady_tokens_per_s", result.steady_tokens_per_s, "tokens/s")
+            for phase in ("teacher", "student_fwd_bwd", "optimizer"):
+                ctx.measure(f"step_ms_{phase}", result.step_ms[phase], "ms")
         ctx.measure("train_time_s", result.elapsed_s, "s")
         ctx.measure("initial_loss", result.initial_loss)
         ctx.measure("final_loss", result.final_loss)

@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-in-backward", action="store_true",
                    help="step AdamW per parameter inside backward and free each gradient at once (one process "
                         "only; implies --grad-clip 0): the student's gradients never all exist together")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each student layer in backward instead of keeping its activations")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="steps left out of the steady-state tokens/s and time split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,7 +178,7 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         amp=False if args.fp32 else None, kd_chunk_tokens=args.kd_chunk or KD_CHUNK_TOKENS,
         teacher_dtype=args.teacher_logits, step_in_backward=args.optimizer_in_backward,
         grad_clip=None if args.optimizer_in_backward or args.grad_clip <= 0 else args.grad_clip,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, checkpoint_activations=args.checkpoint_activations,
     )
     cfg.validate()  # bad numbers fail before anything is loaded
 

@@ -246,6 +246,7 @@ class DistillConfig:
     teacher_dtype: str | None = None  # teacher logits: None = bfloat16 on CUDA, float32 on CPU
     step_in_backward: bool = False  # AdamW per parameter as its gradient arrives (no global grad clip)
     warmup_steps: int = 2  # steps left out of the steady-state numbers (graph capture, autotuning)
+    checkpoint_activations: bool = False  # recompute each student layer in backward
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -581,6 +582,7 @@ def distill(
     resume_at = (start_epoch, start_batch)
     records: list[tuple[int, float, dict[str, float]]] = []  # this run's steps: (tokens, wall s, phases)
     student.train()
+    student.checkpoint_layers = cfg.checkpoint_activations
     bar: Any = None
     try:
         from tqdm import tqdm
@@ -644,6 +646,7 @@ def distill(
     finally:
         if bar is not None:
             bar.close()
+        student.checkpoint_layers = False  # like the hooks, a setting of this run, not of the student
         if isinstance(opt, StepInBackward):
             opt.remove()  # the hooks belong to this run, not to the student
     if stopped and ckpt is not None:

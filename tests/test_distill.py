@@ -253,3 +253,37 @@ def test_steady_state_numbers(tmp_path: Path) -> None:
     assert "steady state over 3 steps after 2 warm-up" in res.summary()
     _, short = _run(tmp_path / "short", epochs=1, warmup_steps=9)
     assert short.steady_tokens_per_s is None and "no steady-state numbers" in short.summary()
+
+
+def test_checkpointed_layers_give_the_same_gradients(tmp_path: Path) -> None:
+    teacher, ids = FakeTeacher(target=CFG.vocab_size), _data()[:3]
+    grads = []
+    for recompute in (False, True):
+        student = Student(CFG, seed=5)
+        student.checkpoint_layers = recompute
+        kd_step_loss(teacher, student, ids, temperature=2.0, alpha=0.3).loss.backward()
+        grads.append([p.grad for p in student.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    _, res = _run(tmp_path, epochs=1, checkpoint_activations=True)
+    assert res.completed and res.finite
+
+
+def test_checkpointed_layers_save_less_for_backward() -> None:
+    def saved_bytes(recompute: bool) -> int:
+        student = Student(CFG, seed=5)
+        student.checkpoint_layers = recompute
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            student(_data()[:4], hidden_only=True)
+        return total
+
+    full, recomputed = saved_bytes(False), saved_bytes(True)
+    assert recomputed < full / 3, (recomputed, full)
