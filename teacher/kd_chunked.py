@@ -114,7 +114,8 @@ class _FusedKD(torch.autograd.Function):
             stats.chunks += 1
             h = hidden[r0 : r0 + rows].detach().to(compute_dtype)
             # teacher side: log softmax(t/T), then its probabilities
-            log_pt = torch.log_softmax(t_chunk.detach().to(hidden.device, torch.float32).div_(t), dim=-1)
+            # copy=True: the division below is in place and must not touch the teacher's own tensor
+            log_pt = torch.log_softmax(t_chunk.detach().to(hidden.device, torch.float32, copy=True).div_(t), dim=-1)
             z = (h @ w.T).float()  # the student's logits for these rows only
             zt = z / t if targets is not None else z.div_(t)  # z itself is still needed by the CE term
             log_ps = torch.log_softmax(zt, dim=-1)
@@ -141,13 +142,13 @@ class _FusedKD(torch.autograd.Function):
                 del log_p1
             del z
             if g is not None:
-                gc = g.to(compute_dtype)
-                del g
                 if grad_h is not None:
-                    grad_h[r0 : r0 + rows] = (gc @ w).to(grad_h.dtype)
+                    grad_h[r0 : r0 + rows] = (g.to(compute_dtype) @ w).to(grad_h.dtype)
                 if grad_w is not None:
-                    grad_w += (gc.T @ h).float()
-                del gc
+                    # accumulated in float32 in place: a bf16 product would need a [V, H]
+                    # temporary (and its float32 copy) per chunk, more than the chunk itself
+                    grad_w.addmm_(g.T, hidden[r0 : r0 + rows].detach().float())
+                del g
         if expect != n:
             raise ValueError(f"the teacher's chunks covered {expect} of the batch's {n} token rows")
         kd = kd_sum * (t * t) / n
