@@ -135,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from harness.memory import use_expandable_segments
+
+    # before CUDA starts: freed activation blocks stay reusable by the next, larger
+    # allocation, so the reserved peak stays near the live one (the falsifiers run so too)
+    use_expandable_segments()
     import torch
 
     from teacher import dist

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from teacher.provider import VocabMismatchError
 
-KD_CHUNK_TOKENS = 256  # rows per chunk: ~4 float32 [rows, V] temporaries live at once (0.6 GB at V = 152k)
+KD_CHUNK_TOKENS = 256  # rows per chunk: at most 3.5 float32 [rows, V] temporaries at once (0.55 GB at V = 152k)
 IGNORE = -100  # target of a row with no next token (the last position of each sequence)
 
 ChunkSource = Callable[[], Iterator[tuple[int, torch.Tensor]]]
@@ -67,6 +67,20 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
     return tgt.reshape(-1)
 
 
+W_BLOCK_ROWS = 16384  # lm_head rows cast to the compute dtype at a time
+
+
+def _weight_blocks(w: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """(row0, rows of W in ``dtype``): cast a block at a time, because a bf16 copy of the
+    whole 150k-row lm_head is 272 MB that the 0.5B student's budget does not have; in
+    W's own dtype, all of W at once (a view, nothing cast)."""
+    if w.dtype == dtype:
+        yield 0, w
+        return
+    for v0 in range(0, w.shape[0], W_BLOCK_ROWS):
+        yield v0, w[v0 : v0 + W_BLOCK_ROWS].to(dtype)
+
+
 @dataclasses.dataclass
 class ChunkStats:
     """Filled by the forward: the two loss terms (device scalars, no host sync) and the rows seen."""
@@ -93,8 +107,7 @@ class _FusedKD(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         t = float(temperature)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        # one cast of W for all chunks (under bf16 autocast: the tensor-core GEMMs); float32 on CPU
-        w = weight.detach().to(compute_dtype)
+        w = weight.detach()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -116,10 +129,14 @@ class _FusedKD(torch.autograd.Function):
             # teacher side: log softmax(t/T), then its probabilities
             # copy=True: the division below is in place and must not touch the teacher's own tensor
             log_pt = torch.log_softmax(t_chunk.detach().to(hidden.device, torch.float32, copy=True).div_(t), dim=-1)
-            z = (h @ w.T).float()  # the student's logits for these rows only
-            zt = z / t if targets is not None else z.div_(t)  # z itself is still needed by the CE term
-            log_ps = torch.log_softmax(zt, dim=-1)
-            del zt
+            z = torch.empty((rows, v), dtype=torch.float32, device=hidden.device)
+            for v0, wb in _weight_blocks(w, compute_dtype):  # the student's logits for these rows only
+                z[:, v0 : v0 + wb.shape[0]] = h @ wb.T
+            if targets is None:  # z is not needed after its softmax: scaled in place, freed at once
+                log_ps = torch.log_softmax(z.div_(t), dim=-1)
+                del z
+            else:  # the CE term needs the unscaled z
+                log_ps = torch.log_softmax(z / t, dim=-1)
             # KL(p_t || p_s) per row = sum p_t (log p_t - log p_s); exp(log_pt) is 0 where p_t underflows
             p_t = log_pt.exp()
             kd_sum += (log_pt.sub_(log_ps)).mul_(p_t).sum()
@@ -139,11 +156,14 @@ class _FusedKD(torch.autograd.Function):
                     d_ce[~valid] = 0.0
                     g.add_(d_ce, alpha=alpha / n_valid)
                     del d_ce
-                del log_p1
-            del z
+                del log_p1, z
             if g is not None:
                 if grad_h is not None:
-                    grad_h[r0 : r0 + rows] = (g.to(compute_dtype) @ w).to(grad_h.dtype)
+                    acc = torch.zeros((rows, w.shape[1]), dtype=torch.float32, device=hidden.device)
+                    for v0, wb in _weight_blocks(w, compute_dtype):
+                        acc += (g[:, v0 : v0 + wb.shape[0]].to(compute_dtype) @ wb).float()
+                    grad_h[r0 : r0 + rows] = acc.to(grad_h.dtype)
+                    del acc
                 if grad_w is not None:
                     # accumulated in float32 in place: a bf16 product would need a [V, H]
                     # temporary (and its float32 copy) per chunk, more than the chunk itself

@@ -100,3 +100,25 @@ def test_teacher_chunks_prefers_the_chunked_api() -> None:
     assert t.asked == [(4, torch.float32)]
     assert [r0 for r0, _ in got] == [0, 4, 8, 12]
     torch.testing.assert_close(torch.cat([c for _, c in got]), t.table[ids.reshape(-1)])
+
+
+def test_lm_head_cast_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W is cast to the compute dtype 16 rows at a time (the last block short): same loss and gradients."""
+    import teacher.kd_chunked as K
+
+    hidden, weight, teacher, targets = _inputs(2)
+
+    def run() -> tuple[float, torch.Tensor, torch.Tensor]:
+        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        loss = fused_kd_loss(h, w, lambda: _source(teacher, 16), temperature=2.0, alpha=0.5, targets=targets,
+                             compute_dtype=torch.float64)  # != W's float32: the cast path
+        loss.backward()
+        assert h.grad is not None and w.grad is not None
+        return float(loss.detach()), h.grad, w.grad
+
+    whole = run()
+    monkeypatch.setattr(K, "W_BLOCK_ROWS", 16)  # V = 50: blocks of 16, 16, 16, 2
+    blocks = run()
+    assert blocks[0] == pytest.approx(whole[0], rel=1e-6)
+    torch.testing.assert_close(blocks[1], whole[1])
+    torch.testing.assert_close(blocks[2], whole[2])
