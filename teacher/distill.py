@@ -58,8 +58,16 @@ def check_vocab(teacher_vocab: int, student_vocab: int) -> None:
 @dataclasses.dataclass
 class StepLoss:
     loss: torch.Tensor  # the optimised scalar (has grad)
-    kd: float
-    ce: float
+    kd_value: torch.Tensor  # the two terms, on the device: reading them syncs, so the loop reads them
+    ce_value: torch.Tensor  # after the step, not between the forward and the backward
+
+    @property
+    def kd(self) -> float:
+        return float(self.kd_value)
+
+    @property
+    def ce(self) -> float:
+        return float(self.ce_value)
 
 
 class PhaseClock:
@@ -167,7 +175,7 @@ def kd_step_loss(
         compute_dtype=torch.bfloat16 if use_amp else torch.float32, stats=stats,
     )
     assert stats.kd is not None and stats.ce is not None
-    return StepLoss(loss, float(stats.kd), float(stats.ce))
+    return StepLoss(loss, stats.kd, stats.ce)
 
 
 # -- data ---------------------------------------------------------------------------

@@ -165,9 +165,15 @@ class _FusedKD(torch.autograd.Function):
                     grad_h[r0 : r0 + rows] = acc.to(grad_h.dtype)
                     del acc
                 if grad_w is not None:
-                    # accumulated in float32 in place: a bf16 product would need a [V, H]
-                    # temporary (and its float32 copy) per chunk, more than the chunk itself
-                    grad_w.addmm_(g.T, hidden[r0 : r0 + rows].detach().float())
+                    if compute_dtype.itemsize >= 4:
+                        grad_w.addmm_(g.T, hidden[r0 : r0 + rows].detach().float())
+                    else:
+                        # tensor-core GEMMs a block of vocab rows at a time, accumulated into the
+                        # float32 dW: one bf16 [V, H] product would be a 272 MB temporary per chunk,
+                        # and a float32 GEMM over the whole vocab costs several times the time
+                        for v0 in range(0, v, W_BLOCK_ROWS):
+                            gb = g[:, v0 : v0 + W_BLOCK_ROWS].T.to(compute_dtype)
+                            grad_w[v0 : v0 + gb.shape[0]] += (gb @ h).float()
                 del g
         if expect != n:
             raise ValueError(f"the teacher's chunks covered {expect} of the batch's {n} token rows")
