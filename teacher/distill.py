@@ -159,8 +159,10 @@ def kd_step_loss(
     ids_dev = ids.to(device)
     t_dtype = _teacher_dtype(device, teacher_dtype)
     use_amp = device.type == "cuda" if amp is None else amp
+    # tied lm_head: its gradient from the loss and the lookup's are summed in one buffer
+    sink: list[torch.Tensor] | None = [] if student.cfg.tie_embeddings else None
     with autocast(device, amp):
-        hidden = (model or student)(ids_dev, hidden_only=True)
+        hidden = (model or student)(ids_dev, hidden_only=True, grad_sink=sink)
     hidden = hidden.reshape(-1, hidden.shape[-1])
 
     def source() -> Iterator[tuple[int, torch.Tensor]]:
@@ -172,7 +174,7 @@ def kd_step_loss(
     loss = fused_kd_loss(
         hidden, student.lm_head.weight, source, temperature=temperature, alpha=alpha,
         targets=next_token_targets(ids.cpu()) if alpha > 0 and ids.shape[1] > 1 else None,
-        compute_dtype=torch.bfloat16 if use_amp else torch.float32, stats=stats,
+        compute_dtype=torch.bfloat16 if use_amp else torch.float32, stats=stats, weight_sink=sink,
     )
     assert stats.kd is not None and stats.ce is not None
     return StepLoss(loss, stats.kd, stats.ce)

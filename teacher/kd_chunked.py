@@ -103,6 +103,7 @@ class _FusedKD(torch.autograd.Function):
         alpha: float,
         compute_dtype: torch.dtype,
         stats: ChunkStats,
+        weight_sink: list[torch.Tensor] | None,
     ) -> torch.Tensor:
         n, v = hidden.shape[0], weight.shape[0]
         t = float(temperature)
@@ -181,6 +182,7 @@ class _FusedKD(torch.autograd.Function):
         ce = ce_sum / n_valid if n_valid else torch.zeros_like(ce_sum)
         stats.kd, stats.ce, stats.rows = kd.detach(), ce.detach(), n
         ctx.grads = (grad_h, grad_w)
+        ctx.weight_sink = weight_sink
         return (1.0 - alpha) * kd + alpha * ce if alpha > 0 else kd
 
     @staticmethod
@@ -192,7 +194,11 @@ class _FusedKD(torch.autograd.Function):
             grad_h.mul_(grad_out.to(grad_h.dtype))
         if grad_w is not None:
             grad_w.mul_(grad_out)
-        return grad_h, grad_w, None, None, None, None, None, None
+            if ctx.weight_sink is not None:
+                # a tied weight: the embedding lookup adds its rows into this tensor and returns it
+                ctx.weight_sink.append(grad_w)
+                grad_w = None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -205,6 +211,7 @@ def fused_kd_loss(
     targets: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
     stats: ChunkStats | None = None,
+    weight_sink: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The KD (+ alpha * CE) loss of student hidden states ``[N, H]`` through lm_head ``weight``
     ``[V, H]`` against the teacher chunks ``source()`` yields; differentiable in both.
@@ -212,7 +219,9 @@ def fused_kd_loss(
     ``targets`` ``[N]`` (IGNORE where no next token) is needed when ``alpha > 0``; given
     with ``alpha == 0`` the cross-entropy is only measured (``stats.ce``).
     ``compute_dtype`` is the GEMMs' dtype (bf16 under autocast); the softmaxes and
-    the loss are float32 always."""
+    the loss are float32 always. ``weight_sink``: the list the student's tied embedding
+    lookup was given (``Student.forward(grad_sink=)``); the lm_head gradient goes there
+    instead of to autograd."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and lm_head weight {tuple(weight.shape)} do not chain")
     if not temperature > 0:
@@ -223,6 +232,6 @@ def fused_kd_loss(
         raise ValueError(f"alpha > 0 needs targets of shape ({hidden.shape[0]},)")
     out: torch.Tensor = _FusedKD.apply(
         hidden, weight, source, targets, float(temperature), float(alpha), compute_dtype,
-        stats if stats is not None else ChunkStats(),
+        stats if stats is not None else ChunkStats(), weight_sink,
     )
     return out

@@ -214,6 +214,32 @@ class Block(nn.Module):
         return x + self.mlp(self.ffn_norm(x))
 
 
+class _SinkEmbedding(torch.autograd.Function):
+    """The embedding lookup whose backward adds its rows into a dense gradient a later
+    consumer of the same (tied) weight left in ``sink``, and returns that one tensor.
+
+    Autograd would otherwise hold the head's dense [vocab, hidden] gradient and the
+    lookup's own dense one at once and add them into a third (a sparse lookup
+    gradient does not help: dense + sparse is added out of place)."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, sink: list[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.sink = sink
+        ctx.shape = weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        sink: list[torch.Tensor] = ctx.sink
+        # the head's gradient is there when the head ran after the lookup in this graph
+        # (it always does: the hidden states it consumed come from here); else a zero one
+        dense = sink.pop() if sink else torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
+        dense.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(dense.dtype))
+        return None, dense, None
+
+
 class Student(nn.Module):
     def __init__(self, cfg: StudentConfig, *, seed: int | None = 0) -> None:
         super().__init__()
@@ -247,13 +273,19 @@ class Student(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def forward(self, ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, hidden_only: bool = False, grad_sink: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast).
 
         ``hidden_only``: the final-norm hidden states [B, T, hidden] instead, for a
         loss that applies ``lm_head`` itself chunk by chunk (``teacher.kd_chunked``).
         A flag of forward rather than a second method: DDP prepares its gradient
-        reduction in the wrapped module's forward."""
+        reduction in the wrapped module's forward.
+
+        ``grad_sink`` (tied embeddings): a list into which that loss puts its dense
+        lm_head gradient instead of returning it; the lookup's backward then adds its
+        rows into it in place, so the tied weight's gradient exists once, not twice."""
         if ids.dim() != 2:
             raise ValueError(f"student input must be [B, T], got shape {tuple(ids.shape)}")
         t = ids.shape[1]
@@ -263,7 +295,10 @@ class Student(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} out of range [0, {self.cfg.vocab_size}) for the student")
-        x = self.embed(ids)
+        if grad_sink is not None and self.cfg.tie_embeddings:
+            x = _SinkEmbedding.apply(ids, self.embed.weight, grad_sink)
+        else:
+            x = self.embed(ids)
         cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
         recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.layers:

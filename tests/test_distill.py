@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from teacher.distill import (
     load_token_ids,
     windows,
 )
+from teacher.kd import kd_loss
 from teacher.provider import LogitProvider, VocabMismatchError, effective_vocab
 from teacher.student import Student, StudentConfig, load_student
 
@@ -287,3 +289,49 @@ def test_checkpointed_layers_save_less_for_backward() -> None:
 
     full, recomputed = saved_bytes(False), saved_bytes(True)
     assert recomputed < full / 3, (recomputed, full)
+
+
+def test_tied_weight_gradient_is_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup adds its rows into the fused loss's lm_head gradient: same values as autograd's sum,
+    and the parameter's .grad is that very buffer (no second dense [vocab, hidden] gradient)."""
+    import teacher.kd_chunked as K
+
+    returned: list[int] = []  # addresses only: a reference held here would make autograd copy the tensor
+    original = K._FusedKD.forward
+
+    def spy(ctx: Any, *args: Any) -> torch.Tensor:
+        out = original(ctx, *args)
+        returned.append(ctx.grads[1].data_ptr())
+        return out
+
+    monkeypatch.setattr(K._FusedKD, "forward", staticmethod(spy))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewVH(TorchDispatchMode):
+        """The ops that produce a [vocab, hidden] tensor."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (CFG.vocab_size, CFG.hidden_size):
+                self.ops.append(str(func))
+            return out
+
+    teacher, ids = FakeTeacher(target=CFG.vocab_size), _data()[:3]
+    student = Student(CFG, seed=6)
+    out = kd_step_loss(teacher, student, ids, temperature=2.0)
+    with NewVH() as seen:
+        out.loss.backward()
+    # in place or views only: no second dense gradient (embedding_dense_backward, an out-of-place add)
+    assert all(op.split(".")[1].endswith("_") or op == "aten.detach.default" for op in seen.ops), seen.ops
+    grad = student.embed.weight.grad
+    assert grad is not None and grad.data_ptr() == returned[0]
+    # the reference: the full logits through the tied nn.Linear, autograd summing the two uses
+    ref = Student(CFG, seed=6)
+    t = teacher.logits_for_batch(ids)
+    kd_loss(t, ref(ids), 2.0).backward()
+    assert ref.embed.weight.grad is not None
+    torch.testing.assert_close(grad, ref.embed.weight.grad, rtol=1e-5, atol=1e-7)
