@@ -73,14 +73,17 @@ def test_fused_loss_holds_a_fraction_of_the_full_logits_memory() -> None:
     assert chunks - grads < (full - grads) / 2, (chunks, full, grads)
 
 
-def test_loop_reports_steady_state_split_and_peak(tiny_q4k: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lean", [False, True], ids=["default", "lean"])
+def test_loop_reports_steady_state_split_and_peak(tiny_q4k: Any, tmp_path: Path, lean: bool) -> None:
+    """The default loop (fused AdamW after backward, clipped) and the lean one (AdamW in backward,
+    recomputed layers) on the Q4K teacher."""
     from teacher.distill import DistillConfig, distill
     from teacher.student import build_student
 
     student = build_student("tiny-student", seed=0).cuda()
     data = torch.randint(0, student.vocab_size, (12, 64), generator=torch.Generator().manual_seed(1))
-    cfg = DistillConfig(batch_size=2, seq_len=64, progress=False, warmup_steps=2, step_in_backward=True,
-                        grad_clip=None, checkpoint_activations=True)
+    cfg = DistillConfig(batch_size=2, seq_len=64, progress=False, warmup_steps=2, step_in_backward=lean,
+                        grad_clip=None if lean else 1.0, checkpoint_activations=lean)
     res = distill(tiny_q4k, student, data, cfg, checkpoint_dir=tmp_path / "ckpt")
     assert res.completed and res.finite and res.steady_steps == 4
     assert res.steady_tokens_per_s is not None and res.steady_tokens_per_s > 0
