@@ -5,13 +5,20 @@ the provider, against the student's logits:
 
     loss = (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * CE(s, next token)
 
+computed over chunks of tokens and fused with the student's lm_head
+(``teacher.kd_chunked``), the teacher's logits taken chunk by chunk from its
+own head: neither model's [B, T, V] logits are ever held.
+
 A teacher whose effective vocab differs from the student's is refused before
 any compute with :class:`VocabMismatchError` naming both sizes: broadcasting
 or slicing silently would train on misaligned token ids.
 
 The loop checkpoints (student + AdamW state + data position + loss curve) so
 an interrupted run resumes at the batch where it stopped, and with the same
-seed ends in exactly the state an uninterrupted run reaches.
+seed ends in exactly the state an uninterrupted run reaches. It times each
+step (teacher forward / student forward + backward / optimizer) and reports
+the steady state after the warm-up steps; under torchrun it runs DDP with the
+global batch split over the processes.
 """
 
 from __future__ import annotations
