@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from teacher import distill as D
-    from teacher.gguf_file import open_gguf
+    from teacher.consistency import open_checked
     from teacher.provider import effective_vocab
     from teacher.student import build_student
 
@@ -127,8 +127,9 @@ def _run(args: argparse.Namespace) -> int:
 
     teacher_path = resolve_teacher_path(args.teacher)
     student = build_student(args.student, seed=args.seed).to(device)
-    # the teacher's native vocab from its header: a size problem fails before the (slow) dequant
-    native = open_gguf(teacher_path).config.vocab_size
+    # the teacher's native vocab from its header, checked against its tensors: a size problem
+    # or an inconsistent file fails before the (slow) dequant
+    native = open_checked(teacher_path)[1].config.vocab_size
     target = None if args.no_align else student.vocab_size
     effective_vocab(native, target)
     if target is None:

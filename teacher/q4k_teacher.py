@@ -30,6 +30,7 @@ from torch.profiler import record_function
 from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
+from teacher.consistency import check_model
 from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import as_id_batch, effective_vocab
@@ -255,7 +256,7 @@ class Q4KTeacher:
         ``activation_dtype``: bf16 (default, as a dense bf16 model runs) or float32.
         ``graphs``: replay the forward from a CUDA graph per input shape."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
-        cfg = model.config
+        cfg = check_model(model).config  # and the metadata against the tensors the forward reads
         vocab = effective_vocab(cfg.vocab_size, target_vocab)
         from cupy_kernels import launch
 
