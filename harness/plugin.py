@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,10 +229,14 @@ class ContractFile(pytest.File):
             raise
         state.contracts.append(contract.summary())
         items: list[pytest.Item] = []
+        names: set[str] = set()
         for ft in contract.tests:
+            # a second test of this id in the same file needs its own node id (its line)
+            name = ft.id if ft.id not in names else f"{ft.id}@{ft.line}"
+            names.add(name)
             models: tuple[str | None, ...] = ft.check.models if ft.check and ft.check.models else (None,)
             for model in models:
-                base = f"{ft.id}[{model}]" if model else ft.id
+                base = f"{name}[{model}]" if model else name
                 items.append(ContractItem.from_parent(self, name=base, spec=None, ft=ft, model=model, control=None))
                 for control in ft.check.controls if ft.check else ():
                     items.append(ContractItem.from_parent(
@@ -281,6 +285,27 @@ class ContractItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, self.spec.ft.line - 1, f"{self.spec.ft.id}: {self.spec.ft.rule}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test whose id another collected test also has becomes ERROR, naming all the
+    places; the other tests of those files run. Decided over the whole collection (before
+    -k/-m deselect anything), so no file wins or loses by the order files are collected."""
+    places: dict[str, set[str]] = {}
+    for item in items:
+        if isinstance(item, ContractItem):
+            places.setdefault(item.spec.ft.id, set()).add(item.spec.ft.place)
+    for item in items:
+        if not isinstance(item, ContractItem):
+            continue
+        where = places[item.spec.ft.id]
+        if len(where) > 1:
+            others = sorted(where - {item.spec.ft.place})
+            item.spec = replace(item.spec, error=(
+                f"duplicate falsification test id {item.spec.ft.id!r}: defined here "
+                f"({item.spec.ft.place}) and at {', '.join(others)}; ids must be unique"
+            ))
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:

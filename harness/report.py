@@ -63,6 +63,15 @@ def _unfinished_records(run: RunData) -> list[dict[str, Any]]:
     return out
 
 
+LISTED = 10  # item labels a summary line names before "... and N more"
+
+
+def some_of(labels: list[str], shown: int = LISTED) -> str:
+    """``a, b, c ... and N more``: a summary line stays one line for hundreds of items."""
+    head = ", ".join(labels[:shown])
+    return head + (f" ... and {len(labels) - shown} more" if len(labels) > shown else "")
+
+
 def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
     counts = Counter(str(r.get("verdict")) for r in records)
     # one line per distinct (verdict, reason): 20 items NOT RUN for want of CUDA read as one fact
@@ -72,7 +81,7 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
             grouped.setdefault((str(r.get("verdict")), str(r.get("reason", ""))), []).append(_label(r))
     problems = [
         f"{labels[0]}: {verdict}: {reason}" if len(labels) == 1
-        else f"{len(labels)} items {verdict}: {reason} ({', '.join(labels)})"
+        else f"{len(labels)} items {verdict}: {reason} ({some_of(labels)})"
         for (verdict, reason), labels in grouped.items()
     ]
     problems += [f"collection error: {e.get('text') or e.get('message')}" for e in run.collection_errors]

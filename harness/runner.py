@@ -27,6 +27,7 @@ class ItemSpec:
     model: str | None
     control: str | None
     nodeid: str
+    error: str | None = None  # set by collection (a duplicate id): the item is ERROR, nothing runs
 
 
 def _oom_kind(exc: BaseException) -> str | None:
@@ -159,7 +160,9 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
     verdict: Verdict
     reason: str
     unbound = _unbound_reason(spec)
-    if unbound is not None or check is None:
+    if spec.error is not None:
+        verdict, reason = Verdict.ERROR, spec.error
+    elif unbound is not None or check is None:
         verdict, reason = Verdict.UNBOUND, unbound or "no check block"
     else:
         name = spec.control or check.subject
