@@ -40,6 +40,7 @@ CHECK_FIELDS = {
     "controls",
     "requires",
     "models",
+    "cases",
     "thresholds",
     "params",
     "timeout_s",
@@ -180,6 +181,8 @@ class Check:
     controls: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    # one item per (model, case): the falsifier reads ctx.case (e.g. FT-003's kernel paths)
+    cases: tuple[str, ...] = ()
     thresholds: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None  # enforced by harness.runner: past it the item is ERROR
@@ -338,6 +341,9 @@ def _parse_check(path: Path, ft_id: str, node: Any, ft_line: int | None, unknown
             raise ContractError(path, _line(node, "requires"), f"{where}.requires[{i}]",
                                 f"unknown requirement {req!r}: use 'cuda', 'package:NAME' or 'model:NAME'")
     models = _str_list(path, node, "models", where)
+    cases = _str_list(path, node, "cases", where)
+    if len(set(cases)) != len(cases):
+        raise ContractError(path, _line(node, "cases"), f"{where}.cases", "names a case twice")
     thresholds = node.get("thresholds", {}) or {}
     if not isinstance(thresholds, Mapping):
         raise ContractError(path, _line(node, "thresholds"), f"{where}.thresholds", "must be a mapping name -> value")
@@ -368,7 +374,7 @@ def _parse_check(path: Path, ft_id: str, node: Any, ft_line: int | None, unknown
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise ContractError(path, _line(node, "timeout_s"), f"{where}.timeout_s", "must be a positive number of seconds")
     return Check(
-        falsifier=falsifier, subject=subject, controls=controls, requires=requires, models=models,
+        falsifier=falsifier, subject=subject, controls=controls, requires=requires, models=models, cases=cases,
         thresholds=dict(thresholds), params=dict(params),
         timeout_s=float(timeout) if timeout is not None else None, line=node.line,
     )

@@ -235,13 +235,18 @@ class ContractFile(pytest.File):
             name = ft.id if ft.id not in names else f"{ft.id}@{ft.line}"
             names.add(name)
             models: tuple[str | None, ...] = ft.check.models if ft.check and ft.check.models else (None,)
+            cases: tuple[str | None, ...] = ft.check.cases if ft.check and ft.check.cases else (None,)
             for model in models:
-                base = f"{name}[{model}]" if model else name
-                items.append(ContractItem.from_parent(self, name=base, spec=None, ft=ft, model=model, control=None))
-                for control in ft.check.controls if ft.check else ():
+                for case in cases:
+                    label = "@".join(p for p in (model, case) if p)
+                    base = f"{name}[{label}]" if label else name
                     items.append(ContractItem.from_parent(
-                        self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model, control=control
-                    ))
+                        self, name=base, spec=None, ft=ft, model=model, control=None, case=case))
+                    for control in ft.check.controls if ft.check else ():
+                        items.append(ContractItem.from_parent(
+                            self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model,
+                            control=control, case=case,
+                        ))
         return items
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -255,9 +260,10 @@ class _ItemFailed(Exception):
 
 
 class ContractItem(pytest.Item):
-    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None, **kw: Any) -> None:
+    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None,
+                 case: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
-        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid)
+        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid, case=case)
         self.record: dict[str, Any] | None = None
         self.add_marker(pytest.mark.contract)
         if control:
@@ -340,7 +346,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "environment": environment(config.rootpath),
         "expected": [i.nodeid for i in items],
         "expected_items": [
-            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "control": i.spec.control,
+            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "case": i.spec.case,
+             "control": i.spec.control,
              "contract": i.spec.ft.path}
             for i in items
         ],

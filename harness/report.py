@@ -43,8 +43,14 @@ def _passes(record: dict[str, Any]) -> bool | None:
     return item_passes(Verdict(verdict), record.get("control"))
 
 
+def shown_model(record: dict[str, Any]) -> str | None:
+    """The model column: the model, with the item's case (``tiny@gemv1_tc``) where it has one."""
+    label = "@".join(str(p) for p in (record.get("model"), record.get("case")) if p)
+    return label or None
+
+
 def _label(record: dict[str, Any]) -> str:
-    base = record.get("id", "?") + (f"[{record['model']}]" if record.get("model") else "")
+    base = record.get("id", "?") + (f"[{shown_model(record)}]" if shown_model(record) else "")
     return base + (f" control {record['control']}" if record.get("control") else "")
 
 
@@ -54,7 +60,7 @@ def _unfinished_records(run: RunData) -> list[dict[str, Any]]:
     for nodeid in run.unfinished:
         e = info.get(nodeid, {"id": nodeid.split("::")[1] if "::" in nodeid else nodeid})
         out.append({
-            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"),
+            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"), "case": e.get("case"),
             "control": e.get("control"), "contract": e.get("contract"), "verdict": UNFINISHED,
             "passed": False, "reason": "the run ended before this item finished (interrupted or killed)",
             "measurements": {}, "comparisons": [], "series": [], "logs": [], "notes": [], "traceback": "",
@@ -117,7 +123,8 @@ def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in records:
         by_model = groups.setdefault((str(r.get("contract") or ""), str(r.get("id"))), {})
-        row = by_model.setdefault(str(r.get("model") or ""), {"model": r.get("model"), "prediction": None, "controls": []})
+        model = shown_model(r)
+        row = by_model.setdefault(model or "", {"model": model, "prediction": None, "controls": []})
         if r.get("control"):
             row["controls"].append(r)
         else:

@@ -408,3 +408,23 @@ def test_duplicate_id_in_one_file_fails_both_and_keeps_the_rest(project: pytest.
     assert verdicts["FT-MID"] == "CORROBORATED"
     dups = {k: v for k, v in verdicts.items() if k.startswith("FT-OK")}
     assert len(dups) == 4 and set(dups.values()) == {"ERROR"}, verdicts
+
+
+def test_cases_make_one_item_per_model_and_case_with_its_own_report_row(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract(
+        _ft("FT-P", "t_below", controls="[t-bad]", thresholds="{limit: 2.0}",
+            extra="models: [tiny, tiny-student]\ncases: [gemv, mma]")
+    ))
+    run(project)
+    by_id = results(project)
+    assert sorted(k.split("::", 1)[1] for k in by_id) == sorted(
+        f"FT-P[{m}@{c}]" + ctl for m in ("tiny", "tiny-student") for c in ("gemv", "mma") for ctl in ("", "::control[t-bad]")
+    )
+    rec = by_id["contracts/a.yaml::FT-P[tiny-student@mma]"]
+    assert (rec["model"], rec["case"], rec["verdict"]) == ("tiny-student", "mma", "CORROBORATED")
+    from harness.report import _rows
+
+    data = read_results(project.path / "reports" / "r1" / "results.jsonl")
+    rows = _rows(data, data.results)
+    assert sorted(r["model"] for r in rows) == ["tiny-student@gemv", "tiny-student@mma", "tiny@gemv", "tiny@mma"]
+    assert all(r["prediction"] and len(r["controls"]) == 1 for r in rows)
