@@ -128,3 +128,62 @@ def test_corrupt_path_control_needs_a_case() -> None:
     ctx = Context(ft_id="FT-X", contract_path="c.yaml", subject_name="q4k-teacher-corrupt-path")
     with pytest.raises(ValueError, match=r"needs check\.cases"):
         q4k_teacher_corrupt_path(ctx)
+
+
+# -- the falsifier's flow for one path, on the CPU (stand-in subjects, F32 reference on the CPU) --
+class _Teacher:
+    """The F32 teacher seen through a Q4K teacher's interface: logits (optionally scaled
+    wrong) and a dispatch tap claiming ``ran``."""
+
+    def __init__(self, path: Path, ran: str | None, noise: float) -> None:
+        from teacher.dequant_teacher import DequantTeacher
+
+        self.inner = DequantTeacher.from_gguf(path)
+        self.ran, self.noise = ran, noise
+        self.ops = types.SimpleNamespace(taken=Counter())
+
+    def vocab_size(self) -> int:
+        return int(self.inner.vocab_size())
+
+    def logits_for_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ran:
+            self.ops.taken[self.ran] += 1
+        out = self.inner.logits_for_batch(ids)
+        return out + self.noise * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * out.std()
+
+
+@pytest.fixture
+def cpu_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from teacher.dequant_teacher import DequantTeacher
+
+    real = DequantTeacher.from_gguf.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(DequantTeacher, "from_gguf",
+                        classmethod(lambda cls, path, target_vocab=None, device="cpu": real(cls, path, target_vocab)))
+
+
+@pytest.mark.parametrize(("ran", "noise", "expected"), [
+    ("mma", 0.0, "CORROBORATED"),
+    (None, 0.0, "FALSIFIED"),  # the forward never ran the path: the item proves nothing
+    ("mma", 1.0, "FALSIFIED"),  # wrong logits on the path
+])
+def test_path_item_flow(cpu_reference: None, ran: str | None, noise: float, expected: str) -> None:
+    from falsifiers.q4k_teacher import logit_parity
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="tiny",
+                  case="mma", thresholds={"cosine_min": 0.999},
+                  subject_factory=lambda ctx: lambda path: _Teacher(path, ran, noise))
+    logit_parity(ctx)
+    verdict, why = ctx.verdict()
+    assert str(verdict) == expected, why
+    assert ctx.evidence.measurements["m_rows_per_linear"]["value"] == m_for_path("mma", _shapes("tiny"))[0]
+
+
+def test_unreachable_path_is_not_run_with_the_file_types() -> None:
+    from falsifiers.q4k_teacher import logit_parity
+    from harness.verdict import NotRun
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="smollm2-135m",
+                  case="gemv_tc", thresholds={"cosine_min": 0.999}, subject_factory=lambda ctx: None)
+    _shapes("smollm2-135m")
+    with pytest.raises(NotRun, match="Q4_1"):
+        logit_parity(ctx)
