@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from falsifiers._common import model_path, random_ids
+from falsifiers._common import model_path, oracle_model, random_ids
 from harness.context import Context
 from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
@@ -345,19 +345,14 @@ def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor,
 
 
 def _transformers_last_logits(path: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    """transformers' last-position logits on the CPU: its model of a real file loads once per
+    process (falsifiers._common.oracle_model), not once per item and control."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         return None
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    model = model.to("cuda")
     with torch.inference_mode():
-        out = model(input_ids=ids.to("cuda")).logits[:, -1].double().cpu()
-    del model
-    release_gpu()
-    return out
+        return oracle_model(path)(input_ids=ids.cpu()).logits[:, -1].double()
 
 
 # -- FT-Q4K-TEACHER-004 ----------------------------------------------------------

@@ -69,7 +69,7 @@ def _gemma3_path() -> Path:
 
 def _hf_model(path: Path) -> Any:
     # shared with the reference-teacher contract's falsifier: each real model loads once
-    from falsifiers.reference_teacher import oracle_model
+    from falsifiers._common import oracle_model
 
     return oracle_model(path)
 
