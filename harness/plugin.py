@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,17 +245,26 @@ class ContractFile(pytest.File):
         state.contracts.append(contract.summary())
         items: list[pytest.Item] = []
         teacher = state.bound.teacher_name
+        names: set[str] = set()
         for ft in contract.tests:
+            # a second test of this id in the same file needs its own node id (its line)
+            name = ft.id if ft.id not in names else f"{ft.id}@{ft.line}"
+            names.add(name)
             models: tuple[str | None, ...] = ft.check.models if ft.check and ft.check.models else (None,)
             if teacher and models != (None,):
                 models = (teacher,)  # --teacher: every item that runs on a model runs on the file
+            cases: tuple[str | None, ...] = ft.check.cases if ft.check and ft.check.cases else (None,)
             for model in models:
-                base = f"{ft.id}[{model}]" if model else ft.id
-                items.append(ContractItem.from_parent(self, name=base, spec=None, ft=ft, model=model, control=None))
-                for control in ft.check.controls if ft.check else ():
+                for case in cases:
+                    label = "@".join(p for p in (model, case) if p)
+                    base = f"{name}[{label}]" if label else name
                     items.append(ContractItem.from_parent(
-                        self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model, control=control
-                    ))
+                        self, name=base, spec=None, ft=ft, model=model, control=None, case=case))
+                    for control in ft.check.controls if ft.check else ():
+                        items.append(ContractItem.from_parent(
+                            self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model,
+                            control=control, case=case,
+                        ))
         return items
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -269,9 +278,10 @@ class _ItemFailed(Exception):
 
 
 class ContractItem(pytest.Item):
-    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None, **kw: Any) -> None:
+    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None,
+                 case: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
-        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid)
+        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid, case=case)
         self.record: dict[str, Any] | None = None
         self.add_marker(pytest.mark.contract)
         if control:
@@ -306,6 +316,27 @@ class ContractItem(pytest.Item):
         return self.path, self.spec.ft.line - 1, f"{self.spec.ft.id}: {self.spec.ft.rule}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test whose id another collected test also has becomes ERROR, naming all the
+    places; the other tests of those files run. Decided over the whole collection (before
+    -k/-m deselect anything), so no file wins or loses by the order files are collected."""
+    places: dict[str, set[str]] = {}
+    for item in items:
+        if isinstance(item, ContractItem):
+            places.setdefault(item.spec.ft.id, set()).add(item.spec.ft.place)
+    for item in items:
+        if not isinstance(item, ContractItem):
+            continue
+        where = places[item.spec.ft.id]
+        if len(where) > 1:
+            others = sorted(where - {item.spec.ft.place})
+            item.spec = replace(item.spec, error=(
+                f"duplicate falsification test id {item.spec.ft.id!r}: defined here "
+                f"({item.spec.ft.place}) and at {', '.join(others)}; ids must be unique"
+            ))
+
+
 def pytest_deselected(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, ContractItem):
@@ -338,7 +369,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "environment": environment(config.rootpath),
         "expected": [i.nodeid for i in items],
         "expected_items": [
-            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "control": i.spec.control,
+            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "case": i.spec.case,
+             "control": i.spec.control,
              "contract": i.spec.ft.path}
             for i in items
         ],

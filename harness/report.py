@@ -43,8 +43,14 @@ def _passes(record: dict[str, Any]) -> bool | None:
     return item_passes(Verdict(verdict), record.get("control"))
 
 
+def shown_model(record: dict[str, Any]) -> str | None:
+    """The model column: the model, with the item's case (``tiny@gemv1_tc``) where it has one."""
+    label = "@".join(str(p) for p in (record.get("model"), record.get("case")) if p)
+    return label or None
+
+
 def _label(record: dict[str, Any]) -> str:
-    base = record.get("id", "?") + (f"[{record['model']}]" if record.get("model") else "")
+    base = record.get("id", "?") + (f"[{shown_model(record)}]" if shown_model(record) else "")
     return base + (f" control {record['control']}" if record.get("control") else "")
 
 
@@ -54,13 +60,22 @@ def _unfinished_records(run: RunData) -> list[dict[str, Any]]:
     for nodeid in run.unfinished:
         e = info.get(nodeid, {"id": nodeid.split("::")[1] if "::" in nodeid else nodeid})
         out.append({
-            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"),
+            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"), "case": e.get("case"),
             "control": e.get("control"), "contract": e.get("contract"), "verdict": UNFINISHED,
             "passed": False, "reason": "the run ended before this item finished (interrupted or killed)",
             "measurements": {}, "comparisons": [], "series": [], "logs": [], "notes": [], "traceback": "",
             "duration_s": None,
         })
     return out
+
+
+LISTED = 10  # item labels a summary line names before "... and N more"
+
+
+def some_of(labels: list[str], shown: int = LISTED) -> str:
+    """``a, b, c ... and N more``: a summary line stays one line for hundreds of items."""
+    head = ", ".join(labels[:shown])
+    return head + (f" ... and {len(labels) - shown} more" if len(labels) > shown else "")
 
 
 def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,7 +87,7 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
             grouped.setdefault((str(r.get("verdict")), str(r.get("reason", ""))), []).append(_label(r))
     problems = [
         f"{labels[0]}: {verdict}: {reason}" if len(labels) == 1
-        else f"{len(labels)} items {verdict}: {reason} ({', '.join(labels)})"
+        else f"{len(labels)} items {verdict}: {reason} ({some_of(labels)})"
         for (verdict, reason), labels in grouped.items()
     ]
     problems += [f"collection error: {e.get('text') or e.get('message')}" for e in run.collection_errors]
@@ -108,7 +123,8 @@ def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in records:
         by_model = groups.setdefault((str(r.get("contract") or ""), str(r.get("id"))), {})
-        row = by_model.setdefault(str(r.get("model") or ""), {"model": r.get("model"), "prediction": None, "controls": []})
+        model = shown_model(r)
+        row = by_model.setdefault(model or "", {"model": model, "prediction": None, "controls": []})
         if r.get("control"):
             row["controls"].append(r)
         else:

@@ -159,8 +159,8 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
 
     from teacher import dist
     from teacher import distill as D
+    from teacher.consistency import open_checked
     from teacher.corpus import BackgroundTokenizer, corpus_files
-    from teacher.gguf_file import open_gguf
     from teacher.kd_chunked import KD_CHUNK_TOKENS
     from teacher.provider import effective_vocab
     from teacher.student import build_student
@@ -189,8 +189,9 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
 
     teacher_path = resolve_teacher_path(args.teacher)
     student = build_student(args.student, seed=args.seed).to(device)
-    # the teacher's native vocab from its header: a size problem fails before the (slow) dequant
-    native = open_gguf(teacher_path).config.vocab_size
+    # the teacher's native vocab from its header, checked against its tensors: a size problem
+    # or an inconsistent file fails before the (slow) dequant
+    native = open_checked(teacher_path)[1].config.vocab_size
     target = None if args.no_align else student.vocab_size
     effective_vocab(native, target)
     if target is None:

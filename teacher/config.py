@@ -170,6 +170,9 @@ def config_from_metadata(
 
     def get_int(key: str, default: Any = ...) -> int:
         value = get(key, default)
+        # an inf or NaN float would escape int() as OverflowError / ValueError, unlocated
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: GGUF metadata {key!r} must be an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"{where}: GGUF metadata {key!r} must be an integer, got {value!r}")
         if value <= 0:

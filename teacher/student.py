@@ -385,12 +385,14 @@ def config_from_model(mc: Any, tensor_names: set[str]) -> StudentConfig:
 
 def student_from_gguf(path: str | Path) -> Student:
     """Dequantize a qwen2 GGUF into a trainable F32 student (the vocab is the file's token count)."""
+    from teacher.consistency import check_model
     from teacher.gguf_file import open_gguf  # colleagues' layer: validation + zero-copy tensors
     from teacher.quants import dequantize
 
     model = open_gguf(path)
     names = set(model.tensors)
-    cfg = config_from_model(model.config, names)
+    # metadata checked against the tensors before anything is dequantized
+    cfg = config_from_model(check_model(model).config, names)
     student = Student(cfg, seed=None)
     params = dict(student.named_parameters())
     mapping = gguf_name_map(cfg)

@@ -71,15 +71,10 @@ def _gemma3_path() -> Path:
 
 
 def _hf_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+    # shared with the reference-teacher contract's falsifier: each real model loads once
+    from falsifiers._common import oracle_model
 
-    # transformers >= 4.56 calls it dtype; older releases only know torch_dtype
-    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-    kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, **{kw: torch.float32}
-    )
-    return model.eval()
+    return oracle_model(path)
 
 
 class Pair:
