@@ -118,6 +118,44 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _gguf_facts_transformers_drops(path: Path) -> tuple[int | None, torch.Tensor | None]:
+    """(head dim, llama 3.x RoPE frequency factors) as the file states them, read with
+    gguf's own reader: transformers' GGUF loader drops both (``<arch>.attention.key_length``
+    of qwen3, where the head dim is not hidden / heads; the ``rope_freqs.weight`` tensor
+    that llama 3.x converters write instead of the rope-scaling keys)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    head_dim = None
+    arch_field = reader.get_field("general.architecture")
+    if arch_field is not None:
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        key = reader.get_field(f"{arch}.attention.key_length")
+        if key is not None:
+            head_dim = int(key.parts[key.data[0]][0])
+    factors = None
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            factors = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
+    return head_dim, factors
+
+
+def _divide_rope_frequencies(model: Any, factors: torch.Tensor, path: Path) -> None:
+    """theta_i / factor_i, as llama.cpp applies ``rope_freqs.weight``: on transformers'
+    rotary table, so the oracle's attention stays its own."""
+    rotary = model.model.rotary_emb
+    if rotary.inv_freq.shape != factors.shape:
+        raise ValueError(
+            f"{path}: rope_freqs.weight has {factors.numel()} factors, the oracle's rotary table "
+            f"{rotary.inv_freq.numel()} frequencies"
+        )
+    scaled = rotary.inv_freq / factors.to(rotary.inv_freq)
+    rotary.inv_freq.copy_(scaled)
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = scaled.clone()
+
+
 def oracle_model(path: Path) -> Any:
     """transformers' F32 model of the GGUF file ``path`` (eval mode; callers must not change it)."""
     import transformers
@@ -132,7 +170,13 @@ def oracle_model(path: Path) -> Any:
     # transformers >= 4.56 calls it dtype; older releases only know torch_dtype
     major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
     kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **{kw: torch.float32})
+    head_dim, rope_factors = _gguf_facts_transformers_drops(path)
+    hints: dict[str, Any] = {kw: torch.float32}
+    if head_dim is not None:
+        hints["head_dim"] = head_dim
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **hints)
+    if rope_factors is not None:
+        _divide_rope_frequencies(model, rope_factors, path)
     model = model.eval()
     if key[1] >= KEEP_MIN_BYTES:
         _MODELS[key] = model

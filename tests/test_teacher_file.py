@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import pytest
 
+from harness.contract import load_contract
 from teacher.synth import RECIPES, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def _records(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         if rec["type"] == "header" and not header:
             header = rec
         elif rec["type"] == "result":
-            key = rec["id"] + (f"[{rec['model']}]" if rec["model"] else "")
+            label = "@".join(p for p in (rec["model"], rec.get("case")) if p)
+            key = rec["id"] + (f"[{label}]" if label else "")
             results[key + (f"::{rec['control']}" if rec["control"] else "")] = rec
     return header, results
 
@@ -78,7 +80,7 @@ def test_falsify_teacher_runs_the_contracts_on_that_file(my_file: Path, tmp_path
     stem = "acme-llama3-q4km"
     # every item that runs on a model runs on the file, named by its stem; none on the contract's
     model_items = {k for k, r in results.items() if r["model"]}
-    assert model_items and all(f"[{stem}]" in k for k in model_items), sorted(model_items)
+    assert model_items and all(f"[{stem}]" in k or f"[{stem}@" in k for k in model_items), sorted(model_items)
     for ft, control in (("FT-VOCAB-ALIGN-002", "provider-reports-native"),
                         ("FT-VOCAB-ALIGN-003", "provider-skips-size-check"),
                         ("FT-VOCAB-ALIGN-004", "provider-no-truncate")):  # fmt: skip
@@ -90,7 +92,13 @@ def test_falsify_teacher_runs_the_contracts_on_that_file(my_file: Path, tmp_path
     assert any("synthetic student sized from acme-llama3-q4km.gguf" in n for n in first["notes"])
     if not _has_cuda():
         cuda_items = [r for k, r in results.items() if k.startswith("FT-Q4K-TEACHER")]
-        assert len(cuda_items) == 10
+        # one item per (model, case) of each test and of each of its controls
+        contract = load_contract(ROOT / "contracts" / "cuda-q4k-frozen-teacher-v1.yaml")
+        expected = sum(
+            len(ft.check.cases or (None,)) * (1 + len(ft.check.controls))
+            for ft in contract.tests if ft.check and ft.check.models
+        )  # fmt: skip
+        assert len(cuda_items) == expected
         assert all(r["verdict"] == "NOT RUN" and "cuda" in r["reason"] for r in cuda_items)
     facts = header["teacher_file"]
     assert facts["path"] == str(my_file.resolve())
