@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from harness.memory import GIB
+
+log = logging.getLogger("teacher.bench")
 
 DEFAULT_SHAPES = "1x512,4x512,8x512,1x2048,1x4096"
 
@@ -193,11 +196,15 @@ def _cupy_pool_bytes() -> int:
     return int(cupy.get_default_memory_pool().total_bytes())
 
 
+def _check_executable(binary: Path) -> None:
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"--llama-bench {binary}: not an executable file")
+
+
 def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int = 3) -> dict[str, Any]:
     """llama.cpp's ``llama-bench`` prompt processing (flash attention on, every layer on
     the GPU) at each token count: {"tokens_per_s": {T: avg}, "stddev": {...}, "cmd": [...]}."""
-    if not binary.is_file() or not os.access(binary, os.X_OK):
-        raise FileNotFoundError(f"--llama-bench {binary}: not an executable file")
+    _check_executable(binary)
     cmd = [str(binary), "-m", str(model), "-p", ",".join(str(t) for t in tokens), "-n", "0",
            "-fa", "1", "-ngl", "999", "-r", str(reps), "-o", "json"]
     env = dict(os.environ)
@@ -233,6 +240,8 @@ def bench_teacher(
 ) -> dict[str, Any]:
     from harness.memory import MemorySampler, release_gpu, warm_cuda
 
+    if llama_bench is not None:
+        _check_executable(llama_bench)  # before minutes of benchmarking, not after
     torch.cuda.set_device(device)
     warm_cuda()
     results: dict[str, Any] = {"model": str(path), "device": torch.cuda.get_device_name(device),
@@ -284,7 +293,12 @@ def bench_teacher(
         results["backends"][backend] = row
     if llama_bench is not None:
         tokens = sorted({s for b, s in shapes if b == 1})
-        results["llama_cpp"] = run_llama_bench(llama_bench, path, tokens)
+        try:
+            results["llama_cpp"] = run_llama_bench(llama_bench, path, tokens)
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            # the teacher's numbers stand on their own: keep them, and say why llama.cpp's are missing
+            log.error("llama-bench failed: %s", exc)
+            results["llama_cpp"] = {"error": f"{type(exc).__name__}: {exc}"}
     results["ratios"] = _ratios(results, shapes)
     release_gpu()
     return results
@@ -358,6 +372,8 @@ def print_results(res: dict[str, Any]) -> None:
                   f"{prof['host_gap_eager_ms']:.2f} / graph {prof['host_gap_graph_ms']:.2f} ms")
     for t, v in res.get("llama_cpp", {}).get("tokens_per_s", {}).items():
         print(f"{'llama.cpp':<12}{'1x' + str(t):>10}{v:>12.0f}")
+    if "error" in res.get("llama_cpp", {}):
+        print(f"llama.cpp: not measured ({res['llama_cpp']['error']})")
     for k, v in res["ratios"].items():
         print(f"{k}: {v:.3f}")
 
@@ -381,4 +397,4 @@ def run(args: argparse.Namespace) -> int:
     args.output.write_text(json.dumps(res, indent=2))
     print_results(res)
     print(f"wrote {args.output}")
-    return 0
+    return 1 if "error" in res.get("llama_cpp", {}) else 0

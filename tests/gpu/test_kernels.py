@@ -307,7 +307,7 @@ def test_bad_arguments_raise_before_launch(cp: Any) -> None:
         ("K=256 columns", lambda: qmatmul(x[:, :256], w, T.Q4_K, n, k, out=out)),
         ("needs", lambda: qmatmul(x, w[:-1], T.Q4_K, n, k, out=out)),
         ("CUDA tensor", lambda: qmatmul(torch.ones(2, k), w, T.Q4_K, n, k, out=out)),
-        ("not supported", lambda: qmatmul(x, w, T.Q2_K, n, k, out=out)),
+        ("not supported", lambda: qmatmul(x, w, T.IQ2_XXS, n, k, out=out)),
         ("outside", lambda: qembed(cp.asarray([0, n]), w, T.Q4_K, n, k)),
         ("M <= 8", lambda: qmatmul(cp.ones((9, k), cp.float32), w, T.Q4_K, n, k, path="gemv")),
     ]
