@@ -9,7 +9,7 @@ neither real model has.
 
 Prediction: cosine >= 0.9999 and the same argmax at every position of every
 prompt. Both sides dequantize to F32, so they should agree far closer than
-transformers vs llama.cpp (0.998-0.9999, see DESIGN.md).
+transformers vs llama.cpp (0.998-0.9999, see docs/DESIGN.md).
 """
 
 from __future__ import annotations
