@@ -22,7 +22,7 @@ import dev  # the repo root, where nox finds this file, holds dev.py
 
 OFFLINE = os.environ.get("Q4K_NOX_OFFLINE") == "1"
 BACKEND = "none" if OFFLINE else "venv"
-LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels"]
+LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels", "tools", "dev.py"]
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
@@ -63,8 +63,8 @@ def falsify(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy on the project's packages."""
     py = _python(session, "dev")
-    session.run(py, "-m", "ruff", "check", *LINT_PATHS, "dev.py", "noxfile.py", external=True)
-    session.run(py, "-m", "mypy", *LINT_PATHS, "dev.py", external=True)
+    session.run(py, "-m", "ruff", "check", *LINT_PATHS, "noxfile.py", external=True)
+    session.run(py, "-m", "mypy", *LINT_PATHS, external=True)
 
 
 @nox.session(venv_backend=BACKEND)
