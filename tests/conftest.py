@@ -4,11 +4,12 @@ real published models, each loaded once per session."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -32,6 +33,34 @@ def preload_bindings() -> None:
 
 
 # -- the real models ------------------------------------------------------------------------
+
+REAL_MODELS = ("smollm2", "gemma3")
+
+
+def real_model_of(item: pytest.Item) -> str | None:
+    """The real model an item uses: through its fixture, or a ``real_model(NAME)`` mark."""
+    mark = item.get_closest_marker("real_model")
+    if mark is not None:
+        return str(mark.args[0])
+    used = [n for n in REAL_MODELS if n in getattr(item, "fixturenames", ())]
+    return used[0] if len(used) == 1 else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run every item of one real model before any of the other, wherever they are defined.
+
+    Only one real-model pair is held at a time (``RealModels``), so an order that goes
+    back and forth between modules would load a model again (15-50 s each time).
+    The items move to where the first of them was; everything else keeps its order.
+    """
+    using = [(i, real_model_of(item)) for i, item in enumerate(items)]
+    chosen = [(i, m) for i, m in using if m is not None]
+    if not chosen:
+        return
+    first = chosen[0][0]
+    grouped = [items[i] for name in REAL_MODELS for i, m in chosen if m == name]
+    rest = [item for item, (_, m) in zip(items, using, strict=True) if m is None]
+    items[:] = rest[:first] + grouped + rest[first:]
 
 
 def smollm2_path() -> Path:
@@ -126,20 +155,46 @@ class Pair:
         return cos, ours, ref
 
 
-def _pair(path_of: Any) -> Iterator[Pair]:
+class RealModels:
+    """The real-model pairs of this session, at most one in memory at a time.
+
+    Loading a pair is most of the time of the tests that use it, so each is loaded once
+    and shared; holding both at once (about 3.7 GB) pushed the suite past 6 GB of peak
+    memory, so the test modules ask for all of one model before the other, and asking
+    for the other releases the first.
+    """
+
+    PATHS: ClassVar[dict[str, Any]] = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.pair: Pair | None = None
+        self.loads: list[str] = []  # in order, to show (and test) that nothing loads twice needlessly
+
+    def get(self, name: str) -> Pair:
+        if self.name != name:
+            path = self.PATHS[name]()  # skips here, before anything is released, if not installed
+            self.name, self.pair = None, None
+            gc.collect()  # transformers modules hold reference cycles: free the old pair now
+            self.pair, self.name = Pair(path), name
+            self.loads.append(name)
+        assert self.pair is not None
+        return self.pair
+
+
+@pytest.fixture(scope="session")
+def real_models() -> RealModels:
     pytest.importorskip("transformers", reason="transformers (the oracle) is not installed")
-    pair = Pair(path_of())
-    yield pair
-    del pair
+    return RealModels()
 
 
-@pytest.fixture(scope="session")
-def smollm2() -> Iterator[Pair]:
-    """SmolLM2-135M-Instruct Q4_1 (llama), ours and transformers', once per session."""
-    yield from _pair(smollm2_path)
+@pytest.fixture
+def smollm2(real_models: RealModels) -> Pair:
+    """SmolLM2-135M-Instruct Q4_1 (llama), ours and transformers'."""
+    return real_models.get("smollm2")
 
 
-@pytest.fixture(scope="session")
-def gemma3() -> Iterator[Pair]:
-    """Gemma-3-270M Q4_K_M (gemma3), ours and transformers', once per session."""
-    yield from _pair(gemma3_path)
+@pytest.fixture
+def gemma3(real_models: RealModels) -> Pair:
+    """Gemma-3-270M Q4_K_M (gemma3), ours and transformers'."""
+    return real_models.get("gemma3")

@@ -163,7 +163,7 @@ def test_frozen() -> None:
 # -- the real files, against transformers' own reading of the same metadata ---------------
 
 
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.real_model(n)) for n in ("smollm2", "gemma3")])
 def test_real_files_agree_with_transformers(name: str, request: pytest.FixtureRequest) -> None:
     from teacher.gguf_file import open_gguf
 
