@@ -49,7 +49,8 @@ def page_height(page: Path, chromium: str, width: int) -> int:
         probe.write_text(page.read_text(encoding="utf-8").replace(
             "</body>", '<script>document.body.setAttribute("data-height", '
                        'document.documentElement.scrollHeight)</script></body>', 1), encoding="utf-8")
-        proc = _chromium(chromium, f"--window-size={width},1000", "--dump-dom", probe.as_uri())
+        # a low window: scrollHeight is never less than the viewport, so the page must overflow it
+        proc = _chromium(chromium, f"--window-size={width},100", "--dump-dom", probe.as_uri())
     found = re.search(r'data-height="(\d+)"', proc.stdout)
     if proc.returncode != 0 or found is None:
         raise RuntimeError(f"chromium could not measure {page} (exit {proc.returncode}): {proc.stderr[-1500:]}")
