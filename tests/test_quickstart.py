@@ -86,7 +86,9 @@ def _fresh_copy(dest: Path) -> Path:
 def test_quickstart_runs_in_a_fresh_copy(tmp_path: Path) -> None:
     repo = _fresh_copy(tmp_path / "clone")
     commands = quickstart_commands((repo / "README.md").read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("Q4K_VENV", "PYTEST_", "VIRTUAL_ENV"))}
+    # nothing of this process leaks in: not its virtualenv, its PYTHONPATH or its pytest state
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("Q4K_VENV", "PYTEST_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
     env["Q4K_CACHE"] = str(tmp_path / "cache")  # synthetic models written afresh too
     timings = []
