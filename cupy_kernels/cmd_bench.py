@@ -406,7 +406,7 @@ def _variants(
         out += [("dequant", f"dequant-u{u}", {"DEQUANT_UNROLL": u})
                 for u in launch._DEQUANT_UNROLLS if u != launch.DEQUANT_UNROLL]
         out += [("dequant", f"dequant-s{mib}M", {"DEQUANT_SCRATCH_BYTES": mib << 20})
-                for mib in (8, 16, 32, 128) if mib << 20 != launch.DEQUANT_SCRATCH_BYTES]
+                for mib in (16, 64, 256) if mib << 20 != launch.DEQUANT_SCRATCH_BYTES]
     if m > launch.GEMV_MAX_M:
         return out
     if int(qt) in launch._TC_TYPES:

@@ -17,6 +17,8 @@
 //   Q4_1  20 B: f16 d, f16 m, u8 qs[16]          x = q d + m
 //   Q5_0  22 B: f16 d, u8 qh[4], u8 qs[16]       x = (q | h<<4) - 16) d
 //   Q8_0  34 B: f16 d, i8 qs[32]                 x = q d
+//   Q2_K  84 B: u8 scales[16], u8 qs[64], f16 d, f16 dmin
+//   Q3_K 110 B: u8 hmask[32], u8 qs[64], u8 scales[12], f16 d
 //   Q4_K 144 B: f16 d, f16 dmin, u8 scales[12], u8 qs[128]
 //   Q5_K 176 B: f16 d, f16 dmin, u8 scales[12], u8 qh[32], u8 qs[128]
 //   Q6_K 210 B: u8 ql[128], u8 qh[64], i8 scales[16], f16 d
@@ -220,6 +222,54 @@ DQ_DEV void dq_q5_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
     p1 = p0 + 32;
 }
 
+// Q2_K and Q3_K keep four 2-bit values per byte: value 128*half + 32j + 16h + l
+// sits in bits 2j..2j+1 of quant byte 32*half + 16h + l, and each run of 16
+// values (h, j) has its own scale.  So group g (0..15) is simply the 16
+// consecutive values 16g..16g+15 with scale g: half = g/8, j = (g/2)%4, h = g%2.
+// Each quant byte is read by four groups (one per j); these formats are rare in
+// Q4_K_M files, so the decode favours the plain layout over byte reuse.
+DQ_DEV void dq_q2_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
+    const int half = g >> 3, j = (g >> 1) & 3, h = g & 1;
+    const float d = h2f(ld16(b + 80)), dmin = h2f(ld16(b + 82));
+    const u32 sc = b[g];  // low nibble: scale, high nibble: min
+    const float dl = d * (float)(sc & 15u), ml = -(dmin * (float)(sc >> 4));
+    const u8* qs = b + 16 + 32 * half + 16 * h;  // 4-byte aligned: blocks are 84 B
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        const u32 q = (ld32(qs + 4 * w) >> (2 * j)) & 0x03030303u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[4 * w + i] = ubyte_f(q, i) * dl + ml;
+    }
+    p0 = 16 * g;
+    p1 = p0 + 8;
+}
+
+// Q3_K: the third bit of value (half, j, h, l) is bit 4*half + j of hmask[16h + l],
+// inverted (a clear bit subtracts 4); scale g is 6 bits: the low 4 in a nibble of
+// byte (g/4 odd ? 4 : 0) + g%4 (high nibble for g >= 8), the top 2 in bits
+// 2*(g/4) of byte 8 + g%4 (dequantize_row_q3_K's kmask shuffle, per byte).
+DQ_DEV void dq_q3_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
+    const int half = g >> 3, j = (g >> 1) & 3, h = g & 1;
+    const int grp = g >> 2, k = g & 3;
+    const float d = h2f(ld16(b + 108));
+    const u32 lo = ((u32)b[96 + 4 * (grp & 1) + k] >> (4 * (grp >> 1))) & 15u;
+    const u32 hi = ((u32)b[104 + k] >> (2 * grp)) & 3u;
+    const float dl = d * (float)((int)(lo | (hi << 4)) - 32);
+    const u8* qs = b + 32 + 32 * half + 16 * h;  // only 2-byte aligned: blocks are 110 B
+    const u8* hm = b + 16 * h;
+    const int hbit = 4 * half + j;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        const u32 q = (ld32_a2(qs + 4 * w) >> (2 * j)) & 0x03030303u;
+        const u32 m = (ld32_a2(hm + 4 * w) >> hbit) & 0x01010101u;
+        const u32 x = q | (m << 2);  // 0..7; the value is x - 4
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[4 * w + i] = (ubyte_f(x, i) - 4.0f) * dl;
+    }
+    p0 = 16 * g;
+    p1 = p0 + 8;
+}
+
 // Q6_K group g (0..15): n = g/8 picks the 128-value half, sel = (g/4)%2 picks
 // ql[l] (values l, l+64) or ql[l+32] (values l+32, l+96), lr = g%4 the 8 l's.
 DQ_DEV void dq_q6_k(const u8* b, int g, float (&v)[16], int& p0, int& p1) {
@@ -280,6 +330,8 @@ DQ_FMT(2, 32, 18, dq_q4_0)
 DQ_FMT(3, 32, 20, dq_q4_1)
 DQ_FMT(6, 32, 22, dq_q5_0)
 DQ_FMT(8, 32, 34, dq_q8_0)
+DQ_FMT(10, 256, 84, dq_q2_k)
+DQ_FMT(11, 256, 110, dq_q3_k)
 DQ_FMT(12, 256, 144, dq_q4_k)
 DQ_FMT(13, 256, 176, dq_q5_k)
 DQ_FMT(14, 256, 210, dq_q6_k)

@@ -812,27 +812,28 @@ __global__ void __launch_bounds__(256) embed(const u8* __restrict__ W, const voi
 template <int QT, bool OUTBF, int U>
 __global__ void __launch_bounds__(256) dequant_rows(const u8* __restrict__ W, void* __restrict__ Out,
                                                     int nrows, int K, long long row0) {
-    // U decode groups per thread per trip, all loaded before any is stored: the
-    // loads of one group are few and dependent, so a thread with one group in
-    // flight leaves the memory system idle (U = 1 measured ~1.1 TB/s on an H200)
+    // The rows of a chunk are contiguous in W and in Out, so the chunk is one flat
+    // run of blocks: group t is group t % G of block t / G (G a power of two, so
+    // no division).  An earlier version split t into (row, group of the row) with
+    // a 64-bit division per group.  U groups per thread are loaded before any is
+    // stored, so each thread keeps several independent loads in flight.
     typedef Fmt<QT> F;
-    const long long rb = (long long)(K / F::QK) * F::BYTES;
-    const int units = K >> 4;
-    const long long total = (long long)nrows * units;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; t0 < total; t0 += U * stride) {
+    const u8* base = W + row0 * ((long long)(K / F::QK) * F::BYTES);
+    const unsigned long long total = (unsigned long long)nrows * (unsigned)(K / F::QK) * F::G;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long t0 = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; t0 < total;
+         t0 += U * stride) {
         float v[U][16];
         int p0[U], p1[U];
         long long o[U];
 #pragma unroll
         for (int j = 0; j < U; ++j) {
-            const long long t = t0 + j * stride;
+            const unsigned long long t = t0 + j * stride;
             o[j] = -1;
             if (t < total) {
-                const int r = (int)(t / units), u = (int)(t - (long long)r * units);
-                const int blk = u / F::G, g = u - blk * F::G;
-                F::dq(W + (row0 + r) * rb + (long long)blk * F::BYTES, g, v[j], p0[j], p1[j]);
-                o[j] = (long long)r * K + (long long)blk * F::QK;
+                const unsigned long long blk = t / F::G;
+                F::dq(base + blk * F::BYTES, (int)(t % F::G), v[j], p0[j], p1[j]);
+                o[j] = (long long)blk * F::QK;
             }
         }
 #pragma unroll

@@ -60,6 +60,8 @@ _BLOCKS: dict[QT, tuple[int, int]] = {
     QT.Q4_1: (32, 20),
     QT.Q5_0: (32, 22),
     QT.Q8_0: (32, 34),
+    QT.Q2_K: (256, 84),
+    QT.Q3_K: (256, 110),
     QT.Q4_K: (256, 144),
     QT.Q5_K: (256, 176),
     QT.Q6_K: (256, 210),
@@ -77,9 +79,15 @@ GEMV_MAX_M = 8
 GEMV_TC_MAX_M = 32
 GEMV_TC_NT: int | None = None  # column tiles per warp; None: the fewest that hold M
 _TC_NT = (1, 2, 4, 8)
-DEQUANT_MIN_M = 128
-# bound of the transient dequantized weight scratch of the chunked path
-DEQUANT_SCRATCH_BYTES = 64 << 20
+# From here the decode-then-cuBLAS path beats the fused mma kernel: on the H200,
+# at M = 64 on the 7B shapes, 95-114 us against 114-126 us (Q4_K/Q6_K, bf16 x;
+# lm_head Q4_K within 3%), once the decode ran at ~4 TB/s.  It was 128 before.
+DEQUANT_MIN_M = 64
+# bound of the transient dequantized weight scratch of the chunked path.  Fewer,
+# wider GEMMs win over an L2-sized scratch: 7B teacher on the H200, 1 x 512
+# forward 26.1 / 24.3 / 23.2 / 22.8 / 21.8 ms with 16 / 24 / 32 / 64 / 160 MiB
+# (8 x 512 within 2% from 32 MiB on); 160 MiB holds a whole 7B FFN weight in bf16.
+DEQUANT_SCRATCH_BYTES = 160 << 20
 # decode groups each thread of dequant_rows has in flight (1, 2 or 4 compiled)
 DEQUANT_UNROLL = 1
 _DEQUANT_UNROLLS = (1, 2, 4)

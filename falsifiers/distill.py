@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from falsifiers._common import model_path, random_ids
+from falsifiers._common import model_path, random_ids, require_host_f32, student_for
 from harness.context import Context
 from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
@@ -128,6 +128,7 @@ def distill_epoch(ctx: Context) -> None:
     """One distillation epoch of the student against the subject teacher: exit 0, finite losses,
     the completion line, a checkpoint that loads back, peak memory under the contract's budget."""
     from teacher.distill import COMPLETION_FORMAT, DistillConfig, distill
+    from teacher.kd_chunked import KD_CHUNK_TOKENS
     from teacher.student import build_student, load_student
 
     budget = float(ctx.threshold("peak_gpu_gb_max"))
@@ -135,14 +136,22 @@ def distill_epoch(ctx: Context) -> None:
     path = model_path(ctx, ctx.model or ctx.param("teacher"))
     seq_len, batch = int(ctx.param("seq_len", 64)), int(ctx.param("batch", 4))
     steps = int(ctx.param("steps", 8))
+    # step_in_backward / checkpoint_activations: the memory-lean configuration (AdamW per
+    # parameter inside backward, layers recomputed); the first excludes a global grad clip
+    step_in_backward = bool(ctx.param("step_in_backward", False))
     cfg = DistillConfig(
         epochs=1, batch_size=batch, seq_len=seq_len, lr=float(ctx.param("lr", 1e-3)),
         temperature=float(ctx.param("temperature", 2.0)), alpha=float(ctx.param("alpha", 0.0)),
         seed=int(ctx.param("seed", 0)), checkpoint_every=int(ctx.param("checkpoint_every", max(1, steps // 2))),
-        progress=bool(ctx.param("progress", False)),
+        progress=bool(ctx.param("progress", False)), step_in_backward=step_in_backward,
+        grad_clip=None if step_in_backward else 1.0,
+        checkpoint_activations=bool(ctx.param("checkpoint_activations", False)),
+        kd_chunk_tokens=int(ctx.param("kd_chunk_tokens", KD_CHUNK_TOKENS)),
     )
     subj = ctx.subject()
-    student = build_student(str(ctx.param("student", "tiny-student")), seed=cfg.seed)
+    student_name = student_for(ctx, path, str(ctx.param("student", "tiny-student")))
+    ctx.measure("student", student_name)
+    student = build_student(student_name, seed=cfg.seed)
     ctx.measure("student_parameters", student.num_parameters())
     # one epoch of `steps` batches: the corpus is sized so that the epoch is the step budget
     data = _corpus(ctx, student.vocab_size, seq_len, steps * batch, path)
@@ -226,6 +235,10 @@ def distill_epoch(ctx: Context) -> None:
         ctx.measure("steps", result.steps)
         ctx.measure("tokens", result.tokens)
         ctx.measure("tokens_per_s", result.tokens_per_s, "tokens/s")
+        if result.steady_tokens_per_s is not None and result.step_ms is not None:
+            ctx.measure("steady_tokens_per_s", result.steady_tokens_per_s, "tokens/s")
+            for phase in ("teacher", "student_fwd_bwd", "optimizer"):
+                ctx.measure(f"step_ms_{phase}", result.step_ms[phase], "ms")
         ctx.measure("train_time_s", result.elapsed_s, "s")
         ctx.measure("initial_loss", result.initial_loss)
         ctx.measure("final_loss", result.final_loss)
@@ -280,11 +293,18 @@ def _build_pair(ctx: Context, aligned: bool) -> Pair:
     # params.pairs maps each model of the matrix to its student and teacher backend, so one
     # FT runs the tiny pair on CPU and the 7B-shape -> 0.5B-shape pair where CUDA is
     pair_params: dict[str, Any] = dict((ctx.param("pairs") or {}).get(ctx.model or "", {}))
-    student_name = str(pair_params.get("student", ctx.param("student", "tiny-student")))
-    backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
+    if ctx.options.get("teacher_file") and not pair_params:
+        # --teacher: no pair in the contract names the file; the Q4K teacher where CUDA is
+        backend = "q4k" if device.startswith("cuda") else "dequant"
+    else:
+        backend = str(pair_params.get("teacher_backend", ctx.param("teacher_backend", "dequant")))
     if backend == "q4k" and not device.startswith("cuda"):  # before the model: no 4 GB write for nothing
         ctx.not_run("cuda: teacher_backend q4k needs a CUDA GPU")
     path = model_path(ctx, ctx.model or ctx.param("teacher"))
+    if backend == "dequant" and not device.startswith("cuda"):
+        require_host_f32(ctx, path)
+    student_name = str(pair_params.get("student") or student_for(ctx, path, str(ctx.param("student", "tiny-student"))))
+    ctx.measure("student", student_name)
     student = build_student(student_name, seed=int(ctx.param("seed", 0))).to(device)
     target = student.vocab_size if aligned else None
     teacher: Any

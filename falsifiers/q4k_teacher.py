@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from falsifiers._common import model_path, random_ids
+from falsifiers._common import model_path, oracle_model, random_ids
 from harness.context import Context
 from harness.memory import GB, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
@@ -55,6 +55,22 @@ def q4k_teacher_corrupt_decode(ctx: Context) -> Loader:
 
     def load(path: Path, target_vocab: int | None = None) -> Any:
         return Q4KTeacher.from_gguf(path, target_vocab=target_vocab, transform=swap_nibbles)
+
+    return load
+
+
+@subject("q4k-teacher-corrupt-path", requires=("cuda",))
+def q4k_teacher_corrupt_path(ctx: Context) -> Loader:
+    """Q4KTeacher whose wrong decode (nibbles reversed) is confined to the item's kernel path
+    (``ctx.case``): every other path reads the file's bytes as they are."""
+    from teacher.q4k_teacher import Q4KTeacher, swap_nibbles
+
+    if ctx.case is None:
+        raise ValueError(f"{ctx.ft_id}: control q4k-teacher-corrupt-path needs check.cases (kernel paths)")
+
+    def load(path: Path, target_vocab: int | None = None) -> Any:
+        return Q4KTeacher.from_gguf(path, target_vocab=target_vocab, transform=swap_nibbles,
+                                    transform_path=ctx.case)
 
     return load
 
@@ -179,14 +195,117 @@ def peak_gpu_memory(ctx: Context) -> None:
     ctx.check("peak_gpu_gb", mem.peak_above_baseline / GB, "<=", budget, "GB")
 
 
+# -- FT-Q4K-TEACHER-003: which M runs which kernel path (host logic, no CUDA) -----------------
+MAX_M = 128  # M searched for a path; the dequant path starts well below it
+
+
+def linear_shapes(path: Path) -> list[tuple[Any, int, int]]:
+    """(qtype, N, K) of every weight a Q4K teacher's linears read through the kernels: the 2-D
+    tensors of a kernel type (others are held as F32), the embedding only where it is the head."""
+    from cupy_kernels import launch
+    from teacher.consistency import open_checked
+
+    model, report = open_checked(path)
+    return [
+        (rec.qtype, rec.shape[0], rec.shape[1])
+        for name, rec in model.tensors.items()
+        if len(rec.shape) == 2 and rec.qtype in launch.SUPPORTED
+        and (name != "token_embd.weight" or report.head == name)
+    ]
+
+
+def m_for_path(kernel_path: str, shapes: list[tuple[Any, int, int]], *, x_is_bf16: bool = True,
+               max_m: int = MAX_M) -> tuple[int, int]:
+    """(M, linears): the smallest M <= max_m at which the most linears dispatch to
+    ``kernel_path`` (launch.dispatch_path), and how many do; (0, 0) when none ever does."""
+    from cupy_kernels import launch
+
+    if kernel_path not in launch.PATHS:
+        raise ValueError(f"kernel path {kernel_path!r} is not one of {launch.PATHS}")
+    best = (0, 0)
+    for m in range(1, max_m + 1):
+        count = sum(1 for q, n, k in shapes if launch.dispatch_path(m, q, n, k, x_is_bf16=x_is_bf16) == kernel_path)
+        if count > best[1]:
+            best = (m, count)
+    return best
+
+
+def path_ids(vocab: int, m: int) -> torch.Tensor:
+    """One sequence of M tokens: every linear of the forward then has M rows."""
+    return random_ids(vocab, (1, m), seed=3 + m)
+
+
+# F32 reference logits of one file, per token batch: the subject and both controls of an item,
+# and the items of every path, compare with the same numbers, so the F32 teacher (30 GB on the
+# GPU for the 7B shape) is loaded once per file and never held past that
+_REFERENCE: dict[str, Any] = {}
+
+
+def _reference_logits(path: Path, ids: torch.Tensor, prefetch: list[torch.Tensor]) -> torch.Tensor:
+    from teacher.dequant_teacher import DequantTeacher
+
+    key = f"{path.resolve()}:{path.stat().st_size}"
+    if _REFERENCE.get("file") != key:
+        _REFERENCE.clear()
+        _REFERENCE.update(file=key, logits={})
+    cached: dict[bytes, torch.Tensor] = _REFERENCE["logits"]
+    if ids.numpy().tobytes() not in cached:
+        ref = DequantTeacher.from_gguf(path, device="cuda")
+        for batch in [ids, *prefetch]:
+            cached[batch.numpy().tobytes()] = ref.logits_for_batch(batch).float().cpu()
+        del ref
+        release_gpu()
+    return cached[ids.numpy().tobytes()]
+
+
+def _path_parity(ctx: Context, path: Path, kernel_path: str, cos_min: float) -> None:
+    """One kernel path: a forward whose M sends the most linears down ``kernel_path``; every
+    row's logits against the F32 reference, and the tap shows the path ran."""
+    from cupy_kernels import launch
+
+    shapes = linear_shapes(path)
+    m, count = m_for_path(kernel_path, shapes)
+    types = sorted({q.name for q, _, _ in shapes})
+    if count == 0:
+        ctx.not_run(f"no linear of this file dispatches to {kernel_path} at any M <= {MAX_M} "
+                    f"(its kernel types: {', '.join(types)})")
+    ctx.measure("m_rows_per_linear", m)
+    ctx.measure("linears_dispatched_to_path", count)
+    teacher = ctx.subject()(path)
+    vocab = teacher.vocab_size()
+    ids = path_ids(vocab, m)
+    teacher.ops.taken.clear()
+    got = teacher.logits_for_batch(ids).float().cpu()[0]
+    taken = dict(teacher.ops.taken)
+    del teacher
+    release_gpu()
+    ctx.measure("kernel_paths_taken", taken)
+    ctx.check(f"linears_run_on_{kernel_path}", taken.get(kernel_path, 0), ">=", 1)
+    reachable = [m_for_path(p, shapes) for p in launch.PATHS]
+    others = [path_ids(vocab, m_other) for m_other, n in reachable if n]
+    ref = _reference_logits(path, ids, others)[0]
+    _record_parity(ctx, "vs_f32_dequant", got, ref, cos_min, check="min_cosine_every_position")
+    if kernel_path == "dequant" and ctx.model in (ctx.param("transformers_oracle") or []):
+        oracle = _transformers_last_logits(path, ids)
+        if oracle is None:
+            ctx.note("transformers oracle skipped: transformers/gguf not importable")
+        else:
+            _record_parity(ctx, "vs_transformers", got[-1:], oracle[:, : got.shape[1]], cos_min)
+
+
 # -- FT-Q4K-TEACHER-003 ----------------------------------------------------------
 @falsifier("logit_parity", thresholds={"cosine_min": float})
 def logit_parity(ctx: Context) -> None:
-    """Last-position cosine of the subject's logits vs the F32-dequant forward of the same file."""
+    """Cosine of the subject's logits vs the F32-dequant forward of the same file: at the last
+    position of a prompt batch, or (with check.cases) at every row of a forward sized to run
+    the item's kernel path."""
     from teacher.dequant_teacher import DequantTeacher
 
     path = model_path(ctx)
     cos_min = float(ctx.threshold("cosine_min"))
+    if ctx.case is not None:
+        _path_parity(ctx, path, ctx.case, cos_min)
+        return
     batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 32))
     loader = ctx.subject()
     subj = loader(path)
@@ -207,7 +326,9 @@ def logit_parity(ctx: Context) -> None:
             _record_parity(ctx, "vs_transformers", got, oracle[:, : got.shape[1]], cos_min)
 
 
-def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor, cos_min: float) -> None:
+def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor, cos_min: float,
+                   check: str = "min_last_position_cosine") -> None:
+    """got, ref: [rows, vocab]; the cosine of each row."""
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     diff = (got - ref).abs()
     ctx.measure(f"{tag}_cosine_per_sequence", [float(c) for c in cos])
@@ -216,7 +337,7 @@ def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor,
     ctx.measure(
         f"{tag}_argmax_agreement", float((got.argmax(-1) == ref.argmax(-1)).double().mean())
     )
-    ctx.check(f"{tag}_min_last_position_cosine", float(cos.min()), ">=", cos_min)
+    ctx.check(f"{tag}_{check}", float(cos.min()), ">=", cos_min)
     # a scatter for the report: a deterministic subsample of the first sequence's logits
     idx = np.linspace(0, ref.shape[1] - 1, num=min(2000, ref.shape[1])).astype(int)
     ctx.series(f"{tag}_parity", ref[0, idx].tolist(), got[0, idx].tolist(), "scatter",
@@ -224,19 +345,14 @@ def _record_parity(ctx: Context, tag: str, got: torch.Tensor, ref: torch.Tensor,
 
 
 def _transformers_last_logits(path: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    """transformers' last-position logits on the CPU: its model of a real file loads once per
+    process (falsifiers._common.oracle_model), not once per item and control."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         return None
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    model = model.to("cuda")
     with torch.inference_mode():
-        out = model(input_ids=ids.to("cuda")).logits[:, -1].double().cpu()
-    del model
-    release_gpu()
-    return out
+        return oracle_model(path)(input_ids=ids.cpu()).logits[:, -1].double()
 
 
 # -- FT-Q4K-TEACHER-004 ----------------------------------------------------------

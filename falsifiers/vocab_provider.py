@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from falsifiers._common import model_path
+from falsifiers._common import model_path, require_host_f32
 from harness.context import Context
 from harness.registry import falsifier, subject
 from teacher.dequant_teacher import DequantTeacher
@@ -106,6 +106,7 @@ def _native_vocab(path: Path) -> int:
 def _setup(ctx: Context) -> tuple[Loader, Path, int, int]:
     """(loader, model path, native vocab, target vocab), the latter recorded as evidence."""
     path = model_path(ctx)
+    require_host_f32(ctx, path, copies=2)  # FT-004 holds the subject and its reference at once
     native = _native_vocab(path)
     target = ctx.param("target_vocab")
     if target is None:

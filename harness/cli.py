@@ -15,6 +15,7 @@ from collections.abc import Sequence
 VERBS: dict[str, tuple[str, str]] = {
     "falsify": ("harness.cmd_falsify", "run the contracts' falsification tests and write a report"),
     "report": ("harness.cmd_report", "rebuild report.html/results.json/junit.xml from a results.jsonl"),
+    "inspect": ("teacher.cmd_inspect", "describe a GGUF file and say whether the teacher can serve it"),
     "synth": ("teacher.cmd_synth", "write a synthetic Q4_K_M GGUF model from a recipe"),
     "distill": ("teacher.cmd_distill", "distil a student from a frozen GGUF teacher"),
     "bench": ("cupy_kernels.cmd_bench", "benchmark the quantized kernels or the teacher on a GPU"),

@@ -1,4 +1,5 @@
-"""``q4k falsify [--signoff] [pytest options...]``: run the contracts' falsification tests.
+"""``q4k falsify [--signoff] [--teacher PATH] [--model NAME=PATH]... [--student NAME|PATH]
+[pytest options...]``: run the contracts' falsification tests.
 
 Runs pytest in this process on the contracts directory with the harness plugin
 (registered explicitly, with the installed entry point blocked so it is never
@@ -32,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contracts-dir", type=Path, default=Path("contracts"), help="default: ./contracts")
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"), help="default: ./reports")
     parser.add_argument("--run-id", default=None, help="report folder name (default: UTC time and pid)")
+    parser.add_argument("--teacher", default=None, metavar="PATH",
+                        help="sign off this GGUF file: every item that names a model runs on it")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="bind a model name the contracts use to a GGUF file (repeatable)")
+    parser.add_argument("--student", default=None, metavar="NAME|PATH",
+                        help="student paired with --teacher (default: synthetic, sized to its vocab)")
 
 
 def pytest_argv(args: argparse.Namespace) -> list[str]:
@@ -52,6 +59,12 @@ def pytest_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--signoff")
     if args.run_id:
         argv += ["--run-id", args.run_id]
+    if args.teacher:
+        argv += ["--teacher", str(args.teacher)]
+    for binding in args.model:
+        argv += ["--model", binding]
+    if args.student:
+        argv += ["--student", args.student]
     return argv + extra
 
 

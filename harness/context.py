@@ -82,6 +82,7 @@ class Context:
         subject_name: str,
         control: str | None = None,
         model: str | None = None,
+        case: str | None = None,
         thresholds: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
@@ -92,6 +93,7 @@ class Context:
         self.subject_name = subject_name
         self.control = control
         self.model = model
+        self.case = case  # the item's entry of check.cases, or None
         self.thresholds: Mapping[str, Any] = dict(thresholds or {})
         self.params: Mapping[str, Any] = dict(params or {})
         self.options: Mapping[str, Any] = dict(options or {})

@@ -40,6 +40,7 @@ CHECK_FIELDS = {
     "controls",
     "requires",
     "models",
+    "cases",
     "thresholds",
     "params",
     "timeout_s",
@@ -79,8 +80,22 @@ class LineList(list[Any]):
     line: int = 0
 
 
+# A contract is a page of prose and a few checks; a larger file is a mistake or an attack,
+# and the report would copy it
+MAX_CONTRACT_BYTES = 1 << 20
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records start marks; it constructs only plain YAML types."""
+    """SafeLoader that records start marks; it constructs only plain YAML types.
+
+    Aliases are refused: ten nested ``*a`` of ten items each turn 1 KB of YAML into
+    10^10 nodes (the "billion laughs"), and a contract has no need of them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(str(event.anchor), event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -113,6 +128,11 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
+class _AliasRefused(Exception):
+    def __init__(self, anchor: str, line: int) -> None:
+        self.anchor, self.line = anchor, line
+
+
 class _DuplicateKey(Exception):
     def __init__(self, key: str, line: int) -> None:
         self.key, self.line = key, line
@@ -124,12 +144,22 @@ def load_yaml(path: Path, shown: Path | None = None) -> Any:
     ``shown`` is the name errors use for the file (default: ``path``).
     """
     try:
+        size = path.stat().st_size
+        if size > MAX_CONTRACT_BYTES:
+            raise ContractError(shown or path, None, "<file>",
+                                f"{size} bytes: a contract may have at most {MAX_CONTRACT_BYTES}")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ContractError(shown or path, None, "<file>", f"cannot read: {exc}") from None
     path = shown or path
     try:
         return yaml.load(text, Loader=_LineLoader)  # _LineLoader is a SafeLoader: plain types only
+    except _AliasRefused as exc:
+        raise ContractError(
+            path, exc.line, "<yaml>",
+            f"YAML alias '*{exc.anchor}' refused: aliases can expand a small file without bound; "
+            "write the value out in full",
+        ) from None
     except _DuplicateKey as exc:
         raise ContractError(path, exc.line, exc.key, "key appears twice in the same mapping") from None
     except yaml.MarkedYAMLError as exc:
@@ -151,6 +181,8 @@ class Check:
     controls: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    # one item per (model, case): the falsifier reads ctx.case (e.g. FT-003's kernel paths)
+    cases: tuple[str, ...] = ()
     thresholds: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None  # enforced by harness.runner: past it the item is ERROR
@@ -174,6 +206,13 @@ class FalsificationTest:
     check: Check | None
     line: int
     path: str
+    # "file:line" of another test with this id (this file, or one loaded before): the
+    # plugin makes every such test ERROR alone, naming each place
+    duplicate_of: str | None = None
+
+    @property
+    def place(self) -> str:
+        return f"{self.path}:{self.line}"
 
 
 @dataclass
@@ -302,6 +341,9 @@ def _parse_check(path: Path, ft_id: str, node: Any, ft_line: int | None, unknown
             raise ContractError(path, _line(node, "requires"), f"{where}.requires[{i}]",
                                 f"unknown requirement {req!r}: use 'cuda', 'package:NAME' or 'model:NAME'")
     models = _str_list(path, node, "models", where)
+    cases = _str_list(path, node, "cases", where)
+    if len(set(cases)) != len(cases):
+        raise ContractError(path, _line(node, "cases"), f"{where}.cases", "names a case twice")
     thresholds = node.get("thresholds", {}) or {}
     if not isinstance(thresholds, Mapping):
         raise ContractError(path, _line(node, "thresholds"), f"{where}.thresholds", "must be a mapping name -> value")
@@ -332,7 +374,7 @@ def _parse_check(path: Path, ft_id: str, node: Any, ft_line: int | None, unknown
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise ContractError(path, _line(node, "timeout_s"), f"{where}.timeout_s", "must be a positive number of seconds")
     return Check(
-        falsifier=falsifier, subject=subject, controls=controls, requires=requires, models=models,
+        falsifier=falsifier, subject=subject, controls=controls, requires=requires, models=models, cases=cases,
         thresholds=dict(thresholds), params=dict(params),
         timeout_s=float(timeout) if timeout is not None else None, line=node.line,
     )
@@ -364,11 +406,10 @@ def parse_contract(path: Path, data: Any, seen_ids: dict[str, str] | None = None
                 raise ContractError(path, _line(ft, req), f"{ident}.{req}" if ident != label else f"{label}.{req}",
                                     "required text field is missing or empty")
         ft_id = str(ft["id"]).strip()
-        here = f"{path}:{ft.line_of('id')}"
-        if ft_id in local or ft_id in seen:
-            raise ContractError(path, ft.line_of("id"), f"{ft_id}.id",
-                                f"duplicate falsification test id (first defined at {local.get(ft_id) or seen[ft_id]})")
-        local[ft_id] = here
+        here = f"{path}:{ft.line}"
+        # not an error of the whole file: only the tests sharing the id fail (see the plugin)
+        duplicate_of = local.get(ft_id) or seen.get(ft_id)
+        local.setdefault(ft_id, here)
         for key in ft:
             if key not in FT_FIELDS:
                 unknown.append(f"{ft_id}.{key} (line {ft.line_of(key)})")
@@ -376,9 +417,10 @@ def parse_contract(path: Path, data: Any, seen_ids: dict[str, str] | None = None
         tests.append(FalsificationTest(
             id=ft_id, rule=str(ft["rule"]).strip(), prediction=str(ft["prediction"]).strip(),
             if_fails=str(ft.get("if_fails") or "").strip(), evidence=ft.get("evidence"),
-            check=check, line=ft.line, path=str(path),
+            check=check, line=ft.line, path=str(path), duplicate_of=duplicate_of,
         ))
-    seen.update(local)
+    for ft_id, here in local.items():
+        seen.setdefault(ft_id, here)
     not_applicable = {s: _not_applicable(data[s]) for s in NOT_EXECUTED_SECTIONS if s in data}
     return Contract(str(path), metadata, tests, not_applicable, unknown)
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import registry
+from harness import bindings, registry
 from harness.contract import ContractError, load_contract
 from harness.results import append_line, environment, new_run_id, utc_now, write_latest
 from harness.runner import ItemSpec, run_item
@@ -34,6 +34,7 @@ class _State:
     reports_dir: Path
     run_id: str
     signoff: bool
+    bound: bindings.Bindings = field(default_factory=lambda: bindings.Bindings(None, None, None))
     seen_ids: dict[str, str] = field(default_factory=dict)
     contracts: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -102,6 +103,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reports-dir", default=None,
                     help="write reports/<run-id>/ here (default: <rootdir>/reports)")
     group.addoption("--run-id", default=None, help="name of this run's report folder (default: UTC time and pid)")
+    group.addoption("--teacher", default=None, metavar="PATH",
+                    help="run every item that names a model on this GGUF file instead (the model is "
+                    "named by the file's stem)")
+    group.addoption("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="bind a model name the contracts use to a GGUF file (repeatable)")
+    group.addoption("--student", default=None, metavar="NAME|PATH",
+                    help="the student for items that pair one with the --teacher file (default: a "
+                    "synthetic student sized to the teacher's vocab)")
 
 
 # -- multi-GPU runners (pytest-xdist) -----------------------------------------------------------
@@ -196,6 +205,12 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id=str(config.option.run_id),
         signoff=bool(config.option.signoff),
     )
+    try:
+        config.stash[_STATE].bound = bindings.apply(
+            config.option.model, config.option.teacher, config.option.student
+        )
+    except bindings.BindingError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if getattr(config.option, "numprocesses", None) and _is_contract_run(config):
         _install_sigterm(config)  # an xdist controller collects nothing itself: decide from the command line
     _pin_worker_gpu(config)
@@ -229,15 +244,27 @@ class ContractFile(pytest.File):
             raise
         state.contracts.append(contract.summary())
         items: list[pytest.Item] = []
+        teacher = state.bound.teacher_name
+        names: set[str] = set()
         for ft in contract.tests:
+            # a second test of this id in the same file needs its own node id (its line)
+            name = ft.id if ft.id not in names else f"{ft.id}@{ft.line}"
+            names.add(name)
             models: tuple[str | None, ...] = ft.check.models if ft.check and ft.check.models else (None,)
+            if teacher and models != (None,):
+                models = (teacher,)  # --teacher: every item that runs on a model runs on the file
+            cases: tuple[str | None, ...] = ft.check.cases if ft.check and ft.check.cases else (None,)
             for model in models:
-                base = f"{ft.id}[{model}]" if model else ft.id
-                items.append(ContractItem.from_parent(self, name=base, spec=None, ft=ft, model=model, control=None))
-                for control in ft.check.controls if ft.check else ():
+                for case in cases:
+                    label = "@".join(p for p in (model, case) if p)
+                    base = f"{name}[{label}]" if label else name
                     items.append(ContractItem.from_parent(
-                        self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model, control=control
-                    ))
+                        self, name=base, spec=None, ft=ft, model=model, control=None, case=case))
+                    for control in ft.check.controls if ft.check else ():
+                        items.append(ContractItem.from_parent(
+                            self, name=f"{base}::control[{control}]", spec=None, ft=ft, model=model,
+                            control=control, case=case,
+                        ))
         return items
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -251,9 +278,10 @@ class _ItemFailed(Exception):
 
 
 class ContractItem(pytest.Item):
-    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None, **kw: Any) -> None:
+    def __init__(self, *, spec: ItemSpec | None, ft: Any, model: str | None, control: str | None,
+                 case: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
-        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid)
+        self.spec = spec or ItemSpec(ft=ft, model=model, control=control, nodeid=self.nodeid, case=case)
         self.record: dict[str, Any] | None = None
         self.add_marker(pytest.mark.contract)
         if control:
@@ -261,7 +289,12 @@ class ContractItem(pytest.Item):
 
     def runtest(self) -> None:
         state = self.config.stash[_STATE]
-        record = run_item(self.spec, run_id=state.run_id, options={"run_dir": str(state.run_dir)})
+        options: dict[str, Any] = {"run_dir": str(state.run_dir)}
+        if state.bound.student:
+            options["student"] = state.bound.student
+        if state.bound.teacher_path is not None:
+            options["teacher_file"] = str(state.bound.teacher_path)
+        record = run_item(self.spec, run_id=state.run_id, options=options)
         self.record = record
         if state.results_path is not None:
             append_line(state.results_path, record)
@@ -281,6 +314,27 @@ class ContractItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, self.spec.ft.line - 1, f"{self.spec.ft.id}: {self.spec.ft.rule}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test whose id another collected test also has becomes ERROR, naming all the
+    places; the other tests of those files run. Decided over the whole collection (before
+    -k/-m deselect anything), so no file wins or loses by the order files are collected."""
+    places: dict[str, set[str]] = {}
+    for item in items:
+        if isinstance(item, ContractItem):
+            places.setdefault(item.spec.ft.id, set()).add(item.spec.ft.place)
+    for item in items:
+        if not isinstance(item, ContractItem):
+            continue
+        where = places[item.spec.ft.id]
+        if len(where) > 1:
+            others = sorted(where - {item.spec.ft.place})
+            item.spec = replace(item.spec, error=(
+                f"duplicate falsification test id {item.spec.ft.id!r}: defined here "
+                f"({item.spec.ft.place}) and at {', '.join(others)}; ids must be unique"
+            ))
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -315,13 +369,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "environment": environment(config.rootpath),
         "expected": [i.nodeid for i in items],
         "expected_items": [
-            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "control": i.spec.control,
+            {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "case": i.spec.case,
+             "control": i.spec.control,
              "contract": i.spec.ft.path}
             for i in items
         ],
         "deselected": state.deselected,  # a partial run (-k, -m) is never sign-off ready
         "contracts": state.contracts,
         "binding_errors": dict(registry.BINDING_ERRORS),
+        # --teacher: what the sign-off is about (hashing reads the file once, on the controller)
+        "teacher_file": (bindings.teacher_facts(state.bound.teacher_path)
+                         if state.bound.teacher_path is not None and not hasattr(config, "workerinput")
+                         else None),
+        "student": state.bound.student,
     })
     for error in state.errors:
         append_line(state.results_path, {**error, "run_id": state.run_id})

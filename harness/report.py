@@ -47,8 +47,14 @@ def _passes(record: dict[str, Any]) -> bool | None:
     return item_passes(Verdict(verdict), record.get("control"))
 
 
+def shown_model(record: dict[str, Any]) -> str | None:
+    """The model column: the model, with the item's case (``tiny@gemv1_tc``) where it has one."""
+    label = "@".join(str(p) for p in (record.get("model"), record.get("case")) if p)
+    return label or None
+
+
 def _label(record: dict[str, Any]) -> str:
-    base = record.get("id", "?") + (f"[{record['model']}]" if record.get("model") else "")
+    base = record.get("id", "?") + (f"[{shown_model(record)}]" if shown_model(record) else "")
     return base + (f" control {record['control']}" if record.get("control") else "")
 
 
@@ -58,13 +64,22 @@ def _unfinished_records(run: RunData) -> list[dict[str, Any]]:
     for nodeid in run.unfinished:
         e = info.get(nodeid, {"id": nodeid.split("::")[1] if "::" in nodeid else nodeid})
         out.append({
-            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"),
+            "type": "result", "nodeid": nodeid, "id": e.get("id"), "model": e.get("model"), "case": e.get("case"),
             "control": e.get("control"), "contract": e.get("contract"), "verdict": UNFINISHED,
             "passed": False, "reason": "the run ended before this item finished (interrupted or killed)",
             "measurements": {}, "comparisons": [], "series": [], "logs": [], "notes": [], "traceback": "",
             "duration_s": None,
         })
     return out
+
+
+LISTED = 10  # item labels a summary line names before "... and N more"
+
+
+def some_of(labels: list[str], shown: int = LISTED) -> str:
+    """``a, b, c ... and N more``: a summary line stays one line for hundreds of items."""
+    head = ", ".join(labels[:shown])
+    return head + (f" ... and {len(labels) - shown} more" if len(labels) > shown else "")
 
 
 def _kind_counts(records: list[dict[str, Any]], control: bool) -> dict[str, int]:
@@ -104,8 +119,7 @@ def _problem_text(group: dict[str, Any]) -> str:
     labels = group["labels"]
     if len(labels) == 1:
         return f"{labels[0]}: {group['verdict']}: {group['reason']}"
-    shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
-    return f"{len(labels)} items {group['verdict']}: {group['reason']} ({shown})"
+    return f"{len(labels)} items {group['verdict']}: {group['reason']} ({some_of(labels)})"
 
 
 def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -176,7 +190,8 @@ def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in records:
         by_model = groups.setdefault((str(r.get("contract") or ""), str(r.get("id"))), {})
-        row = by_model.setdefault(str(r.get("model") or ""), {"model": r.get("model"), "prediction": None, "controls": []})
+        model = shown_model(r)
+        row = by_model.setdefault(model or "", {"model": model, "prediction": None, "controls": []})
         if r.get("control"):
             row["controls"].append(r)
         else:

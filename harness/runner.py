@@ -27,6 +27,8 @@ class ItemSpec:
     model: str | None
     control: str | None
     nodeid: str
+    case: str | None = None  # one of check.cases
+    error: str | None = None  # set by collection (a duplicate id): the item is ERROR, nothing runs
 
 
 def _oom_kind(exc: BaseException) -> str | None:
@@ -159,7 +161,9 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
     verdict: Verdict
     reason: str
     unbound = _unbound_reason(spec)
-    if unbound is not None or check is None:
+    if spec.error is not None:
+        verdict, reason = Verdict.ERROR, spec.error
+    elif unbound is not None or check is None:
         verdict, reason = Verdict.UNBOUND, unbound or "no check block"
     else:
         name = spec.control or check.subject
@@ -177,7 +181,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
             opts = dict(options or {})
             ctx = Context(
                 ft_id=ft.id, contract_path=ft.path, subject_name=name, control=spec.control,
-                model=spec.model, thresholds=check.thresholds, params=check.params,
+                model=spec.model, case=spec.case, thresholds=check.thresholds, params=check.params,
                 options=opts, subject_factory=subject_spec.factory,
             )
             watchdog = Watchdog(check.timeout_s)
@@ -212,6 +216,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
         "id": ft.id,
         "contract": ft.path,
         "model": spec.model,
+        "case": spec.case,
         "control": spec.control,
         "subject": (spec.control or check.subject) if check else None,
         "falsifier": check.falsifier if check else None,

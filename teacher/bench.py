@@ -184,6 +184,15 @@ def _cuda_library_dirs() -> list[str]:
     return dirs
 
 
+def _cupy_pool_bytes() -> int:
+    """Bytes CuPy's default pool holds (0 without CuPy)."""
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    return int(cupy.get_default_memory_pool().total_bytes())
+
+
 def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int = 3) -> dict[str, Any]:
     """llama.cpp's ``llama-bench`` prompt processing (flash attention on, every layer on
     the GPU) at each token count: {"tokens_per_s": {T: avg}, "stddev": {...}, "cmd": [...]}."""
@@ -255,6 +264,7 @@ def bench_teacher(
                 for batch, seq in shapes:
                     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
                     row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
+            cupy_bytes = _cupy_pool_bytes()
             del teacher
         for m in (mem, m32, m16):
             m.check_ok()
@@ -267,6 +277,10 @@ def bench_teacher(
         # the peak of the float32-logits forwards less the output buffer the caller owns
         row["working_set_gib"] = row["peak_f32_logits_gib"] - out_f32 / GIB
         row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        # where the working set lives: torch's cache (activations, graph pools, the
+        # dense weights) and CuPy's pool (the Q4K weights): the rest is contexts/workspaces
+        row["torch_max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+        row["cupy_pool_gib"] = cupy_bytes / GIB
         results["backends"][backend] = row
     if llama_bench is not None:
         tokens = sorted({s for b, s in shapes if b == 1})

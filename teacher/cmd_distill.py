@@ -1,16 +1,25 @@
 """``q4k distill``: distil a student from a frozen GGUF teacher.
 
-    q4k distill TEACHER --student RECIPE|STUDENT.gguf|SAVED_DIR (--text FILE | --ids FILE) -o OUT
+    q4k distill TEACHER --student RECIPE|STUDENT.gguf|SAVED_DIR (--text FILE|DIR | --ids FILE) -o OUT
 
-TEACHER is a GGUF path or a model name known to ``teacher.models``. Text is
-tokenized with the teacher's own tokenizer, rebuilt from its GGUF metadata by
-transformers; ``--ids`` takes a file of token ids instead. The teacher is
+TEACHER is a GGUF path or a model name known to ``teacher.models``. ``--text``
+(a file, a JSONL file or a directory of them; ``teacher.corpus``) is streamed
+and tokenized in a background worker with the teacher's own tokenizer, rebuilt
+from its GGUF metadata by transformers, into a token file under OUT/tokens that
+training memory-maps; ``--ids`` takes a file of token ids instead. The teacher is
 aligned to the student's vocab (``target_vocab``) unless ``--no-align``, in
 which case a size difference stops the run at once with both sizes named.
 
 OUT receives the student (``model.safetensors`` + ``config.json``), the
 checkpoint directory ``OUT/checkpoint`` (``--resume`` continues from it) and,
-with ``--report-json``, the loss curve and timings.
+with ``--report-json``, the loss curve, the steady-state tokens/s after the
+warm-up steps, the time split per step (teacher forward, student forward +
+backward, optimizer) and the peak GPU memory; the same summary goes to stderr.
+
+The same command runs under ``torchrun --nproc-per-node N`` (``teacher.dist``):
+one frozen teacher per process, DDP over the student (NCCL on GPUs, gloo on
+CPU), ``--batch`` sequences per process and step, rank 0 writing the
+checkpoints and the student.
 """
 
 from __future__ import annotations
@@ -32,8 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student recipe (tiny-student, qwen2.5-0.5b-shape, or qwen2:vocab=V,hidden=H,layers=L,"
                         "heads=N,kv_heads=K,ffn=F), a qwen2 GGUF to dequantize, or a saved student directory")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--text", type=Path, help="UTF-8 text file, tokenized with the teacher's GGUF tokenizer")
+    data.add_argument("--text", type=Path,
+                      help="UTF-8 text file, JSONL file (text under --text-field), or a directory of .txt/.md/.jsonl "
+                           "files; streamed and tokenized with the teacher's GGUF tokenizer in a background worker "
+                           "into OUTPUT/tokens (reused on --resume)")
     data.add_argument("--ids", type=Path, help="file of token ids (JSON list, or integers separated by spaces/commas)")
+    p.add_argument("--text-field", default="text", help="the JSONL records' text field (default: text)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -53,7 +66,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if it exists")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the windows held out; the student's CE on them is reported before and after")
-    p.add_argument("--report-json", type=Path, default=None, help="write the loss curve and numbers here")
+    p.add_argument("--report-json", type=Path, default=None,
+                   help="write the loss curve, steady-state tokens/s, time split and peak memory here")
+    p.add_argument("--fp32", action="store_true",
+                   help="keep the student's compute in float32 (default on CUDA: bf16 autocast over float32 "
+                        "master weights)")
+    p.add_argument("--kd-chunk", type=int, default=None, metavar="TOKENS",
+                   help="token rows per chunk of the fused KD loss (default 256): the teacher's and the "
+                        "student's logits exist one chunk at a time")
+    p.add_argument("--teacher-logits", choices=("bfloat16", "float32"), default=None,
+                   help="dtype of the teacher's logit chunks (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: none)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="step AdamW per parameter inside backward and free each gradient at once (one process "
+                        "only; implies --grad-clip 0): the student's gradients never all exist together")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each student layer in backward instead of keeping its activations")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="steps left out of the steady-state tokens/s and time split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -106,44 +136,91 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from harness.memory import use_expandable_segments
+
+    # before CUDA starts: freed activation blocks stay reusable by the next, larger
+    # allocation, so the reserved peak stays near the live one (the falsifiers run so too)
+    use_expandable_segments()
     import torch
 
+    from teacher import dist
+
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    # under torchrun: one process group, one device per process (a single process is unchanged)
+    info, device = dist.init_from_env(args.device)
+    try:
+        return _run_rank(args, info, device)
+    finally:
+        dist.shutdown()
+
+
+def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
+    import torch
+
+    from teacher import dist
     from teacher import distill as D
-    from teacher.gguf_file import open_gguf
+    from teacher.consistency import open_checked
+    from teacher.corpus import BackgroundTokenizer, corpus_files
+    from teacher.kd_chunked import KD_CHUNK_TOKENS
     from teacher.provider import effective_vocab
     from teacher.student import build_student
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    # the other ranks say only what goes wrong: one log, one progress bar, one summary
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(name)s: %(message)s")
+
+    def say(msg: str) -> None:
+        if info.is_main:
+            print(msg, file=sys.stderr)
+
+    if args.optimizer_in_backward and info.distributed:
+        raise ValueError(f"--optimizer-in-backward runs in one process only; this run has {info.world}")
     if not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
     cfg = D.DistillConfig(
         epochs=args.epochs, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
         weight_decay=args.weight_decay, temperature=args.temperature, alpha=args.alpha, seed=args.seed,
         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, progress=not args.no_progress,
+        amp=False if args.fp32 else None, kd_chunk_tokens=args.kd_chunk or KD_CHUNK_TOKENS,
+        teacher_dtype=args.teacher_logits, step_in_backward=args.optimizer_in_backward,
+        grad_clip=None if args.optimizer_in_backward or args.grad_clip <= 0 else args.grad_clip,
+        warmup_steps=args.warmup_steps, checkpoint_activations=args.checkpoint_activations,
     )
     cfg.validate()  # bad numbers fail before anything is loaded
 
     teacher_path = resolve_teacher_path(args.teacher)
     student = build_student(args.student, seed=args.seed).to(device)
-    # the teacher's native vocab from its header: a size problem fails before the (slow) dequant
-    native = open_gguf(teacher_path).config.vocab_size
+    # the teacher's native vocab from its header, checked against its tensors: a size problem
+    # or an inconsistent file fails before the (slow) dequant
+    native = open_checked(teacher_path)[1].config.vocab_size
     target = None if args.no_align else student.vocab_size
     effective_vocab(native, target)
     if target is None:
         D.check_vocab(native, student.vocab_size)
 
+    shared_vocab = min(native, student.vocab_size)
+    tokenizing: BackgroundTokenizer | None = None
     if args.text is not None:
-        if not args.text.is_file():
-            raise FileNotFoundError(f"--text {args.text} does not exist")
-        stream = D.tokenize_with_gguf(args.text.read_text(encoding="utf-8"), teacher_path)
+        files = corpus_files(args.text)
+        if info.is_main:  # one process tokenizes; the others read its token file
+            tokenizing = BackgroundTokenizer(files, teacher_path, args.output / "tokens", text_field=args.text_field,
+                                             vocab_limit=shared_vocab, progress=not args.no_progress)
+        # the teacher loads while the worker tokenizes
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+        if tokenizing is not None:
+            stream = tokenizing.result()
+        dist.barrier()
+        if tokenizing is None:
+            tokenizing = BackgroundTokenizer(files, teacher_path, args.output / "tokens", text_field=args.text_field,
+                                             vocab_limit=shared_vocab)
+            stream = tokenizing.result()
+        say(f"tokens: {stream.numel()} from {len(files)} file(s) in {tokenizing.path}"
+            + (" (tokenized before)" if tokenizing.cached else ""))
     else:
         if not args.ids.is_file():
             raise FileNotFoundError(f"--ids {args.ids} does not exist")
         stream = D.load_token_ids(args.ids)
-    D.check_ids_in_vocab(stream, min(native, student.vocab_size), "data")
+    D.check_ids_in_vocab(stream, shared_vocab, "data")
     data = D.windows(stream, cfg.seq_len)
     n_hold = round(data.shape[0] * args.holdout)
     if args.holdout > 0 and n_hold == 0:
@@ -151,11 +228,14 @@ def _run(args: argparse.Namespace) -> int:
     train, held = data[: data.shape[0] - n_hold], data[data.shape[0] - n_hold :]
     if train.shape[0] == 0:
         raise ValueError("no training windows left after the holdout")
-    print(f"data: {stream.numel()} tokens -> {train.shape[0]} training windows of {cfg.seq_len}"
-          + (f", {n_hold} held out" if n_hold else ""), file=sys.stderr)
+    say(f"data: {stream.numel()} tokens -> {train.shape[0]} training windows of {cfg.seq_len}"
+        + (f", {n_hold} held out" if n_hold else "")
+        + (f"; {info.world} processes x {cfg.batch_size} sequences per step" if info.distributed else ""))
 
-    teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
-    before = D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature) if n_hold else None
+    if args.text is None:
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+    before = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
+                        chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
     result = D.distill(
         teacher, student, train, cfg, output_dir=args.output, checkpoint_dir=args.output / "checkpoint",
         resume=args.resume,
@@ -163,17 +243,19 @@ def _run(args: argparse.Namespace) -> int:
     if result.completed:
         from teacher.student import CONFIG_NAME, WEIGHTS_NAME
 
-        print(f"q4k distill: student saved in {args.output} ({WEIGHTS_NAME}, {CONFIG_NAME}); "
-              f"load it with teacher.student.load_student", file=sys.stderr)
+        say(f"q4k distill: student saved in {args.output} ({WEIGHTS_NAME}, {CONFIG_NAME}); "
+            f"load it with teacher.student.load_student")
     else:
-        print(f"stopped after {result.steps} steps (--max-steps); rerun with --resume to continue", file=sys.stderr)
-    after = D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature) if n_hold else None
+        say(f"stopped after {result.steps} steps (--max-steps); rerun with --resume to continue")
+    after = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
+                        chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
     if before is not None and after is not None:
-        print(f"held-out CE: {before['ce']:.4f} -> {after['ce']:.4f}; held-out KD: {before['kd']:.4f} -> "
-              f"{after['kd']:.4f}", file=sys.stderr)
-    print(f"{result.steps} steps, {result.tokens} tokens in {result.elapsed_s:.1f} s "
-          f"({result.tokens_per_s:.0f} tokens/s)", file=sys.stderr)
-    if args.report_json is not None:
+        say(f"held-out CE: {before['ce']:.4f} -> {after['ce']:.4f}; held-out KD: {before['kd']:.4f} -> "
+            f"{after['kd']:.4f}")
+    say(f"{result.steps} steps, {result.tokens} tokens in {result.elapsed_s:.1f} s "
+        f"({result.tokens_per_s:.0f} tokens/s overall)")
+    say(result.summary())
+    if args.report_json is not None and info.is_main:
         report = {
             "teacher": str(args.teacher), "teacher_backend": args.teacher_backend, "student": args.student,
             "student_config": student.cfg.to_json(), "student_parameters": student.num_parameters(),
@@ -181,7 +263,8 @@ def _run(args: argparse.Namespace) -> int:
             "train_windows": int(train.shape[0]), "heldout_windows": n_hold,
             "config": {k: v for k, v in vars(cfg).items()},
             "heldout_before": before, "heldout_after": after, "result": result.to_json(),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "world_size": info.world,
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
         }
         args.report_json.parent.mkdir(parents=True, exist_ok=True)
         args.report_json.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,8 +1,13 @@
-"""Model configuration read from GGUF metadata (``llama``, ``qwen2``, ``gemma3``).
+"""Model configuration read from GGUF metadata (``llama``, ``qwen2``, ``qwen3``, ``gemma3``).
 
 The GGUF keys are the ones llama.cpp's converter writes (``<arch>.block_count``
 etc.); what is *not* in the file (Gemma 3's local RoPE base, its sliding-window
 pattern, its query scale) follows llama.cpp and transformers, which agree on it.
+
+What differs between architectures is data, in one place: :data:`ARCHS` (one
+:class:`ArchSpec` per ``general.architecture``). The forward pass, the synthetic
+writer, ``q4k inspect`` and the consistency rules all read it, so adding an
+architecture is one row here plus whatever genuinely new computation it needs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,56 @@ from typing import Any, Literal
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
-
 RopeStyle = Literal["normal", "neox"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one ``general.architecture`` differs from a plain llama block."""
+
+    name: str
+    # llama.cpp permutes llama's Q/K rows at conversion, so a GGUF llama rotates
+    # adjacent pairs ("normal"); the others are stored unpermuted and rotate the
+    # two halves of a head ("neox").
+    rope_style: RopeStyle
+    qkv_bias: bool = False  # q/k/v projections carry biases (qwen2)
+    qk_norm: bool = False  # RMSNorm on each head of q and k (qwen3, gemma3)
+    sandwich_norms: bool = False  # post-attention and post-FFN norms (gemma3)
+    gelu_ffn: bool = False  # GeGLU (gelu tanh) instead of SwiGLU (gemma3)
+    scaled_embeddings: bool = False  # token embeddings times sqrt(hidden) (gemma3)
+    # may carry rope_freqs.weight: llama 3.x per-frequency RoPE factors
+    rope_freq_factors: bool = False
+    # <arch>.attention.sliding_window: "every" layer (mistral-style llama files, when
+    # the key is present), "pattern" (gemma3: required, every 6th layer global) or "no"
+    sliding_window: Literal["no", "every", "pattern"] = "no"
+
+    def layer_tensors(self) -> tuple[str, ...]:
+        """Tensor names (after ``blk.N.``) every layer of this architecture has."""
+        names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                 "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                 "ffn_down.weight"]  # fmt: skip
+        if self.qkv_bias:
+            names += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+        if self.qk_norm:
+            names += ["attn_q_norm.weight", "attn_k_norm.weight"]
+        if self.sandwich_norms:
+            names += ["post_attention_norm.weight", "post_ffw_norm.weight"]
+        return tuple(names)
+
+
+#: Every architecture the forward pass runs, by its ``general.architecture``.
+ARCHS: dict[str, ArchSpec] = {
+    a.name: a
+    for a in (
+        ArchSpec("llama", "normal", rope_freq_factors=True, sliding_window="every"),
+        ArchSpec("qwen2", "neox", qkv_bias=True),
+        ArchSpec("qwen3", "neox", qk_norm=True),
+        ArchSpec("gemma3", "neox", qk_norm=True, sandwich_norms=True, gelu_ffn=True,
+                 scaled_embeddings=True, sliding_window="pattern"),
+    )
+}  # fmt: skip
+
+SUPPORTED_ARCHS = tuple(ARCHS)
 
 
 class ConfigError(ValueError):
@@ -37,10 +89,7 @@ class ModelConfig:
     context: int
     rope_theta: float
     rope_dim: int  # rotated dims per head (<= head_dim)
-    # llama.cpp permutes llama's Q/K rows at conversion, so a GGUF llama rotates
-    # adjacent pairs ("normal"); qwen2 and gemma3 are stored unpermuted and rotate
-    # the two halves of a head ("neox").
-    rope_style: RopeStyle
+    rope_style: RopeStyle  # see ArchSpec.rope_style
     rope_scale: float  # linear RoPE scaling factor (positions / rope_scale); 1.0 = none
     norm_eps: float
     # None when the caller did not say which tensors the file holds; forward() then
@@ -51,16 +100,21 @@ class ModelConfig:
     embed_scale: float = 1.0  # token embeddings multiplied by sqrt(hidden)
     query_scale: float = 0.0  # attention scale; 0.0 -> 1/sqrt(head_dim)
     rope_theta_local: float | None = None  # RoPE base of the sliding-window layers
-    sliding_window: int | None = None  # tokens a local layer sees, itself included
-    sliding_window_pattern: int = 0  # every n-th layer is global; 0 -> no sliding layers
+    # tokens a local layer sees, itself included; None: every layer is global
+    sliding_window: int | None = None
+    # with a window: every n-th layer is global (gemma3: 6); 0 -> every layer is local
+    # (mistral-style llama files)
+    sliding_window_pattern: int = 0
     gelu_ffn: bool = False  # GeGLU (gelu tanh) instead of SwiGLU
     sandwich_norms: bool = False  # post-attention and post-FFN norms
     qk_norm: bool = False  # RMSNorm on each head of q and k
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` uses local (sliding-window) attention."""
-        if self.sliding_window is None or self.sliding_window_pattern <= 0:
+        if self.sliding_window is None:
             return False
+        if self.sliding_window_pattern <= 0:
+            return True
         return (layer + 1) % self.sliding_window_pattern != 0
 
     def layer_rope_theta(self, layer: int) -> float:
@@ -69,8 +123,14 @@ class ModelConfig:
         return self.rope_theta
 
     def layer_rope_scale(self, layer: int) -> float:
-        # Gemma 3 scales only its global layers (llama.cpp: freq_scale_swa = 1)
-        return 1.0 if self.is_sliding(layer) else self.rope_scale
+        # Gemma 3 scales only its global layers (llama.cpp: freq_scale_swa = 1); a
+        # mistral-style llama, all of whose layers slide, keeps its scaling everywhere
+        local = self.sliding_window_pattern > 0 and self.is_sliding(layer)
+        return 1.0 if local else self.rope_scale
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
 
     @property
     def attn_scale(self) -> float:
@@ -110,6 +170,9 @@ def config_from_metadata(
 
     def get_int(key: str, default: Any = ...) -> int:
         value = get(key, default)
+        # an inf or NaN float would escape int() as OverflowError / ValueError, unlocated
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: GGUF metadata {key!r} must be an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"{where}: GGUF metadata {key!r} must be an integer, got {value!r}")
         if value <= 0:
@@ -190,11 +253,13 @@ def config_from_metadata(
     if tensor_names is not None:
         tied = "output.weight" not in set(tensor_names)
 
+    spec = ARCHS[arch]
+    n_layers = get_int(f"{a}block_count")
     common: dict[str, Any] = dict(
         arch=arch,
         vocab_size=vocab,
         hidden=hidden,
-        n_layers=get_int(f"{a}block_count"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
@@ -202,28 +267,31 @@ def config_from_metadata(
         context=get_int(f"{a}context_length"),
         rope_theta=get_float(f"{a}rope.freq_base", 10000.0),
         rope_dim=rope_dim,
-        rope_style="normal" if arch == "llama" else "neox",
+        rope_style=spec.rope_style,
         rope_scale=rope_scale,
         norm_eps=get_float(f"{a}attention.layer_norm_rms_epsilon"),
         tied_embeddings=tied,
-        qkv_bias=arch == "qwen2",
+        qkv_bias=spec.qkv_bias,
+        gelu_ffn=spec.gelu_ffn,
+        sandwich_norms=spec.sandwich_norms,
+        qk_norm=spec.qk_norm,
     )
+    if spec.sliding_window == "every" and f"{a}attention.sliding_window" in metadata:
+        # mistral-style llama file: every layer attends to the last `window` tokens
+        common.update(sliding_window=get_int(f"{a}attention.sliding_window"),
+                      sliding_window_pattern=0)  # fmt: skip
     if arch != "gemma3":
         return ModelConfig(**common)
 
-    n_layers = common["n_layers"]
     # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3): query_pre_attn_scalar is the head
     # dim for every size except 27B (62 layers), where it is hidden / heads.
     query_pre_attn_scalar = hidden / n_heads if n_layers == 62 else head_dim
     return ModelConfig(
         **common,
-        embed_scale=math.sqrt(hidden),
+        embed_scale=math.sqrt(hidden) if spec.scaled_embeddings else 1.0,
         query_scale=1.0 / math.sqrt(query_pre_attn_scalar),
         # not stored in GGUF: both llama.cpp and transformers hard-code 10000 and 6
         rope_theta_local=10000.0,
         sliding_window=get_int(f"{a}attention.sliding_window"),
         sliding_window_pattern=6,
-        gelu_ffn=True,
-        sandwich_norms=True,
-        qk_norm=True,
     )

@@ -26,7 +26,7 @@ from teacher.provider import as_id_batch, effective_vocab
 from teacher.runtime import ForwardRunner, frozen_chunks, logits_dtype
 
 if TYPE_CHECKING:
-    from teacher.gguf_file import TensorRecord
+    from teacher.gguf_file import GGUFModel, TensorRecord
 
 log = logging.getLogger("teacher.dequant")
 
@@ -116,10 +116,21 @@ class DequantTeacher:
         # imported here so that DenseOps/forward users do not pay for (or depend on)
         # the GGUF layer
         from teacher.gguf_file import open_gguf
+
+        return cls.from_model(open_gguf(path), target_vocab, device)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: GGUFModel,
+        target_vocab: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> DequantTeacher:
+        """Dequantize an opened file; its consistency is checked first (header only)."""
+        from teacher.consistency import check_model
         from teacher.quants import dequantize
 
-        model = open_gguf(path)
-        cfg = model.config
+        cfg = check_model(model).config  # an inconsistent file fails here, before any dequant
         effective_vocab(cfg.vocab_size, target_vocab)  # a bad target fails before any dequant
         log.info("dequantizing %d layers to F32", cfg.n_layers)
         weights: dict[str, torch.Tensor] = {}

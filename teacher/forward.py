@@ -19,7 +19,10 @@ GGUF conventions this relies on (checked by parity with transformers loading
 the same files, tests/test_forward_parity.py):
 
 - llama.cpp's converter permutes llama Q/K rows so that RoPE rotates adjacent
-  pairs; qwen2 and gemma3 are unpermuted and rotate the two head halves (NEOX).
+  pairs; qwen2, qwen3 and gemma3 are unpermuted and rotate the two head halves (NEOX).
+- llama 3.x files carry ``rope_freqs.weight``: one factor per rotated pair that
+  divides that pair's frequency (llama.cpp's ``freq_factors``), which is how the
+  converter stores transformers' "llama3" RoPE scaling.
 - Gemma's RMSNorm multiplies by (1 + w); the converter stores w + 1, so every
   norm here is a plain ``x_hat * w``.
 """
@@ -74,13 +77,28 @@ def rms_norm(
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype or x.dtype)
 
 
+ROPE_FREQS = "rope_freqs.weight"
+
+
 def rope_tables(
-    cfg: ModelConfig, theta: float, scale: float, positions: torch.Tensor
+    cfg: ModelConfig,
+    theta: float,
+    scale: float,
+    positions: torch.Tensor,
+    freq_factors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rope_dim / 2] for the given base and linear scale."""
+    """cos, sin [T, rope_dim / 2] for the given base and linear scale; ``freq_factors``
+    [rope_dim / 2] (llama 3.x ``rope_freqs.weight``) divide the frequencies."""
     d = cfg.rope_dim
     # same float32 formula as transformers' default RoPE init, to keep parity tight
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
+    if freq_factors is not None:
+        if freq_factors.shape != inv_freq.shape:
+            raise ValueError(
+                f"{ROPE_FREQS} has shape {tuple(freq_factors.shape)}; RoPE over {d} dims "
+                f"needs {d // 2} factors"
+            )
+        inv_freq = inv_freq / freq_factors.to(inv_freq.device, torch.float32)
     angles = (positions.float() / scale)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -163,10 +181,12 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
     """ids [B, T] int64 (already validated, on the ops' device) -> the final-normed
     hidden states [B*T, hidden] of ``ops.dtype``: everything but the lm_head, so a
     caller can run the head in chunks (see :func:`head_logits`)."""
-    if ops.has("rope_freqs.weight"):
-        # llama 3.x frequency factors: not needed by the supported models; refuse
-        # rather than return plausible wrong logits
-        raise NotImplementedError("rope_freqs.weight (llama3 RoPE scaling) is not supported")
+    factors = None
+    if ops.has(ROPE_FREQS):
+        if not cfg.spec.rope_freq_factors:
+            # a factor table where the architecture has none: refuse rather than guess
+            raise ValueError(f"{ROPE_FREQS} in a {cfg.arch} file: only llama files may carry one")
+        factors = ops.vector(ROPE_FREQS)
     b, t = ids.shape
     with record_function("embedding"):
         x = ops.embed(ids.reshape(-1), "token_embd.weight")  # [B*T, hidden]
@@ -188,7 +208,7 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
     for i in range(cfg.n_layers):
         key = (cfg.layer_rope_theta(i), cfg.layer_rope_scale(i))
         if key not in ropes:
-            ropes[key] = rope_tables(cfg, key[0], key[1], pos)
+            ropes[key] = rope_tables(cfg, key[0], key[1], pos, factors)
         mask = local_mask if cfg.is_sliding(i) else None
 
         with record_function("norm"):

@@ -39,10 +39,12 @@ __all__ = [
 
 Q = GGMLQuantizationType
 
-#: Quant types present in real Q4_K_M / Q4_K_S files; everything else is refused.
+#: Quant types present in real Q2_K .. Q6_K / Q8_0 files; everything else (the IQ
+#: family, ternary and MXFP4 types) is refused, naming the tensor and its type.
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16, Q.F32}
-)
+    {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16,
+     Q.F32}
+)  # fmt: skip
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -187,7 +189,7 @@ class _Scanner:
 
 
 def _parse_header(
-    buf: mmap.mmap | bytes, size: int, path: Path
+    buf: mmap.mmap | bytes, size: int, path: Path, strict: bool = True
 ) -> tuple[int, dict[str, Any], list[_TensorInfo], int]:
     """Parse and check the header; return (version, metadata, tensor infos, data start)."""
     sc = _Scanner(buf, size, path)
@@ -250,12 +252,12 @@ def _parse_header(
         infos.append(_TensorInfo(name, raw_type, ne, offset))
     data_start = -(-sc.offs // alignment) * alignment
     for info in infos:
-        _check_tensor(path, info, alignment, data_start, size)
+        _check_tensor(path, info, alignment, data_start, size, strict)
     return version, metadata, infos, data_start
 
 
 def _check_tensor(
-    path: Path, info: _TensorInfo, alignment: int, data_start: int, size: int
+    path: Path, info: _TensorInfo, alignment: int, data_start: int, size: int, strict: bool = True
 ) -> None:
     name = info.name
     for d in info.ne:
@@ -277,7 +279,7 @@ def _check_tensor(
         raise _err(
             path, "quant type supported", f"unknown ggml type {info.raw_type}", name
         ) from None
-    if qtype not in SUPPORTED_TYPES:
+    if strict and qtype not in SUPPORTED_TYPES:
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
         raise _err(
             path, "quant type supported", f"type {qtype.name} (supported: {supported})", name
@@ -351,8 +353,12 @@ class GGUFModel:
         return f"GGUFModel({str(self.path)!r}, arch={self.architecture!r}, tensors={len(self.tensors)})"
 
 
-def open_gguf(path: str | os.PathLike[str]) -> GGUFModel:
-    """Validate ``path`` and map it. Raises :class:`GGUFError` for anything malformed."""
+def open_gguf(path: str | os.PathLike[str], *, strict: bool = True) -> GGUFModel:
+    """Validate ``path`` and map it. Raises :class:`GGUFError` for anything malformed.
+
+    ``strict=False`` (``q4k inspect``) also maps tensors of ggml types the teacher
+    does not serve, so a report can list every one of them; the file must still
+    be well formed."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -362,7 +368,7 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         raise _err(p, "header fits in the file", "empty file")
     try:
         with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            version, metadata, infos, data_start = _parse_header(mm, size, p)
+            version, metadata, infos, data_start = _parse_header(mm, size, p, strict)
         mapped = np.memmap(p, dtype=np.uint8, mode="r")
     except GGUFError:
         raise

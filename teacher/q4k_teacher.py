@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from torch.profiler import record_function
 from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
+from teacher.consistency import check_model
 from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import as_id_batch, effective_vocab
@@ -65,6 +66,8 @@ _PACKED_REGION: dict[QT, tuple[int, int, int]] = {
     QT.Q4_1: (20, 4, 20),
     QT.Q5_0: (22, 6, 22),
     QT.Q8_0: (34, 2, 34),
+    QT.Q2_K: (84, 16, 80),  # 2-bit values: swapping nibbles exchanges value pairs
+    QT.Q3_K: (110, 32, 96),
     QT.Q4_K: (144, 16, 144),
     QT.Q5_K: (176, 48, 176),
     QT.Q6_K: (210, 0, 128),
@@ -161,6 +164,12 @@ class Q4KOps:
         self.vectors = vectors
         self.device = device
         self.dtype = dtype
+        # linears dispatched to each kernel path (host side, also while a graph is captured):
+        # FT-003 checks with it that each of its per-path items ran the path it names
+        self.taken: Counter[str] = Counter()
+        # controls only: path -> weights used instead of ``weights`` by linears on that path,
+        # so a wrong decode can be confined to one kernel path (the dequant path included)
+        self.path_overrides: dict[str, dict[str, DeviceWeight]] = {}
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -176,6 +185,8 @@ class Q4KOps:
         xin = x.to(self.dtype).contiguous()
         m = int(xin.shape[0])
         path = self.path_for(w, m)
+        self.taken[path] += 1
+        w = self.path_overrides.get(path, {}).get(name, w)
         with record_function(matmul_label(name, path)), self._torch_stream():
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
@@ -249,19 +260,30 @@ class Q4KTeacher:
         transform: Transform | None = None,
         activation_dtype: torch.dtype = torch.bfloat16,
         graphs: bool = True,
+        transform_path: str | None = None,
     ) -> Q4KTeacher:
         """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
+
+        ``transform_path``: apply ``transform`` only to what linears on that kernel path
+        (one of ``launch.PATHS``) read: the file's blocks go up twice, as they are and
+        transformed (controls only; twice the weight memory).
 
         ``activation_dtype``: bf16 (default, as a dense bf16 model runs) or float32.
         ``graphs``: replay the forward from a CUDA graph per input shape."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
-        cfg = model.config
+        cfg = check_model(model).config  # and the metadata against the tensors the forward reads
         vocab = effective_vocab(cfg.vocab_size, target_vocab)
         from cupy_kernels import launch
 
         cp = _cupy()
         with cp.cuda.Device(device):
             t0 = time.perf_counter()
+            overrides: dict[str, dict[str, DeviceWeight]] = {}
+            if transform_path is not None:
+                if transform_path not in launch.PATHS:
+                    raise ValueError(f"transform_path {transform_path!r} is not one of {launch.PATHS}")
+                overrides[transform_path] = _upload(model, cp, device, transform, launch.SUPPORTED)[0]
+                transform = None
             weights, vectors, per_type = _upload(model, cp, device, transform, launch.SUPPORTED)
             cp.cuda.Device(device).synchronize()
             seconds = time.perf_counter() - t0
@@ -272,6 +294,7 @@ class Q4KTeacher:
         obj._native_vocab = cfg.vocab_size
         obj._vocab = vocab
         obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype)
+        obj._ops.path_overrides = overrides
         obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs)
         obj.load_seconds = seconds
         obj.uploaded_bytes = dict(per_type)
@@ -298,6 +321,10 @@ class Q4KTeacher:
     @property
     def runner(self) -> ForwardRunner:
         return self._runner
+
+    @property
+    def ops(self) -> Q4KOps:
+        return self._ops
 
     def logits_for_batch(
         self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32

@@ -1,4 +1,5 @@
-"""GGML block formats: decoding for every supported type, Q4_K/Q6_K encoding.
+"""GGML block formats: decoding for every supported type (Q2_K .. Q6_K, the legacy
+32-value types, floats), Q4_K/Q6_K encoding.
 
 The decoders are written here from the block layouts in ggml-common.h and are
 checked bit for bit against ``gguf.quants.dequantize``, the independent oracle;
@@ -37,7 +38,8 @@ QK_K = 256
 #: (values per block, bytes per block) for every type the teacher supports.
 BLOCK: dict[GGMLQuantizationType, tuple[int, int]] = {
     t: GGML_QUANT_SIZES[t]
-    for t in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16, Q.F32)
+    for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.F16,
+              Q.BF16, Q.F32)
 }
 
 F32 = np.float32
@@ -96,6 +98,54 @@ def _dq_q8_0(b: np.ndarray) -> np.ndarray:
     return _f16(b[:, :2]) * np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(F32)
 
 
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """(nb, 64) packed 2-bit values of Q2_K/Q3_K -> (nb, 2, 4, 2, 16) as [half, shift j, h, l].
+
+    Value ``128*half + 32*j + 16*h + l`` sits in bits 2j..2j+1 of byte ``32*half + 16*h + l``
+    (dequantize_row_q2_K / q3_K: for each 128-half, four shifts over the same 32 bytes)."""
+    q = qs.reshape(-1, 2, 1, 2, 16)
+    shifts = np.array([0, 2, 4, 6], dtype=_U8).reshape(1, 1, 4, 1, 1)
+    return (q >> shifts) & 3
+
+
+def _dq_q2_k(b: np.ndarray) -> np.ndarray:
+    # block_q2_K: scales[16] (low nibble scale, high nibble min, one pair per 16 values),
+    # qs[64], d, dmin
+    nb = b.shape[0]
+    sc = b[:, :16]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & 0x0F).astype(F32))[:, :, None]  # (nb, 16, 1); index 8*half + 2j + h
+    ml = (dmin * (sc >> 4).astype(F32))[:, :, None]
+    q = _crumbs(b[:, 16:80]).reshape(nb, 16, 16).astype(F32)
+    return (dl * q - ml).reshape(nb, QK_K)
+
+
+def _q3_k_scales(s: np.ndarray) -> np.ndarray:
+    """The 12-byte packed 6-bit scales of Q3_K -> (nb, 16) int in [-32, 31].
+
+    Scale ``4g + k`` has its low 4 bits in byte k (g = 0, 2: low/high nibble) or byte
+    4 + k (g = 1, 3) and its top 2 bits in bits 2g..2g+1 of byte 8 + k."""
+    lo = np.concatenate([s[:, 0:4] & 0x0F, s[:, 4:8] & 0x0F, s[:, 0:4] >> 4, s[:, 4:8] >> 4], axis=1)
+    hi_byte = np.tile(s[:, 8:12], (1, 4))
+    shifts = np.repeat(np.array([0, 2, 4, 6], dtype=_U8), 4)[None, :]
+    hi = (hi_byte >> shifts) & 3
+    return (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+
+
+def _dq_q3_k(b: np.ndarray) -> np.ndarray:
+    # block_q3_K: hmask[32], qs[64], scales[12], d. The high bit is inverted: a clear
+    # bit of hmask subtracts 4. Bit (4*half + j) of hmask[16h + l] belongs to value
+    # 128*half + 32j + 16h + l (the mask shifts once per j, across both halves).
+    nb = b.shape[0]
+    d = _f16(b[:, 108:110])
+    dl = (d * _q3_k_scales(b[:, 96:108]).astype(F32))[:, :, None]
+    low = _crumbs(b[:, 32:96]).astype(np.int8)  # (nb, half, j, h, l)
+    bits = np.arange(8, dtype=_U8).reshape(1, 2, 4, 1, 1)
+    hm = (b[:, :32].reshape(nb, 1, 1, 2, 16) >> bits) & 1
+    q = low - np.where(hm == 1, np.int8(0), np.int8(4)).astype(np.int8)
+    return (dl * q.reshape(nb, 16, 16).astype(F32)).reshape(nb, QK_K)
+
+
 def _dq_q4_k(b: np.ndarray) -> np.ndarray:
     nb = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
@@ -148,6 +198,8 @@ _DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     Q.Q4_1: _dq_q4_1,
     Q.Q5_0: _dq_q5_0,
     Q.Q8_0: _dq_q8_0,
+    Q.Q2_K: _dq_q2_k,
+    Q.Q3_K: _dq_q3_k,
     Q.Q4_K: _dq_q4_k,
     Q.Q5_K: _dq_q5_k,
     Q.Q6_K: _dq_q6_k,
@@ -388,7 +440,7 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return quantize_q4_k(x)
     if qtype == Q.Q6_K:
         return quantize_q6_k(x)
-    if qtype not in BLOCK or qtype == Q.Q5_K:
+    if qtype not in BLOCK or qtype in (Q.Q2_K, Q.Q3_K, Q.Q5_K):
         raise ValueError(f"no encoder for {qtype.name}")
     row_nbytes(qtype, x.shape[-1])
     out = gguf_quants.quantize(x, qtype)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -213,6 +214,32 @@ class Block(nn.Module):
         return x + self.mlp(self.ffn_norm(x))
 
 
+class _SinkEmbedding(torch.autograd.Function):
+    """The embedding lookup whose backward adds its rows into a dense gradient a later
+    consumer of the same (tied) weight left in ``sink``, and returns that one tensor.
+
+    Autograd would otherwise hold the head's dense [vocab, hidden] gradient and the
+    lookup's own dense one at once and add them into a third (a sparse lookup
+    gradient does not help: dense + sparse is added out of place)."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, sink: list[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.sink = sink
+        ctx.shape = weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        sink: list[torch.Tensor] = ctx.sink
+        # the head's gradient is there when the head ran after the lookup in this graph
+        # (it always does: the hidden states it consumed come from here); else a zero one
+        dense = sink.pop() if sink else torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
+        dense.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(dense.dtype))
+        return None, dense, None
+
+
 class Student(nn.Module):
     def __init__(self, cfg: StudentConfig, *, seed: int | None = 0) -> None:
         super().__init__()
@@ -223,6 +250,9 @@ class Student(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # recompute each layer in backward instead of keeping its activations (and, under
+        # autocast, its bf16 weight copies) from the forward: less memory for ~1/3 more compute
+        self.checkpoint_layers = False
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int | None) -> None:
@@ -243,8 +273,19 @@ class Student(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast)."""
+    def forward(
+        self, ids: torch.Tensor, hidden_only: bool = False, grad_sink: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast).
+
+        ``hidden_only``: the final-norm hidden states [B, T, hidden] instead, for a
+        loss that applies ``lm_head`` itself chunk by chunk (``teacher.kd_chunked``).
+        A flag of forward rather than a second method: DDP prepares its gradient
+        reduction in the wrapped module's forward.
+
+        ``grad_sink`` (tied embeddings): a list into which that loss puts its dense
+        lm_head gradient instead of returning it; the lookup's backward then adds its
+        rows into it in place, so the tied weight's gradient exists once, not twice."""
         if ids.dim() != 2:
             raise ValueError(f"student input must be [B, T], got shape {tuple(ids.shape)}")
         t = ids.shape[1]
@@ -254,11 +295,19 @@ class Student(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} out of range [0, {self.cfg.vocab_size}) for the student")
-        x = self.embed(ids)
+        if grad_sink is not None and self.cfg.tie_embeddings:
+            x = _SinkEmbedding.apply(ids, self.embed.weight, grad_sink)
+        else:
+            x = self.embed(ids)
         cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x)).float()
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        h = self.norm(x)
+        return h if hidden_only else self.lm_head(h).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -271,7 +320,10 @@ def autocast(device: torch.device | str, enabled: bool | None = None) -> context
         enabled = dev.type == "cuda"
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    # no weight-cast cache: each weight is used once per forward, so the cache saves no cast,
+    # and it would keep every layer's bf16 copy alive until the context exits, defeating
+    # layer checkpointing (which recasts one layer at a time in backward)
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 # -- GGUF names <-> parameters ----------------------------------------------------
@@ -298,6 +350,22 @@ def gguf_name_map(cfg: StudentConfig) -> dict[str, str]:
     return out
 
 
+def student_spec_for(vocab: int, tokenizer_tokens: int, hidden: int, layers: int, ffn: int) -> str:
+    """An inline recipe for a synthetic student paired with a teacher of these dims.
+
+    Its vocab is smaller than the teacher's, as in the contracts' pairs: the
+    tokenizer's token count where the lm_head is padded past it, else the
+    teacher's vocab less 128 (152064 -> 151936, Qwen2.5-7B -> 0.5B). Its body is
+    a quarter of the teacher's width and depth (a 7B shape gives hidden 896, 7
+    layers), so memory claims still see a student of proportionate size."""
+    v = tokenizer_tokens if 0 < tokenizer_tokens < vocab else max(1, vocab - 128)
+    h = max(64, hidden // 4 // 64 * 64)
+    heads = h // 64
+    kv = 2 if heads % 2 == 0 else 1
+    f = max(64, ffn // 4 // 32 * 32)
+    return f"qwen2:vocab={v},hidden={h},layers={max(2, layers // 4)},heads={heads},kv_heads={kv},ffn={f}"
+
+
 def config_from_model(mc: Any, tensor_names: set[str]) -> StudentConfig:
     """teacher.config.ModelConfig (read from GGUF metadata by the GGUF layer) -> StudentConfig."""
     if mc.arch != "qwen2":
@@ -317,12 +385,14 @@ def config_from_model(mc: Any, tensor_names: set[str]) -> StudentConfig:
 
 def student_from_gguf(path: str | Path) -> Student:
     """Dequantize a qwen2 GGUF into a trainable F32 student (the vocab is the file's token count)."""
+    from teacher.consistency import check_model
     from teacher.gguf_file import open_gguf  # colleagues' layer: validation + zero-copy tensors
     from teacher.quants import dequantize
 
     model = open_gguf(path)
     names = set(model.tensors)
-    cfg = config_from_model(model.config, names)
+    # metadata checked against the tensors before anything is dequantized
+    cfg = config_from_model(check_model(model).config, names)
     student = Student(cfg, seed=None)
     params = dict(student.named_parameters())
     mapping = gguf_name_map(cfg)

@@ -1,6 +1,7 @@
 """Synthetic GGUF models with the Q4_K_M type mix of llama.cpp.
 
-A :class:`Recipe` names an architecture (``llama`` or ``qwen2``) and its dims;
+A :class:`Recipe` names an architecture (``llama``, ``qwen2`` or ``qwen3``; what
+each one stores comes from ``teacher.config.ARCHS``) and its dims;
 :func:`write_gguf` streams the file to disk one tensor (and, for big tensors,
 one slab of rows) at a time, so a 7B-shape file never sits in memory.
 
@@ -33,6 +34,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from teacher.config import ARCHS
 from teacher.quants import BLOCK, QK_K, quantize, row_nbytes
 
 __all__ = [
@@ -52,7 +54,8 @@ Q = GGMLQuantizationType
 #: Bumped whenever the bytes a recipe produces change; part of the cache file name.
 WRITER_VERSION = "w4"
 
-Arch = Literal["llama", "qwen2"]
+Arch = Literal["llama", "qwen2", "qwen3"]
+SYNTH_ARCHS = ("llama", "qwen2", "qwen3")
 WeightMode = Literal["quantized", "random-blocks"]
 
 _SLAB_BYTES = 64 << 20  # rows are generated and written in slabs of about this size
@@ -73,22 +76,35 @@ class Recipe:
     rms_eps: float = 1e-6
     tied: bool = False
     qkv_bias: bool | None = None  # None: the architecture's default (qwen2 has q/k/v biases)
+    key_length: int | None = None  # head dim when it is not hidden / heads (qwen3 style)
+    # llama 3.x RoPE scaling (transformers' rope_type "llama3"), written as the
+    # rope_freqs.weight factors llama.cpp's converter derives from it:
+    # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    llama3_rope: tuple[float, float, float, int] | None = None
+    sliding_window: int | None = None  # llama only: <arch>.attention.sliding_window (mistral style)
     weights: WeightMode = "quantized"
     seed: int = 0
     std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"recipe {self.name}: architecture {self.arch!r} (llama or qwen2)")
+        if self.arch not in SYNTH_ARCHS:
+            raise ValueError(
+                f"recipe {self.name}: architecture {self.arch!r} ({', '.join(SYNTH_ARCHS)})"
+            )
+        spec = ARCHS[self.arch]
+        if self.llama3_rope is not None and not spec.rope_freq_factors:
+            raise ValueError(f"recipe {self.name}: {self.arch} has no rope_freqs (llama3_rope)")
+        if self.sliding_window is not None and spec.sliding_window != "every":
+            raise ValueError(f"recipe {self.name}: {self.arch} has no sliding_window key")
         for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "context"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"recipe {self.name}: {k} must be positive")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
+        if (self.key_length is None and self.hidden % self.heads) or self.heads % self.kv_heads:
             raise ValueError(
                 f"recipe {self.name}: hidden {self.hidden} / heads {self.heads} / "
                 f"kv_heads {self.kv_heads} must divide evenly"
             )
-        if (self.hidden // self.heads) % 2:
+        if self.head_dim % 2:
             raise ValueError(f"recipe {self.name}: head_dim must be even for RoPE")
         for k in ("hidden", "ffn"):
             if getattr(self, k) % 32:
@@ -96,11 +112,15 @@ class Recipe:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length if self.key_length is not None else self.hidden // self.heads
 
     @property
     def has_qkv_bias(self) -> bool:
-        return self.arch == "qwen2" if self.qkv_bias is None else self.qkv_bias
+        return ARCHS[self.arch].qkv_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return ARCHS[self.arch].qk_norm
 
     @property
     def is_large(self) -> bool:
@@ -122,6 +142,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe("qwen2.5-0.5b-shape", "qwen2", hidden=896, layers=24, heads=14, kv_heads=2,
                ffn=4864, vocab=151936, context=32768, rope_theta=1e6, tied=True,
                weights="random-blocks", seed=5),
+        # qwen3: q/k RMSNorm per head, no q/k/v biases, head dim (key_length 64) != hidden / heads
+        Recipe("tiny-qwen3", "qwen3", hidden=256, layers=2, heads=8, kv_heads=2, ffn=512,
+               vocab=2048, context=512, rope_theta=1e6, key_length=64, seed=3003),
+        # llama 3.x: rope_freqs.weight from llama3 RoPE scaling. The original context (64)
+        # is far below Llama 3.1's 8192 so that the scaled and smoothed bands cover most
+        # rotated pairs at the short lengths a CPU test runs; factor 8 as in Llama 3.1.
+        Recipe("tiny-llama3", "llama", hidden=256, layers=2, heads=4, kv_heads=2, ffn=512,
+               vocab=2048, context=512, rope_theta=5e5, rms_eps=1e-5,
+               llama3_rope=(8.0, 1.0, 4.0, 64), seed=3001),
     )
 }  # fmt: skip
 
@@ -180,7 +209,7 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]  # torch order
     qtype: GGMLQuantizationType
-    kind: Literal["weight", "norm", "bias"]
+    kind: Literal["weight", "norm", "bias", "rope_freqs"]
     index: int  # position in the file; seeds this tensor's generator
 
     @property
@@ -192,9 +221,10 @@ class TensorPlan:
 def plan_tensors(r: Recipe) -> list[TensorPlan]:
     """Names, torch-order shapes and types of every tensor, in file order."""
     q_dim, kv_dim = r.heads * r.head_dim, r.kv_heads * r.head_dim
-    specs: list[tuple[str, tuple[int, ...], Literal["weight", "norm", "bias"]]] = [
-        ("token_embd.weight", (r.vocab, r.hidden), "weight")
-    ]
+    specs: list[tuple[str, tuple[int, ...], Literal["weight", "norm", "bias", "rope_freqs"]]] = []
+    if r.llama3_rope is not None:  # llama.cpp's converter writes it first
+        specs.append(("rope_freqs.weight", (r.head_dim // 2,), "rope_freqs"))
+    specs.append(("token_embd.weight", (r.vocab, r.hidden), "weight"))
     for i in range(r.layers):
         p = f"blk.{i}."
         specs.append((p + "attn_norm.weight", (r.hidden,), "norm"))
@@ -202,6 +232,11 @@ def plan_tensors(r: Recipe) -> list[TensorPlan]:
             specs.append((p + proj + ".weight", (dim, r.hidden), "weight"))
             if r.has_qkv_bias:
                 specs.append((p + proj + ".bias", (dim,), "bias"))
+        if r.has_qk_norm:
+            specs += [
+                (p + "attn_q_norm.weight", (r.head_dim,), "norm"),
+                (p + "attn_k_norm.weight", (r.head_dim,), "norm"),
+            ]
         specs += [
             (p + "attn_output.weight", (r.hidden, q_dim), "weight"),
             (p + "ffn_norm.weight", (r.hidden,), "norm"),
@@ -340,7 +375,33 @@ def _rng(r: Recipe, t: TensorPlan, slab: int = 0) -> np.random.Generator:
     return np.random.default_rng([r.seed, t.index, slab])
 
 
+def llama3_rope_factors(
+    head_dim: int, theta: float, scaling: tuple[float, float, float, int]
+) -> np.ndarray:
+    """The rope_freqs.weight llama.cpp's converter writes for rope_type "llama3"
+    (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors): 1 for high
+    frequencies, ``factor`` for low ones, a smooth blend in between."""
+    factor, low_freq_factor, high_freq_factor, old_context = scaling
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_freq_wavelen:
+            out.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
 def _values(r: Recipe, t: TensorPlan, rows: int, slab: int) -> np.ndarray:
+    if t.kind == "rope_freqs":
+        assert r.llama3_rope is not None
+        return llama3_rope_factors(r.head_dim, r.rope_theta, r.llama3_rope)
     rng = _rng(r, t, slab)
     cols = t.shape[-1]
     if t.kind == "norm":  # RMSNorm gains near 1: the forward pass stays O(1)
@@ -441,11 +502,16 @@ def _add_metadata(
     w.add_rope_freq_base(r.rope_theta)
     w.add_layer_norm_rms_eps(r.rms_eps)
     w.add_rope_dimension_count(r.head_dim)
+    if r.key_length is not None:
+        w.add_key_length(r.key_length)
+        w.add_value_length(r.key_length)
+    if r.sliding_window is not None:
+        w.add_sliding_window(r.sliding_window)
     w.add_vocab_size(r.vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if r.arch == "qwen2" else "llama-bpe")
+    w.add_tokenizer_pre("llama-bpe" if r.arch == "llama" else "qwen2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

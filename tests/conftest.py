@@ -83,16 +83,12 @@ def gemma3_path() -> Path:
 
 
 def hf_model(path: Path) -> Any:
-    import torch
-    import transformers
+    """transformers' F32 model of the file: the falsifiers' own oracle loader (it restores the
+    head dim and RoPE factors that transformers' GGUF reader drops), so tests and contracts
+    compare against the same reference."""
+    from falsifiers._common import oracle_model
 
-    # transformers >= 4.56 calls it dtype; older releases only know torch_dtype
-    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-    kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, **{kw: torch.float32}
-    )
-    return model.eval()
+    return oracle_model(path)
 
 
 @contextlib.contextmanager
@@ -175,6 +171,9 @@ class RealModels:
         if self.name != name:
             path = self.PATHS[name]()  # skips here, before anything is released, if not installed
             self.name, self.pair = None, None
+            from falsifiers._common import release_oracle_models
+
+            release_oracle_models()  # its cache would keep the old transformers model alive
             gc.collect()  # transformers modules hold reference cycles: free the old pair now
             self.pair, self.name = Pair(path), name
             self.loads.append(name)

@@ -67,6 +67,68 @@ def test_qwen2_is_neox_with_biases() -> None:
     assert cfg.arch == "qwen2" and cfg.rope_style == "neox" and cfg.qkv_bias
 
 
+def test_qwen3_has_qk_norm_no_biases_and_its_own_head_dim() -> None:
+    meta = {k.replace("llama.", "qwen3."): v for k, v in LLAMA.items()}
+    meta.update({"general.architecture": "qwen3", "qwen3.attention.key_length": 128,
+                 "qwen3.attention.value_length": 128, "qwen3.rope.dimension_count": 128})  # fmt: skip
+    cfg = config_from_metadata(meta, "q3.gguf")
+    assert cfg.arch == "qwen3" and cfg.rope_style == "neox" and cfg.qk_norm and not cfg.qkv_bias
+    assert cfg.head_dim == 128 != cfg.hidden // cfg.n_heads
+    assert "attn_q_norm.weight" in cfg.spec.layer_tensors()
+    assert "attn_q.bias" not in cfg.spec.layer_tensors()
+
+
+def test_mistral_style_llama_slides_every_layer_only_with_the_key() -> None:
+    assert not config_from_metadata(LLAMA, "m.gguf").is_sliding(0)
+    cfg = config_from_metadata(
+        {**LLAMA, "llama.attention.sliding_window": 4096, "llama.rope.scaling.type": "linear",
+         "llama.rope.scaling.factor": 4.0}, "m.gguf")  # fmt: skip
+    assert cfg.sliding_window == 4096
+    assert all(cfg.is_sliding(i) for i in range(cfg.n_layers))
+    # unlike gemma3's local layers, these keep the file's RoPE scaling
+    assert {cfg.layer_rope_scale(i) for i in range(cfg.n_layers)} == {4.0}
+    # a qwen2 file never reads the key (the table says which architectures do)
+    meta = {k.replace("llama.", "qwen2."): v for k, v in LLAMA.items()}
+    meta.update({"general.architecture": "qwen2", "qwen2.attention.sliding_window": 4096})
+    assert config_from_metadata(meta, "q.gguf").sliding_window is None
+
+
+def test_every_architecture_is_one_row_of_the_table() -> None:
+    from teacher.config import ARCHS, SUPPORTED_ARCHS
+
+    assert set(SUPPORTED_ARCHS) == set(ARCHS) == {"llama", "qwen2", "qwen3", "gemma3"}
+    for name, spec in ARCHS.items():
+        meta = {k.replace("llama.", f"{name}."): v for k, v in LLAMA.items()}
+        meta["general.architecture"] = name
+        if spec.sliding_window == "pattern":
+            meta[f"{name}.attention.sliding_window"] = 512
+        cfg = config_from_metadata(meta, f"{name}.gguf")
+        assert (cfg.rope_style, cfg.qkv_bias, cfg.qk_norm) == (spec.rope_style, spec.qkv_bias, spec.qk_norm)
+        assert (cfg.sandwich_norms, cfg.gelu_ffn) == (spec.sandwich_norms, spec.gelu_ffn)
+
+
+def test_rope_freqs_only_in_llama_files() -> None:
+    import torch
+
+    from teacher.forward import hidden_states
+
+    meta = {k.replace("llama.", "qwen3."): v for k, v in LLAMA.items()}
+    meta["general.architecture"] = "qwen3"
+    cfg = config_from_metadata(meta, "q3.gguf")
+
+    class Ops:
+        dtype = torch.float32
+
+        def has(self, name: str) -> bool:
+            return name == "rope_freqs.weight"
+
+        def vector(self, name: str) -> torch.Tensor:
+            return torch.ones(cfg.rope_dim // 2)
+
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight in a qwen3 file"):
+        hidden_states(cfg, Ops(), torch.zeros((1, 4), dtype=torch.long))  # type: ignore[arg-type]
+
+
 def test_gemma3() -> None:
     cfg = config_from_metadata(GEMMA3, "g.gguf")
     assert cfg.vocab_size == 300  # from the tokenizer tokens: no gemma3.vocab_size

@@ -110,7 +110,6 @@ BAD_CASES = {
     "missing-rule": ("    rule: a rule\n", "", "FT-UNIT-001.rule", "- id: FT-UNIT-001"),
     "missing-prediction": ("    prediction: a prediction\n", "", "FT-UNIT-001.prediction", "- id: FT-UNIT-001"),
     "empty-prediction": ("prediction: a prediction", "prediction: ''", "FT-UNIT-001.prediction", "prediction: ''"),
-    "duplicate-id": ("- id: FT-UNIT-002", "- id: FT-UNIT-001", "FT-UNIT-001.id", "rule: planned"),
     "unknown-falsifier": ("falsifier: _unit_limit_check", "falsifier: _unit_limit_chek", "FT-UNIT-001.check.falsifier", "_unit_limit_chek"),
     "threshold-type": ("{limit: 2, count: 3}", "{limit: '2 GB', count: 3}", "FT-UNIT-001.check.thresholds.limit", "'2 GB'"),
     "threshold-int-for-float-ok-but-float-for-int": ("count: 3}", "count: 3.5}", "FT-UNIT-001.check.thresholds.count", "count: 3.5"),
@@ -133,10 +132,7 @@ def test_bad_contract_error_names_file_line_and_field(tmp_path: Path, case: str)
     assert err.field == field_name
     assert err.line is not None and err.line >= 1
     if line_text is not None:
-        if case == "duplicate-id":  # the second definition is at fault: the line of its id
-            assert err.line == _line_of(path, "rule: planned") - 1
-        else:
-            assert err.line == _line_of(path, line_text)
+        assert err.line == _line_of(path, line_text)
     message = str(err)
     assert str(path) in message and f":{err.line}" in message and field_name in message
 
@@ -149,15 +145,66 @@ def test_yaml_syntax_error_line_is_where_the_parser_stopped(tmp_path: Path) -> N
     assert info.value.line is not None and info.value.line >= _line_of(path, "[unclosed")
 
 
-def test_duplicate_id_across_files(tmp_path: Path) -> None:
+def test_duplicate_id_in_one_file_marks_the_second_test(tmp_path: Path) -> None:
+    path = _bad(tmp_path, "  - id: FT-UNIT-002", "  - id: FT-UNIT-001")
+    tests = load_contract(path).tests
+    assert [t.duplicate_of for t in tests] == [None, f"{path}:{tests[0].line}"]
+
+
+def test_duplicate_id_across_files_marks_the_test_not_the_file(tmp_path: Path) -> None:
     seen: dict[str, str] = {}
     first = _write(tmp_path, GOOD, "a.yaml")
     load_contract(first, seen)
     second = _write(tmp_path, GOOD.replace("FT-UNIT-002", "FT-UNIT-003"), "b.yaml")
+    contract = load_contract(second, seen)  # the file loads: only its duplicate test is marked
+    by_id = {t.id: t for t in contract.tests}
+    assert by_id["FT-UNIT-003"].duplicate_of is None
+    dup = by_id["FT-UNIT-001"].duplicate_of
+    assert dup is not None and dup.startswith(f"{first}:")
+
+
+ALIAS_BOMB = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_alias_bomb_in_a_non_executed_section_is_refused_at_its_line(tmp_path: Path) -> None:
+    import time
+
+    text = GOOD.replace("kani_harnesses: []\n", "kani_harnesses:\n" + textwrap.indent(ALIAS_BOMB, "  "))
+    path = _write(tmp_path, text, "bomb.yaml")
+    t0 = time.perf_counter()
     with pytest.raises(ContractError) as info:
-        load_contract(second, seen)
-    assert info.value.path == str(second) and info.value.field == "FT-UNIT-001.id"
-    assert str(first) in info.value.message  # says where the first definition is
+        load_contract(path)
+    assert time.perf_counter() - t0 < 2.0
+    assert info.value.field == "<yaml>" and "alias '*a'" in info.value.message
+    assert info.value.line == _line_of(path, "b: &b")
+
+
+def test_oversized_contract_is_refused_before_parsing(tmp_path: Path) -> None:
+    from harness.contract import MAX_CONTRACT_BYTES
+
+    path = _write(tmp_path, GOOD + "#" * MAX_CONTRACT_BYTES + "\n", "big.yaml")
+    with pytest.raises(ContractError) as info:
+        load_contract(path)
+    assert info.value.field == "<file>" and str(MAX_CONTRACT_BYTES) in info.value.message
+
+
+def test_summary_lists_a_few_ids_then_the_count() -> None:
+    from harness.report import LISTED, some_of
+
+    labels = [f"FT-{i}" for i in range(300)]
+    text = some_of(labels)
+    assert text.startswith("FT-0, FT-1") and text.endswith(f"... and {300 - LISTED} more")
+    assert f"FT-{LISTED}," not in text and some_of(labels[:3]) == "FT-0, FT-1, FT-2"
 
 
 def test_python_tags_are_refused(tmp_path: Path) -> None:

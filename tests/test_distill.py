@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from teacher.distill import (
     load_token_ids,
     windows,
 )
+from teacher.kd import kd_loss
 from teacher.provider import LogitProvider, VocabMismatchError, effective_vocab
 from teacher.student import Student, StudentConfig, load_student
 
@@ -212,3 +214,124 @@ def test_resume_on_other_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="other data"):
         distill(FakeTeacher(target=CFG.vocab_size), Student(CFG), _data(seed=1), cfg, checkpoint_dir=tmp_path,
                 resume=True)
+
+
+def test_step_in_backward_is_the_same_adamw(tmp_path: Path) -> None:
+    """AdamW per parameter inside backward ends where one AdamW after backward does (no clip in either)."""
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None)
+    student, res = _run(tmp_path / "sib", grad_clip=None, step_in_backward=True)
+    assert res.completed and len(res.losses) == len(ref.losses)
+    assert res.losses == pytest.approx(ref.losses, rel=1e-5)
+    for (name, a), b in zip(ref_student.state_dict().items(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # every hook was removed: a later backward leaves its gradients alone
+    out = kd_step_loss(FakeTeacher(target=CFG.vocab_size), student, _data()[:2], temperature=2.0)
+    out.loss.backward()
+    assert student.embed.weight.grad is not None
+
+
+def test_step_in_backward_resumes(tmp_path: Path) -> None:
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None, step_in_backward=True)
+    _run(tmp_path / "run", grad_clip=None, step_in_backward=True, max_steps=4)
+    student, res = _run(tmp_path / "run", grad_clip=None, step_in_backward=True)
+    assert res.resumed_from_step == 4 and res.losses == ref.losses
+    for a, b in zip(ref_student.state_dict().values(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="checkpoint was made with"):  # the optimizer state differs in kind
+        _run(tmp_path / "run", grad_clip=None)
+
+
+def test_step_in_backward_refuses_a_global_clip() -> None:
+    with pytest.raises(ValueError, match=r"grad_clip=1.0"):
+        DistillConfig(step_in_backward=True).validate()
+
+
+def test_steady_state_numbers(tmp_path: Path) -> None:
+    _, res = _run(tmp_path, epochs=1, warmup_steps=2)
+    assert res.steps == 5 and res.steady_steps == 3 and res.steady_tokens_per_s is not None
+    assert res.step_ms is not None and set(res.step_ms) == {"teacher", "student_fwd_bwd", "optimizer", "total"}
+    assert res.step_ms["teacher"] > 0 and res.step_ms["optimizer"] > 0
+    assert res.step_ms["total"] >= res.step_ms["teacher"] + res.step_ms["optimizer"]
+    assert "steady state over 3 steps after 2 warm-up" in res.summary()
+    _, short = _run(tmp_path / "short", epochs=1, warmup_steps=9)
+    assert short.steady_tokens_per_s is None and "no steady-state numbers" in short.summary()
+
+
+def test_checkpointed_layers_give_the_same_gradients(tmp_path: Path) -> None:
+    teacher, ids = FakeTeacher(target=CFG.vocab_size), _data()[:3]
+    grads = []
+    for recompute in (False, True):
+        student = Student(CFG, seed=5)
+        student.checkpoint_layers = recompute
+        kd_step_loss(teacher, student, ids, temperature=2.0, alpha=0.3).loss.backward()
+        grads.append([p.grad for p in student.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    _, res = _run(tmp_path, epochs=1, checkpoint_activations=True)
+    assert res.completed and res.finite
+
+
+def test_checkpointed_layers_save_less_for_backward() -> None:
+    def saved_bytes(recompute: bool) -> int:
+        student = Student(CFG, seed=5)
+        student.checkpoint_layers = recompute
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            student(_data()[:4], hidden_only=True)
+        return total
+
+    full, recomputed = saved_bytes(False), saved_bytes(True)
+    assert recomputed < full / 3, (recomputed, full)
+
+
+def test_tied_weight_gradient_is_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup adds its rows into the fused loss's lm_head gradient: same values as autograd's sum,
+    and the parameter's .grad is that very buffer (no second dense [vocab, hidden] gradient)."""
+    import teacher.kd_chunked as K
+
+    returned: list[int] = []  # addresses only: a reference held here would make autograd copy the tensor
+    original = K._FusedKD.forward
+
+    def spy(ctx: Any, *args: Any) -> torch.Tensor:
+        out = original(ctx, *args)
+        returned.append(ctx.grads[1].data_ptr())
+        return out
+
+    monkeypatch.setattr(K._FusedKD, "forward", staticmethod(spy))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewVH(TorchDispatchMode):
+        """The ops that produce a [vocab, hidden] tensor."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (CFG.vocab_size, CFG.hidden_size):
+                self.ops.append(str(func))
+            return out
+
+    teacher, ids = FakeTeacher(target=CFG.vocab_size), _data()[:3]
+    student = Student(CFG, seed=6)
+    out = kd_step_loss(teacher, student, ids, temperature=2.0)
+    with NewVH() as seen:
+        out.loss.backward()
+    # in place or views only: no second dense gradient (embedding_dense_backward, an out-of-place add)
+    assert all(op.split(".")[1].endswith("_") or op == "aten.detach.default" for op in seen.ops), seen.ops
+    grad = student.embed.weight.grad
+    assert grad is not None and grad.data_ptr() == returned[0]
+    # the reference: the full logits through the tied nn.Linear, autograd summing the two uses
+    ref = Student(CFG, seed=6)
+    t = teacher.logits_for_batch(ids)
+    kd_loss(t, ref(ids), 2.0).backward()
+    assert ref.embed.weight.grad is not None
+    torch.testing.assert_close(grad, ref.embed.weight.grad, rtol=1e-5, atol=1e-7)

@@ -97,3 +97,25 @@ def test_more_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "does not exist" in capsys.readouterr().err
     assert main([*base, "--student", "no-such-recipe", "--ids", str(ids)]) == 2
     assert "unknown student recipe" in capsys.readouterr().err
+
+
+def test_text_directory_and_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT)
+    (corpus / "b.jsonl").write_text("\n".join(json.dumps({"body": s}) for s in TEXT.split(". ")) + "\n")
+    out = tmp_path / "out"
+    args = ["distill", "tiny", "--student", "tiny-student", "--text", str(corpus), "--text-field", "body",
+            "-o", str(out), "--seq-len", "16", "--batch", "4", "--no-progress", "--max-steps", "2",
+            "--report-json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "from 2 file(s)" in err and "tokenized before" not in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokens_in_corpus"] > 0 and report["result"]["steps"] == 2
+    # the resumed run reads the same token file instead of tokenizing again
+    assert main([*args[:-4], "--resume", "--report-json", str(tmp_path / "r2.json")]) == 0
+    assert "(tokenized before)" in capsys.readouterr().err
+    # a JSONL field that is not there: the file, the line and the field are named
+    assert main([*args[:7], "text", *args[8:]]) == 2
+    assert "b.jsonl:1: no string field 'text'" in capsys.readouterr().err

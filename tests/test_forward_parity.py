@@ -7,6 +7,9 @@ scaled embeddings, local/global RoPE, sliding-window layers). A synthetic qwen2
 file written here with ``gguf.GGUFWriter`` covers q/k/v biases and GQA, which
 neither real model has.
 
+Synthetic files also cover qwen3 and llama 3.x (the ``q4k synth`` recipes), a
+mistral-style sliding window, and Q2_K/Q3_K weights.
+
 Prediction: cosine >= 0.9999 and the same argmax at every position of every
 prompt. Both sides dequantize to F32, so they should agree far closer than
 transformers vs llama.cpp (0.998-0.9999, see docs/DESIGN.md).
@@ -48,6 +51,7 @@ LONG_TEXT = (
 # The real-model pairs (our DequantTeacher + transformers on the same file) are session
 # fixtures in tests/conftest.py: loading them is most of this module's time, and
 # tests/test_config.py compares against the same transformers objects.
+from teacher.dequant_teacher import DequantTeacher  # noqa: E402
 from tests.conftest import Pair  # noqa: E402
 
 
@@ -158,5 +162,177 @@ def test_qwen2_with_biases_matches_transformers(tmp_path: Path) -> None:
     assert pair.teacher.cfg.arch == "qwen2" and pair.teacher.ops.has("blk.0.attn_q.bias")
     ids = np.random.default_rng(1).integers(0, pair.teacher.vocab_size(), 48).tolist()
     cos, ours, ref = pair.compare(ids)
+    assert float(ours.std(-1).min()) > 0.1, "degenerate logits would agree trivially"
+    assert float(cos.min()) >= COS_MIN, f"cosine per position: {cos.tolist()}"
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+# -- qwen3 and llama 3.x: the synthetic recipes `q4k synth tiny-qwen3 / tiny-llama3` -----
+#
+# The installed transformers loads both from GGUF but misses two facts the files
+# state, so the test hands them over from the *recipe* (never from our config):
+# - qwen3: its GGUF mapping drops `qwen3.attention.key_length`, so a head dim other
+#   than hidden / heads is passed as `head_dim`;
+# - llama 3.x: it ignores `rope_freqs.weight`, so the recipe's llama3 RoPE scaling is
+#   passed as `rope_parameters` and transformers derives the factors itself
+#   (`_compute_llama3_parameters`); ours come from the tensor the writer stored.
+# Mistral-style sliding windows: transformers' llama ignores the key, so the oracle is
+# MistralForCausalLM holding the same weights (the llama model's state dict).
+
+
+def _synth_pair(tmp_path: Path, recipe_name: str, **changes: Any) -> tuple[Any, Any, Any]:
+    """(recipe, DequantTeacher, transformers model) for a recipe written to tmp_path."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from teacher.synth import RECIPES, write_gguf
+
+    recipe = dataclasses.replace(RECIPES[recipe_name], **changes)
+    path = write_gguf(recipe, tmp_path / f"{recipe.name}.gguf")
+    hints: dict[str, Any] = {}
+    if recipe.key_length is not None:
+        hints["head_dim"] = recipe.key_length
+    if recipe.llama3_rope is not None:
+        factor, low, high, original = recipe.llama3_rope
+        hints["rope_parameters"] = {
+            "rope_type": "llama3", "rope_theta": recipe.rope_theta, "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32, **hints
+    ).eval()
+    return recipe, DequantTeacher.from_gguf(path), hf
+
+
+def _parity(teacher: Any, hf: Any, n: int, seed: int = 1) -> tuple[float, bool]:
+    ids = np.random.default_rng(seed).integers(0, teacher.vocab_size(), n).tolist()
+    ours = teacher.logits_for_batch([ids])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
+    return float(cos.min()), bool(torch.equal(ours.argmax(-1), ref.argmax(-1)))
+
+
+def test_tiny_qwen3_matches_transformers(tmp_path: Path) -> None:
+    recipe, teacher, hf = _synth_pair(tmp_path, "tiny-qwen3")
+    cfg = teacher.cfg
+    assert cfg.arch == "qwen3" and cfg.qk_norm and not cfg.qkv_bias
+    assert cfg.head_dim == recipe.key_length != cfg.hidden // cfg.n_heads
+    assert teacher.ops.has("blk.0.attn_q_norm.weight") and not teacher.ops.has("blk.0.attn_q.bias")
+    cos, same = _parity(teacher, hf, 160)
+    assert cos >= COS_MIN and same, (cos, same)
+
+
+def test_tiny_llama3_matches_transformers_with_llama3_rope(tmp_path: Path) -> None:
+    _, teacher, hf = _synth_pair(tmp_path, "tiny-llama3")
+    assert teacher.cfg.arch == "llama" and teacher.ops.has("rope_freqs.weight")
+    cos, same = _parity(teacher, hf, 200)
+    assert cos >= COS_MIN and same, (cos, same)
+
+
+def test_llama3_parity_sees_the_rope_factors(tmp_path: Path) -> None:
+    """Negative control of the test above: transformers with plain RoPE (what it does
+    with the file alone) must fail the same threshold, or the test could not tell."""
+    from transformers import AutoModelForCausalLM
+
+    _, teacher, _ = _synth_pair(tmp_path, "tiny-llama3")
+    plain = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny-llama3.gguf", dtype=torch.float32
+    ).eval()
+    cos, same = _parity(teacher, plain, 200)
+    assert cos < COS_MIN or not same, (cos, same)
+
+
+def test_mistral_style_sliding_window_matches_mistral(tmp_path: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    window = 16
+    _, teacher, hf = _synth_pair(
+        tmp_path, "tiny-llama3", name="tiny-swa", llama3_rope=None, sliding_window=window
+    )
+    assert teacher.cfg.sliding_window == window and teacher.cfg.is_sliding(0)
+    fields = {k: v for k, v in hf.config.to_dict().items() if k not in ("model_type", "architectures")}
+    mistral = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).eval()
+    missing, unexpected = mistral.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    cos, same = _parity(teacher, mistral, 4 * window)
+    assert cos >= COS_MIN and same, (cos, same)
+    # and the window matters at this length: full causal attention (the llama oracle) differs
+    cos_full, same_full = _parity(teacher, hf, 4 * window)
+    assert cos_full < COS_MIN or not same_full
+
+
+# -- Q2_K and Q3_K weights (what Q2_K / Q3_K_M files are made of) ---------------------
+
+
+def _k_blocks(qtype: Any, rows: int, cols: int, rng: np.random.Generator, std: float) -> np.ndarray:
+    """Random valid Q2_K / Q3_K blocks whose decoded weights have mean ~0 and std ~``std``."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    n = raw.shape[0]
+    if qtype == gguf.GGMLQuantizationType.Q2_K:
+        # w = d*sc*q - dmin*m with sc, m uniform 0..15 and q uniform 0..3: dmin = 1.5 d centres it
+        d = np.full(n, std / 7.5, np.float32)
+        raw[:, 80:82] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+        raw[:, 82:84] = (1.5 * d).astype(np.float16).view(np.uint8).reshape(n, 2)
+    else:  # Q3_K: w = d*(sc-32)*(q-4) with |sc-32| ~ 18 on average and q-4 in -4..3
+        raw[:, 108:110] = np.full(n, std / 40, np.float16).view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, cols // block * size)
+
+
+def test_q2_k_and_q3_k_weights_match_transformers(tmp_path: Path) -> None:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    vocab, hidden, layers, heads, kv, ffn = 256, 256, 2, 4, 2, 512
+    rng = np.random.default_rng(7)
+    path = tmp_path / "k23.gguf"
+    wr = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((wr.add_block_count, layers), (wr.add_context_length, 256),
+                   (wr.add_embedding_length, hidden), (wr.add_feed_forward_length, ffn),
+                   (wr.add_head_count, heads), (wr.add_head_count_kv, kv),
+                   (wr.add_vocab_size, vocab)):  # fmt: skip
+        add(v)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_dimension_count(hidden // heads)
+
+    def mat(name: str, rows: int, cols: int, qtype: Any, std: float = 0.05) -> None:
+        wr.add_tensor(name, _k_blocks(qtype, rows, cols, rng, std), raw_dtype=qtype)
+
+    def vec(name: str) -> None:
+        wr.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+
+    mat("token_embd.weight", vocab, hidden, Q.Q3_K, std=1.0)
+    vec("output_norm.weight")
+    mat("output.weight", vocab, hidden, Q.Q2_K, std=0.3)
+    hd = hidden // heads
+    for i in range(layers):
+        p = f"blk.{i}"
+        vec(f"{p}.attn_norm.weight")
+        vec(f"{p}.ffn_norm.weight")
+        mat(f"{p}.attn_q.weight", heads * hd, hidden, Q.Q3_K, std=0.2)
+        mat(f"{p}.attn_k.weight", kv * hd, hidden, Q.Q3_K, std=0.2)
+        mat(f"{p}.attn_v.weight", kv * hd, hidden, Q.Q2_K)
+        mat(f"{p}.attn_output.weight", hidden, heads * hd, Q.Q3_K)
+        mat(f"{p}.ffn_gate.weight", ffn, hidden, Q.Q2_K)
+        mat(f"{p}.ffn_up.weight", ffn, hidden, Q.Q3_K)
+        # ffn_down's rows are ffn = 512 long: two Q2_K blocks per row
+        mat(f"{p}.ffn_down.weight", hidden, ffn, Q.Q2_K)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+    from teacher.gguf_file import open_gguf
+
+    assert {"Q2_K", "Q3_K"} <= {r.qtype.name for r in open_gguf(path).tensors.values()}
+    pair = Pair(path, tokenizer=False)
+    ids = np.random.default_rng(3).integers(0, vocab, 64).tolist()
+    cos, ours, ref = pair.compare(ids)
+    assert float(ours.std(-1).min()) > 0.1, "degenerate logits would agree trivially"
     assert float(cos.min()) >= COS_MIN, f"cosine per position: {cos.tolist()}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

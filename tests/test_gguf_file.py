@@ -196,7 +196,7 @@ def test_bad_n_dims(tmp_path: Path, small: bytes, n_dims: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw_type", "fragment"), [(int(Q.Q2_K), "Q2_K"), (int(Q.IQ2_XXS), "IQ2_XXS"), (9999, "9999")]
+    ("raw_type", "fragment"), [(int(Q.IQ4_NL), "IQ4_NL"), (int(Q.IQ2_XXS), "IQ2_XXS"), (9999, "9999")]
 )
 def test_unsupported_quant_type(tmp_path: Path, small: bytes, raw_type: int, fragment: str) -> None:
     off = info_offset(small, "a.weight") + 4 + 2 * 8

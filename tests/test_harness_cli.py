@@ -26,6 +26,20 @@ def test_falsify_passes_signoff_and_pytest_options_through() -> None:
     assert argv[argv.index("-p") + 1] == "no:q4k_contracts"  # the entry point can never load it twice
 
 
+def test_falsify_passes_teacher_model_and_student_to_the_plugin() -> None:
+    """What `nox -s falsify -- --teacher F --model a=x --model b=y --student s` hands pytest."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(
+        ["falsify", "--teacher", "/d/mine.gguf", "--model", "a=x.gguf", "--model", "b=y.gguf",
+         "--student", "tiny-student", "-k", "VOCAB"]
+    )  # fmt: skip
+    args.extra_args = extra
+    argv = pytest_argv(args)
+    assert argv[argv.index("--teacher") + 1] == "/d/mine.gguf"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--model"] == ["a=x.gguf", "b=y.gguf"]
+    assert argv[argv.index("--student") + 1] == "tiny-student" and argv[-2:] == ["-k", "VOCAB"]
+
+
 def test_unknown_option_is_an_error_for_other_verbs(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["report", "x.jsonl", "--bogus"])

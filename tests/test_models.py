@@ -92,7 +92,7 @@ def test_env_override(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_unknown_name(cache: Path) -> None:
-    with pytest.raises(ModelUnavailable, match=r"known: .*tiny"):
+    with pytest.raises(models.UnknownModel, match=r"unknown model .gpt-5. \(known: .*tiny"):
         resolve_model("gpt-5")
 
 
@@ -145,8 +145,84 @@ def test_check_available_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     check_available("qwen2.5-7b-shape")
     check_available("tiny")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ModelUnavailable, match="unknown model"):
+    with pytest.raises(models.UnknownModel, match=r"unknown model 'no-such-model' \(known: .*tiny"):
         check_available("no-such-model")
     monkeypatch.setenv("Q4K_MODEL_TINY", str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelUnavailable, match="not a file"):
         check_available("tiny")
+
+
+# -- binding any name to a file: --model / --teacher, $Q4K_MODEL_<NAME>, [tool.q4k.models] --
+
+
+@pytest.fixture
+def clean_bindings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No bindings from the environment, and a working directory with no pyproject.toml above."""
+    monkeypatch.setenv(models.BINDINGS_ENV, "{}")  # restored afterwards, unlike a plain delete
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert models._find_pyproject() is None, "a pyproject.toml above the temporary directory"
+    return work
+
+
+def _file(path: Path) -> Path:
+    path.write_bytes(b"GGUF")  # resolution checks existence, never content
+    return path
+
+
+def test_bind_model_binds_any_name(clean_bindings: Path) -> None:
+    f = _file(clean_bindings / "mine.gguf")
+    with pytest.raises(models.UnknownModel, match="my-teacher"):
+        resolve_model("my-teacher")
+    models.bind_model("my-teacher", f)
+    assert resolve_model("my-teacher") == f.resolve()
+    assert "my-teacher" in models.known_names()
+    # a binding also re-points a built-in name, ahead of the synthetic recipe
+    models.bind_model("tiny", f)
+    assert resolve_model("tiny") == f.resolve()
+
+
+def test_bind_model_refuses_a_missing_file(clean_bindings: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.gguf"):
+        models.bind_model("x", clean_bindings / "nope.gguf")
+
+
+def test_bindings_reach_a_child_process(clean_bindings: Path) -> None:
+    f = _file(clean_bindings / "child.gguf")
+    models.bind_model("child-model", f)
+    out = subprocess.run(
+        [sys.executable, "-c", "from teacher.models import resolve_model; print(resolve_model('child-model'))"],
+        capture_output=True, text=True, check=True, cwd=clean_bindings,
+        env={**os.environ, "PYTHONPATH": _pythonpath()},
+    )
+    assert out.stdout.strip() == str(f.resolve())
+
+
+def test_pyproject_table_binds_names_relative_to_the_file(
+    clean_bindings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_bindings / "models").mkdir()
+    f = _file(clean_bindings / "models" / "coder.gguf")
+    (clean_bindings / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n\n[tool.q4k.models]\ncoder-7b = "models/coder.gguf"\n'
+        'gone = "models/missing.gguf"\n'
+    )
+    sub = clean_bindings / "deeper"
+    sub.mkdir()
+    monkeypatch.chdir(sub)  # the nearest pyproject.toml above the working directory
+    assert resolve_model("coder-7b") == f
+    with pytest.raises(ModelUnavailable, match=r"gone: \[tool.q4k.models\].*not a file"):
+        resolve_model("gone")
+    with pytest.raises(models.UnknownModel, match="known: coder-7b, gone, tiny"):
+        resolve_model("coder-8b")
+
+
+def test_binding_precedence(clean_bindings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, c = (_file(clean_bindings / f"{n}.gguf") for n in "abc")
+    (clean_bindings / "pyproject.toml").write_text('[tool.q4k.models]\nm = "c.gguf"\n')
+    assert resolve_model("m") == c
+    monkeypatch.setenv(env_override_name("m"), str(b))
+    assert resolve_model("m") == b
+    models.bind_model("m", a)  # the command line wins over the environment and the file
+    assert resolve_model("m") == a.resolve()

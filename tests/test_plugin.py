@@ -213,7 +213,8 @@ BROKEN = {
     "missing-id": (_contract(GOOD_FT.replace("- id: FT-OK\n  rule", "- rule")), "falsification_tests[0].id", "- rule:"),
     "missing-rule": (_contract(GOOD_FT.replace("FT-OK", "FT-R").replace("  rule: \"a rule\"\n", "")), "FT-R.rule", "- id: FT-R"),
     "missing-prediction": (_contract(GOOD_FT.replace("FT-OK", "FT-P").replace("  prediction: the value stays low\n", "")), "FT-P.prediction", "- id: FT-P"),
-    "duplicate-id": (_contract(GOOD_FT), "FT-OK.id", "- id: FT-OK"),
+    "yaml-alias": (_contract(GOOD_FT.replace("FT-OK", "FT-AL").replace("rule: \"a rule\"", "rule: &r a rule")
+                             + "  - {id: FT-AL2, rule: *r, prediction: p}\n"), "<yaml>", "*r"),
     "unknown-falsifier": (_contract(GOOD_FT.replace("FT-OK", "FT-F").replace("t_below", "t_belw")), "FT-F.check.falsifier", "t_belw"),
     "threshold-type": (_contract(GOOD_FT.replace("FT-OK", "FT-T").replace("{limit: 2.0}", "{limit: two}")), "FT-T.check.thresholds.limit", "limit: two"),
     "unknown-control": (_contract(GOOD_FT.replace("FT-OK", "FT-C").replace("[t-bad]", "[t-bda]")), "FT-C.check.controls[0]", "t-bda"),
@@ -372,3 +373,58 @@ def test_a_test_without_a_check_block_is_unbound(project: pytest.Pytester) -> No
     result.assert_outcomes(skipped=1)
     (record,) = results(project).values()
     assert record["verdict"] == "UNBOUND" and "no check block" in record["reason"]
+
+
+@pytest.mark.parametrize("order", ["a_first", "b_first"])
+def test_duplicate_id_fails_only_those_tests_naming_both_places(project: pytest.Pytester, order: str) -> None:
+    """Both tests that share an id are ERROR, each naming the other's place; every other test
+    of both files runs; which file is collected first changes nothing."""
+    a = write(project, "a.yaml", _contract(GOOD_FT + _ft("FT-A-ONLY", "t_below", thresholds="{limit: 2.0}")))
+    b = write(project, "b.yaml", _contract(_ft("FT-B-ONLY", "t_below", thresholds="{limit: 2.0}") + GOOD_FT))
+    files = ["contracts/a.yaml", "contracts/b.yaml"][:: 1 if order == "a_first" else -1]
+    result = project.runpytest(*files, *PLUGIN_ARGS, "--run-id", "r1", "-rfEs")
+    by_id = results(project)
+    verdicts = {k: v["verdict"] for k, v in by_id.items()}
+    assert verdicts == {
+        "contracts/a.yaml::FT-OK": "ERROR", "contracts/a.yaml::FT-OK::control[t-bad]": "ERROR",
+        "contracts/a.yaml::FT-A-ONLY": "CORROBORATED",
+        "contracts/b.yaml::FT-OK": "ERROR", "contracts/b.yaml::FT-OK::control[t-bad]": "ERROR",
+        "contracts/b.yaml::FT-B-ONLY": "CORROBORATED",
+    }
+    a_line = next(n for n, ln in enumerate(a.read_text().splitlines(), 1) if "id: FT-OK" in ln)
+    b_line = next(n for n, ln in enumerate(b.read_text().splitlines(), 1) if "id: FT-OK" in ln)
+    for nodeid in ("contracts/a.yaml::FT-OK", "contracts/b.yaml::FT-OK"):
+        reason = by_id[nodeid]["reason"]
+        assert "duplicate falsification test id 'FT-OK'" in reason
+        assert f"a.yaml:{a_line}" in reason and f"b.yaml:{b_line}" in reason, reason
+    assert read_results(project.path / "reports" / "r1" / "results.jsonl").collection_errors == []
+    result.assert_outcomes(passed=2, failed=4)
+
+
+def test_duplicate_id_in_one_file_fails_both_and_keeps_the_rest(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract(GOOD_FT + _ft("FT-MID", "t_below", thresholds="{limit: 2.0}") + GOOD_FT))
+    run(project)
+    verdicts = {k.split("::", 1)[1]: v["verdict"] for k, v in results(project).items()}
+    assert verdicts["FT-MID"] == "CORROBORATED"
+    dups = {k: v for k, v in verdicts.items() if k.startswith("FT-OK")}
+    assert len(dups) == 4 and set(dups.values()) == {"ERROR"}, verdicts
+
+
+def test_cases_make_one_item_per_model_and_case_with_its_own_report_row(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract(
+        _ft("FT-P", "t_below", controls="[t-bad]", thresholds="{limit: 2.0}",
+            extra="models: [tiny, tiny-student]\ncases: [gemv, mma]")
+    ))
+    run(project)
+    by_id = results(project)
+    assert sorted(k.split("::", 1)[1] for k in by_id) == sorted(
+        f"FT-P[{m}@{c}]" + ctl for m in ("tiny", "tiny-student") for c in ("gemv", "mma") for ctl in ("", "::control[t-bad]")
+    )
+    rec = by_id["contracts/a.yaml::FT-P[tiny-student@mma]"]
+    assert (rec["model"], rec["case"], rec["verdict"]) == ("tiny-student", "mma", "CORROBORATED")
+    from harness.report import _rows
+
+    data = read_results(project.path / "reports" / "r1" / "results.jsonl")
+    rows = _rows(data, data.results)
+    assert sorted(r["model"] for r in rows) == ["tiny-student@gemv", "tiny-student@mma", "tiny@gemv", "tiny@mma"]
+    assert all(r["prediction"] and len(r["controls"]) == 1 for r in rows)

@@ -34,7 +34,9 @@ def test_dequant_log_pattern_matches_both_legacy_spellings_only() -> None:
     assert not pattern.search("quantized 28 layers")
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize(
+    "qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+)
 def test_corrupt_decode_control_changes_values_not_size(qtype: QT) -> None:
     """The FT-003 control must decode to different weights, or the control proves nothing."""
     from gguf import GGML_QUANT_SIZES

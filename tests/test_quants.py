@@ -39,6 +39,8 @@ def sane_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray
     _, size = BLOCK[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     fields = {
+        Q.Q2_K: [80, 82],
+        Q.Q3_K: [108],
         Q.Q4_K: [0, 2],
         Q.Q5_K: [0, 2],
         Q.Q6_K: [208],
@@ -94,8 +96,8 @@ def test_dequantize_rejects_wrong_sizes() -> None:
         dequantize(raw, Q.Q4_K, (1, 128))
     with pytest.raises(ValueError, match="bytes"):
         dequantize(raw, Q.Q4_K, (2, 256))
-    with pytest.raises(ValueError, match="unsupported"):
-        dequantize(raw, Q.Q2_K, (1, 256))
+    with pytest.raises(ValueError, match="unsupported quant type IQ2_XXS"):
+        dequantize(raw, Q.IQ2_XXS, (1, 256))
 
 
 def _real_tensors(name: str) -> list[tuple[str, Q, tuple[int, ...], np.ndarray]]:

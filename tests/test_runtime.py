@@ -123,6 +123,20 @@ def test_dispatch_path_by_m() -> None:
         launch.dispatch_path(4, QT.IQ2_XXS, 256, 256, x_is_bf16=True)
 
 
+@pytest.mark.parametrize("qt", [QT.Q2_K, QT.Q3_K], ids=lambda q: q.name)
+def test_q2_q3_dispatch_never_takes_a_tensor_core_gemv(qt: QT) -> None:
+    """Q2_K/Q3_K have no integer fragment decode (qfrag.cuh): every M must land on a
+    path compiled for them (float GEMV, mma, dequant), with bf16 x as with f32 x."""
+    from cupy_kernels import launch
+
+    assert qt in launch.SUPPORTED
+    for bf16 in (True, False):
+        paths = {launch.dispatch_path(m, qt, 18944, 3584, x_is_bf16=bf16) for m in range(1, 200)}
+        assert paths == {"gemv", "mma", "dequant"}, paths
+    # the same sweep for Q4_K does reach the tensor cores: the check above can fail
+    assert "gemv_tc" in {launch.dispatch_path(m, QT.Q4_K, 18944, 3584, x_is_bf16=True) for m in (2, 8)}
+
+
 @pytest.mark.parametrize("n,k", [(18944, 3584), (3584, 18944), (152064, 3584), (100, 256), (129, 512)])
 def test_dequant_chunks_fit_the_budget_and_cover_w(n: int, k: int) -> None:
     from cupy_kernels import launch

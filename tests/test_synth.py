@@ -152,6 +152,42 @@ def test_recipe_validation() -> None:
         Recipe("bad", "llama", hidden=256, layers=1, heads=4, kv_heads=1, ffn=100, vocab=300)
 
 
+def test_new_architecture_recipes_plan_their_tensors() -> None:
+    qwen3 = {t.name: t for t in plan_tensors(RECIPES["tiny-qwen3"])}
+    assert qwen3["blk.1.attn_q_norm.weight"].shape == (64,) and "blk.0.attn_q.bias" not in qwen3
+    assert qwen3["blk.0.attn_q.weight"].shape == (8 * 64, 256)  # key_length 64, not 256 / 8
+    llama3 = plan_tensors(RECIPES["tiny-llama3"])
+    assert llama3[0].name == "rope_freqs.weight" and llama3[0].shape == (32,)
+    assert llama3[0].qtype == Q.F32 and "blk.0.attn_q_norm.weight" not in {t.name for t in llama3}
+
+
+def test_llama3_rope_factors_match_transformers() -> None:
+    """The factors the writer stores (llama.cpp's converter formula) against transformers'
+    own llama3 RoPE init: inv_freq_default / inv_freq_llama3 = factor, per pair."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from teacher.synth import llama3_rope_factors
+
+    r = RECIPES["tiny-llama3"]
+    assert r.llama3_rope is not None
+    factor, low, high, original = r.llama3_rope
+    cfg = transformers.LlamaConfig(
+        hidden_size=r.hidden, num_attention_heads=r.heads, head_dim=r.head_dim,
+        rope_parameters={"rope_type": "llama3", "rope_theta": r.rope_theta, "factor": factor,
+                         "low_freq_factor": low, "high_freq_factor": high,
+                         "original_max_position_embeddings": original},
+    )  # fmt: skip
+    inv_llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    inv = 1.0 / (r.rope_theta ** (np.arange(0, r.head_dim, 2) / r.head_dim))
+    ours = llama3_rope_factors(r.head_dim, r.rope_theta, r.llama3_rope)
+    np.testing.assert_allclose(ours, inv / inv_llama3.double().numpy(), rtol=1e-5)
+    # the recipe's short original context puts most pairs in the scaled or smoothed bands
+    assert (ours > 1).sum() >= len(ours) // 2 and ours.max() == pytest.approx(factor)
+
+
 # -- written files ----------------------------------------------------------------------
 
 

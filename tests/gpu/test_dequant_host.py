@@ -37,6 +37,8 @@ extern "C" int decode(int qt, const u8* w, int nblocks, float* out) {
     case 3: row<3>(w, nblocks, out); return 0;
     case 6: row<6>(w, nblocks, out); return 0;
     case 8: row<8>(w, nblocks, out); return 0;
+    case 10: row<10>(w, nblocks, out); return 0;
+    case 11: row<11>(w, nblocks, out); return 0;
     case 12: row<12>(w, nblocks, out); return 0;
     case 13: row<13>(w, nblocks, out); return 0;
     case 14: row<14>(w, nblocks, out); return 0;

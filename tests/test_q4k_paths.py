@@ -1,0 +1,189 @@
+"""FT-003's kernel-path items, host side (no CUDA): which M runs which path, the dispatch tap,
+and a wrong decode confined to one path (the dequant path included).
+
+Q4KOps runs here over a stand-in for the CuPy launch module: the real
+``dispatch_path`` decides the path, the stand-in multiplies with torch on the CPU
+what the real kernels would decode from the bytes (here: dense weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from cupy_kernels import launch
+from falsifiers.q4k_teacher import linear_shapes, m_for_path, q4k_teacher_corrupt_path
+from harness.context import Context
+from harness.contract import load_contract
+from teacher.models import ModelUnavailable, resolve_model
+from teacher.q4k_teacher import DeviceWeight, Q4KOps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shapes(name: str) -> list[tuple[Any, int, int]]:
+    try:
+        return linear_shapes(resolve_model(name))
+    except ModelUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+# -- which M runs which path ------------------------------------------------------------------
+def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
+    shapes = _shapes("tiny")
+    ranges = {
+        "gemv1_tc": range(1, 2),
+        "gemv": range(1, launch.GEMV_MAX_M + 1),
+        "gemv_tc": range(2, launch.GEMV_TC_MAX_M + 1),
+        "mma": range(2, launch.DEQUANT_MIN_M),
+        "dequant": range(launch.DEQUANT_MIN_M, 10**6),
+    }
+    assert set(ranges) == set(launch.PATHS), "a new kernel path needs a range here and an FT-003 case"
+    for path, allowed in ranges.items():
+        m, count = m_for_path(path, shapes)
+        assert count >= 1 and m in allowed, (path, m, count)
+        on_path = [s for s in shapes if launch.dispatch_path(m, *s, x_is_bf16=True) == path]
+        assert len(on_path) == count
+
+
+def test_tensor_core_paths_are_unreachable_on_a_q4_1_file() -> None:
+    shapes = _shapes("smollm2-135m")
+    assert {q for q, _, _ in shapes} <= {QT.Q4_1, QT.Q8_0}
+    assert m_for_path("gemv1_tc", shapes) == (0, 0) and m_for_path("gemv_tc", shapes) == (0, 0)
+    assert m_for_path("gemv", shapes)[1] and m_for_path("mma", shapes)[1] and m_for_path("dequant", shapes)[1]
+
+
+def test_unknown_path_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not one of"):
+        m_for_path("gemm", [(QT.Q4_K, 256, 256)])
+
+
+def test_ft003_has_one_item_per_path_and_a_path_confined_control() -> None:
+    contract = load_contract(ROOT / "contracts" / "cuda-q4k-frozen-teacher-v1.yaml")
+    tests = {t.id: t for t in contract.tests}
+    ft3, ft6 = tests["FT-Q4K-TEACHER-003"].check, tests["FT-Q4K-TEACHER-006"].check
+    assert ft3 is not None and ft6 is not None
+    assert set(ft3.cases) == set(launch.PATHS)
+    assert "q4k-teacher-corrupt-path" in ft3.controls and "q4k-teacher-corrupt-path" in ft6.controls
+    # FT-006's Q4_1 model reaches exactly its cases
+    shapes = _shapes("smollm2-135m")
+    assert {p for p in launch.PATHS if m_for_path(p, shapes)[1]} == set(ft6.cases)
+
+
+# -- the tap and the confined corruption, through Q4KOps.linear ---------------------------------
+def _fake_launch() -> types.SimpleNamespace:
+    def qmatmul(x: torch.Tensor, data: torch.Tensor, qtype: Any, n: int, k: int, *, out: torch.Tensor,
+                path: str) -> torch.Tensor:
+        assert path != "dequant", "the dequant path decodes with qdequant, never qmatmul"
+        return out.copy_(x.float() @ data.T.float())
+
+    def qdequant(data: torch.Tensor, qtype: Any, n: int, k: int, *, row0: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(data[row0 : row0 + out.shape[0]])
+
+    return types.SimpleNamespace(
+        PATHS=launch.PATHS, dispatch_path=launch.dispatch_path, dequant_chunk_rows=launch.dequant_chunk_rows,
+        qmatmul=qmatmul, qdequant=qdequant,
+    )
+
+
+def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
+    ops = object.__new__(Q4KOps)  # __init__ needs CuPy; set what linear() reads
+    ops._launch = _fake_launch()  # type: ignore[assignment]
+    ops.weights, ops.vectors = weights, {}
+    ops.device, ops.dtype = torch.device("cpu"), torch.bfloat16
+    ops.taken, ops.path_overrides = Counter(), {}
+    ops._torch_stream = contextlib.nullcontext  # type: ignore[method-assign]
+    return ops
+
+
+M_OF_PATH = {"gemv1_tc": 1, "gemv_tc": 4, "mma": 40, "dequant": 70}
+
+
+@pytest.mark.parametrize("corrupt", sorted(M_OF_PATH))
+def test_corruption_is_confined_to_its_path_and_the_tap_counts(corrupt: str) -> None:
+    n, k = 256, 512
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    bad = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    ops = _ops({"w": DeviceWeight("w", QT.Q4_K, n, k, good)})
+    ops.path_overrides = {corrupt: {"w": DeviceWeight("w", QT.Q4_K, n, k, bad)}}
+    for path, m in M_OF_PATH.items():
+        assert launch.dispatch_path(m, QT.Q4_K, n, k, x_is_bf16=True) == path
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        ops.taken.clear()
+        y = ops.linear(x, "w").float()
+        assert dict(ops.taken) == {path: 1}
+        want = (x.float() @ (bad if path == corrupt else good).float().T)
+        assert torch.allclose(y, want, rtol=2e-2, atol=2e-1), (path, corrupt)
+
+
+def test_corrupt_path_control_needs_a_case() -> None:
+    ctx = Context(ft_id="FT-X", contract_path="c.yaml", subject_name="q4k-teacher-corrupt-path")
+    with pytest.raises(ValueError, match=r"needs check\.cases"):
+        q4k_teacher_corrupt_path(ctx)
+
+
+# -- the falsifier's flow for one path, on the CPU (stand-in subjects, F32 reference on the CPU) --
+class _Teacher:
+    """The F32 teacher seen through a Q4K teacher's interface: logits (optionally scaled
+    wrong) and a dispatch tap claiming ``ran``."""
+
+    def __init__(self, path: Path, ran: str | None, noise: float) -> None:
+        from teacher.dequant_teacher import DequantTeacher
+
+        self.inner = DequantTeacher.from_gguf(path)
+        self.ran, self.noise = ran, noise
+        self.ops = types.SimpleNamespace(taken=Counter())
+
+    def vocab_size(self) -> int:
+        return int(self.inner.vocab_size())
+
+    def logits_for_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ran:
+            self.ops.taken[self.ran] += 1
+        out = self.inner.logits_for_batch(ids)
+        return out + self.noise * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * out.std()
+
+
+@pytest.fixture
+def cpu_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from teacher.dequant_teacher import DequantTeacher
+
+    real = DequantTeacher.from_gguf.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(DequantTeacher, "from_gguf",
+                        classmethod(lambda cls, path, target_vocab=None, device="cpu": real(cls, path, target_vocab)))
+
+
+@pytest.mark.parametrize(("ran", "noise", "expected"), [
+    ("mma", 0.0, "CORROBORATED"),
+    (None, 0.0, "FALSIFIED"),  # the forward never ran the path: the item proves nothing
+    ("mma", 1.0, "FALSIFIED"),  # wrong logits on the path
+])
+def test_path_item_flow(cpu_reference: None, ran: str | None, noise: float, expected: str) -> None:
+    from falsifiers.q4k_teacher import logit_parity
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="tiny",
+                  case="mma", thresholds={"cosine_min": 0.999},
+                  subject_factory=lambda ctx: lambda path: _Teacher(path, ran, noise))
+    logit_parity(ctx)
+    verdict, why = ctx.verdict()
+    assert str(verdict) == expected, why
+    assert ctx.evidence.measurements["m_rows_per_linear"]["value"] == m_for_path("mma", _shapes("tiny"))[0]
+
+
+def test_unreachable_path_is_not_run_with_the_file_types() -> None:
+    from falsifiers.q4k_teacher import logit_parity
+    from harness.verdict import NotRun
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="smollm2-135m",
+                  case="gemv_tc", thresholds={"cosine_min": 0.999}, subject_factory=lambda ctx: None)
+    _shapes("smollm2-135m")
+    with pytest.raises(NotRun, match="Q4_1"):
+        logit_parity(ctx)
