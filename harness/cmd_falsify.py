@@ -27,7 +27,6 @@ Any other option is passed to pytest unchanged, for example
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the epilog's line breaks
-    parser.usage = "%(prog)s [-h] [--signoff] [--contracts-dir DIR] [--reports-dir DIR] [--run-id ID] [pytest options]"
     parser.add_argument("--signoff", action="store_true",
                         help="fail unless every test is CORROBORATED and every control FALSIFIED")
     parser.add_argument("--contracts-dir", type=Path, default=Path("contracts"), help="default: ./contracts")
@@ -39,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bind a model name the contracts use to a GGUF file (repeatable)")
     parser.add_argument("--student", default=None, metavar="NAME|PATH",
                         help="student paired with --teacher (default: synthetic, sized to its vocab)")
+    # argparse's own usage line, plus what it cannot know: the options that go to pytest
+    parser.usage = parser.format_usage().removeprefix("usage: ").strip() + " [pytest options]"
 
 
 def pytest_argv(args: argparse.Namespace) -> list[str]:
