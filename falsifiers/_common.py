@@ -156,6 +156,12 @@ def _divide_rope_frequencies(model: Any, factors: torch.Tensor, path: Path) -> N
         rotary.original_inv_freq = scaled.clone()
 
 
+def release_oracle_models() -> None:
+    """Forget the cached oracle models, so the memory is freed once no caller holds one
+    (the test session keeps one real model at a time)."""
+    _MODELS.clear()
+
+
 def oracle_model(path: Path) -> Any:
     """transformers' F32 model of the GGUF file ``path`` (eval mode; callers must not change it)."""
     import transformers

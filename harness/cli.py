@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        # allow_abbrev=False: with abbreviations on, `q4k distill --teacher T` was silently read
+        # as --teacher-backend T and failed with a baffling "invalid choice"
+        p = sub.add_parser(verb, help=help_text, description=help_text, allow_abbrev=False)
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -10,12 +10,23 @@ passed to pytest unchanged, e.g. ``q4k falsify --signoff -k VOCAB -x``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 accepts_extra_args = True  # harness.cli passes unknown options through as args.extra_args
 
 
+EPILOG = """\
+Any other option is passed to pytest unchanged, for example
+  q4k falsify -k VOCAB -x          select items by name, stop at the first failure
+  q4k falsify --signoff -n auto    sign-off run, one pytest-xdist worker per GPU
+  q4k falsify --collect-only -q    list the contract items without running them
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the epilog's line breaks
     parser.add_argument("--signoff", action="store_true",
                         help="fail unless every test is CORROBORATED and every control FALSIFIED")
     parser.add_argument("--contracts-dir", type=Path, default=Path("contracts"), help="default: ./contracts")
@@ -27,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bind a model name the contracts use to a GGUF file (repeatable)")
     parser.add_argument("--student", default=None, metavar="NAME|PATH",
                         help="student paired with --teacher (default: synthetic, sized to its vocab)")
+    # argparse's own usage line, plus what it cannot know: the options that go to pytest
+    parser.usage = parser.format_usage().removeprefix("usage: ").strip() + " [pytest options]"
 
 
 def pytest_argv(args: argparse.Namespace) -> list[str]:
@@ -56,13 +69,32 @@ def pytest_argv(args: argparse.Namespace) -> list[str]:
     return argv + extra
 
 
+def _selection(argv: list[str]) -> str:
+    """The -k/-m options of a pytest command line, as typed ("" when there are none)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("-k", "-m") and i + 1 < len(argv):
+            found.append(f"{arg} {argv[i + 1]!r}")
+        elif arg.startswith(("-k", "-m")) and len(arg) > 2 and not arg.startswith("--"):
+            found.append(f"{arg[:2]} {arg[2:]!r}")
+    return " ".join(found)
+
+
 def run(args: argparse.Namespace) -> int:
     import pytest  # imported here so `q4k --help` stays fast
 
     if not args.contracts_dir.is_dir():
-        print(f"q4k falsify: contracts directory {args.contracts_dir} does not exist")
+        print(f"q4k falsify: contracts directory {args.contracts_dir} does not exist", file=sys.stderr)
         return 2
-    code = int(pytest.main(pytest_argv(args)))
+    argv = pytest_argv(args)
+    code = int(pytest.main(argv))
+    if code == int(pytest.ExitCode.NO_TESTS_COLLECTED):
+        # pytest's own "no tests ran" does not say that a selection emptied the run
+        selection = _selection(argv)
+        print(f"q4k falsify: {selection or 'the run'} selected no contract item in {args.contracts_dir}; "
+              f"nothing ran and no report was written (list the items with --collect-only -q)",
+              file=sys.stderr)
+        return code
     from harness.results import read_latest
 
     run_id = args.run_id or read_latest(args.reports_dir)

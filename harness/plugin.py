@@ -422,9 +422,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if state is None or not state.report_paths:
         return
     overall = state.overall
-    counts = ", ".join(f"{n} {v}" for v, n in overall["counts"].items() if n)
     terminalreporter.section("q4k contracts")
-    terminalreporter.write_line(f"{overall['label']}: {counts or 'no items'}")
+    terminalreporter.write_line(f"{overall['label']}: {'; '.join(overall['headline']) or 'no items'}")
     for line in overall["problems"][:20]:
         terminalreporter.write_line(f"  - {line}")
     terminalreporter.write_line(f"report: {state.report_paths['html']}")

@@ -8,6 +8,7 @@ autoescaping on, so contract text can never inject markup.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -27,6 +28,9 @@ from harness.verdict import Verdict, item_passes
 UNFINISHED = "UNFINISHED"
 VERDICT_ORDER = [str(v) for v in Verdict] + [UNFINISHED]
 MOVED_FRACTION = 0.10  # a measured value that moved by more than this against the previous run is listed
+# Timings below this many seconds are left out of that comparison: a 0.02 s item that
+# took 0.03 s moved 50% by scheduler noise, and listing it hides the moves that matter.
+TIMING_FLOOR_S = 1.0
 
 
 @dataclass
@@ -78,18 +82,50 @@ def some_of(labels: list[str], shown: int = LISTED) -> str:
     return head + (f" ... and {len(labels) - shown} more" if len(labels) > shown else "")
 
 
-def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
-    counts = Counter(str(r.get("verdict")) for r in records)
-    # one line per distinct (verdict, reason): 20 items NOT RUN for want of CUDA read as one fact
+def _kind_counts(records: list[dict[str, Any]], control: bool) -> dict[str, int]:
+    counts = Counter(str(r.get("verdict")) for r in records if bool(r.get("control")) is control)
+    return {v: counts[v] for v in VERDICT_ORDER if counts.get(v)}
+
+
+def headline(records: list[dict[str, Any]]) -> list[str]:
+    """The banner's count lines, predictions and controls apart: a FALSIFIED control is the
+    wanted outcome, so one "8 FALSIFIED" for both kinds reads like 8 failures."""
+    lines = []
+    for control, noun, wanted in ((False, "predictions", str(Verdict.CORROBORATED)),
+                                  (True, "controls", str(Verdict.FALSIFIED))):
+        counts = _kind_counts(records, control)
+        total = sum(counts.values())
+        if not total:
+            continue
+        rest = [f"{n} {v}" for v, n in counts.items() if v != wanted]
+        lines.append(f"{counts.get(wanted, 0)}/{total} {noun} {wanted}" + (f" ({', '.join(rest)})" if rest else ""))
+    return lines
+
+
+def problem_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items that stand in the way of sign-off, one group per (verdict, reason), largest first:
+    twenty items NOT RUN for want of CUDA are one fact with twenty ids, not twenty facts."""
     grouped: dict[tuple[str, str], list[str]] = {}
     for r in records:
         if _passes(r) is not True:
             grouped.setdefault((str(r.get("verdict")), str(r.get("reason", ""))), []).append(_label(r))
-    problems = [
-        f"{labels[0]}: {verdict}: {reason}" if len(labels) == 1
-        else f"{len(labels)} items {verdict}: {reason} ({some_of(labels)})"
-        for (verdict, reason), labels in grouped.items()
-    ]
+    groups = [{"verdict": v, "reason": reason, "labels": labels} for (v, reason), labels in grouped.items()]
+    # failures before items that did not run, then the biggest group first
+    groups.sort(key=lambda g: (g["verdict"] in (str(Verdict.NOT_RUN), str(Verdict.UNBOUND)), -len(g["labels"])))
+    return groups
+
+
+def _problem_text(group: dict[str, Any]) -> str:
+    labels = group["labels"]
+    if len(labels) == 1:
+        return f"{labels[0]}: {group['verdict']}: {group['reason']}"
+    return f"{len(labels)} items {group['verdict']}: {group['reason']} ({some_of(labels)})"
+
+
+def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, Any]:
+    counts = Counter(str(r.get("verdict")) for r in records)
+    groups = problem_groups(records)
+    problems = [_problem_text(g) for g in groups]
     problems += [f"collection error: {e.get('text') or e.get('message')}" for e in run.collection_errors]
     problems += [f"results.jsonl line {c['line']} is corrupt: {c['error']}" for c in run.corrupt_lines]
     if run.deselected:
@@ -103,6 +139,7 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
         "ready": ready,
         "label": "SIGN-OFF READY" if ready else "NOT READY",
         "counts": {v: counts.get(v, 0) for v in VERDICT_ORDER},
+        "headline": headline(records),
         "total": len(records),
         "predictions": sum(1 for r in records if not r.get("control")),
         "controls": sum(1 for r in records if r.get("control")),
@@ -111,7 +148,37 @@ def overall_verdict(run: RunData, records: list[dict[str, Any]]) -> dict[str, An
         "interrupted": run.interrupted,
         "interrupted_reason": run.interrupted_reason,
         "problems": problems,
+        "problem_groups": groups,
+        # the lines after the item groups: collection errors, corrupt lines, deselection, no items
+        "other_problems": problems[len(groups):],
     }
+
+
+def _parse_time(text: Any) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+
+
+def run_facts(run: RunData) -> list[tuple[str, str]]:
+    """The header line a sign-off names: when it finished, how long it took, where, on which GPU."""
+    header = run.headers[0] if run.headers else {}
+    env = header.get("environment") or {}
+    started = _parse_time(header.get("started_at"))
+    finished = max((t for f in run.footers if (t := _parse_time(f.get("finished_at"))) is not None), default=None)
+    if started is not None and finished is not None:
+        seconds = (finished - started).total_seconds()
+        minutes, secs = divmod(round(seconds), 60)
+        duration = f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+    else:
+        duration = "unknown (no end-of-run record)"
+    return [
+        ("finished", finished.isoformat() if finished is not None else "did not finish (no end-of-run record)"),
+        ("duration", duration),
+        ("host", str(env.get("hostname") or "not recorded")),
+        ("GPU", str(env.get("gpu") or ("none (" + str(env["gpu_error"]) + ")" if env.get("gpu_error") else "not recorded"))),
+    ]
 
 
 def _rows(run: RunData, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -344,6 +411,8 @@ def compare_runs(records: list[dict[str, Any]], previous: list[dict[str, Any]]) 
             a, b = _number(old_m.get(name)), _number(m)
             if a is None or b is None or a == b:
                 continue
+            if m.get("unit") == "s" and max(abs(a), abs(b)) < TIMING_FLOOR_S:
+                continue
             rel = abs(b - a) / abs(a) if a else math.inf
             if rel > MOVED_FRACTION:
                 moved.append({"label": _label(r), "name": name, "before": a, "after": b,
@@ -367,21 +436,42 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def model_facts(record: dict[str, Any] | None, limit: int = 8) -> list[tuple[str, Any]]:
+    """The whole-number measurements of a row's own item (vocab sizes, dimensions, counts).
+
+    A rule is written once per test, often with the numbers of its main model (FT-VOCAB-ALIGN-001
+    names 152064/151936); the row of another model shows what that model measured instead.
+    Integers, because those are the structural facts; measured results are in the comparisons.
+    """
+    out = []
+    for name, m in ((record or {}).get("measurements") or {}).items():
+        value = m.get("value") if isinstance(m, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            out.append((name, value))
+    return out[:limit]
+
+
 def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, Any],
                 comparison: dict[str, Any] | None = None) -> str:
     header = run.headers[0] if run.headers else {}
     env = _env()
     env.filters["fmt"] = _fmt
+    # contract -> tests in contract order -> one row per model: the rule is printed once per test
     by_contract: dict[str, list[dict[str, Any]]] = {}
     for row in _rows(run, records):
         row["charts"] = row_charts(row)
-        by_contract.setdefault(row["contract"], []).append(row)
+        row["facts"] = model_facts(row.get("prediction"))
+        tests = by_contract.setdefault(row["contract"], [])
+        if not tests or tests[-1]["test"]["id"] != row["test"]["id"]:
+            tests.append({"test": row["test"], "rows": []})
+        tests[-1]["rows"].append(row)
     hypothesis = hypothesis_stats(records)
     return env.get_template("report.html").render(
         run_id=run.run_id,
         header=header,
         environment=header.get("environment", {}),
         overall=overall,
+        run_facts=run_facts(run),
         contracts={c["path"]: c for c in run.contracts},
         by_contract=by_contract,
         collection_errors=run.collection_errors,
@@ -394,6 +484,7 @@ def render_html(run: RunData, records: list[dict[str, Any]], overall: dict[str, 
         key_environment=key_environment(header.get("environment") or {}),
         workers=worker_table(run, records),
         comparison=comparison,
+        timing_floor_s=TIMING_FLOOR_S,
     )
 
 

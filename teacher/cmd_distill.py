@@ -126,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as exc:
-        # VocabMismatchError and GGUFError are ValueErrors: their messages name the sizes / tensor
-        return _fail(f"{type(exc).__name__}: {exc}")
+        # VocabMismatchError and GGUFError are ValueErrors: their messages name the sizes / tensor.
+        # The message alone: a Python class name in front of it tells a user nothing.
+        return _fail(str(exc))
     except Exception as exc:
         if type(exc).__name__ == "ModelUnavailable":
             return _fail(f"teacher model unavailable: {exc}")
@@ -239,7 +240,12 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         teacher, student, train, cfg, output_dir=args.output, checkpoint_dir=args.output / "checkpoint",
         resume=args.resume,
     )
-    if not result.completed:
+    if result.completed:
+        from teacher.student import CONFIG_NAME, WEIGHTS_NAME
+
+        say(f"q4k distill: student saved in {args.output} ({WEIGHTS_NAME}, {CONFIG_NAME}); "
+            f"load it with teacher.student.load_student")
+    else:
         say(f"stopped after {result.steps} steps (--max-steps); rerun with --resume to continue")
     after = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
                         chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)

