@@ -1,18 +1,15 @@
-"""tools/screenshot_report.py: the whole page, measured, in one PNG (headless Chromium)."""
+"""harness/screenshot.py: the whole page, measured, in one PNG (headless Chromium)."""
 
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
+from harness import screenshot as screenshot_report
 from harness.report import build_report
 from tests.test_report_browser import CHROMIUM, FIXTURE, NOT_READY_RED, count_color
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import screenshot_report  # tools/ is not a package: found through the path entry above
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install chromium)")
 

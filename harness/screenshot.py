@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Render a report.html to PNG with headless Chromium (standard library only).
 
-    python3 tools/screenshot_report.py reports/<run-id>/report.html -o docs/report-gpu.png
-    python3 tools/screenshot_report.py REPORT.html -o top.png --height 1400   # the first screen only
+    python3 -m harness.screenshot reports/<run-id>/report.html -o docs/report-gpu.png
+    python3 -m harness.screenshot REPORT.html -o top.png --height 1400   # the first screen only
 
 Chromium's --screenshot captures the window, not the page, so the page's height is
 measured first: a temporary copy of the report with one line of script that writes
@@ -77,19 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromium", default=None, help="the browser binary (default: found on PATH)")
     args = parser.parse_args(argv)
     if not args.report.is_file():
-        print(f"screenshot_report: {args.report}: no such file", file=sys.stderr)
+        print(f"q4k screenshot: {args.report}: no such file", file=sys.stderr)
         return 2
     chromium = args.chromium or find_chromium()
     if chromium is None:
-        print(f"screenshot_report: no Chromium found on PATH (looked for {', '.join(NAMES)}); "
+        print(f"q4k screenshot: no Chromium found on PATH (looked for {', '.join(NAMES)}); "
               "Debian: apt-get install chromium, or pass --chromium", file=sys.stderr)
         return 2
     try:
         height = screenshot(args.report, args.output, chromium, args.width, args.height)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"screenshot_report: {exc}", file=sys.stderr)
+        print(f"q4k screenshot: {exc}", file=sys.stderr)
         return 1
-    print(f"screenshot_report: {args.output} ({args.width} x {height} px)")
+    print(f"q4k screenshot: {args.output} ({args.width} x {height} px)")
     return 0
 
 
