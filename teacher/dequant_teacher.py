@@ -22,8 +22,8 @@ from torch.profiler import record_function
 
 from teacher.config import ModelConfig
 from teacher.forward import matmul_into, matmul_label
-from teacher.provider import as_id_batch, effective_vocab
-from teacher.runtime import ForwardRunner, frozen_chunks, logits_dtype
+from teacher.provider import effective_vocab
+from teacher.runtime import ForwardRunner
 
 if TYPE_CHECKING:
     from teacher.gguf_file import GGUFModel, TensorRecord
@@ -169,11 +169,7 @@ class DequantTeacher:
         self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
     ) -> torch.Tensor:
         """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16), truncated before any softmax."""
-        ids = as_id_batch(input_ids, self.native_vocab, self.cfg.context)  # before any compute
-        # no_grad rather than inference_mode: inference tensors cannot be saved for
-        # backward, and a KD loss against a trainable student must save them
-        with torch.no_grad():
-            return self.runner.logits(ids, self._vocab, logits_dtype(dtype)).detach()
+        return self.runner.batch_logits(input_ids, self._vocab, dtype)
 
     def logit_chunks(
         self,
@@ -183,5 +179,4 @@ class DequantTeacher:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
         ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
-        ids = as_id_batch(input_ids, self.native_vocab, self.cfg.context)
-        return frozen_chunks(self.runner.logit_chunks(ids, self._vocab, logits_dtype(dtype), chunk_tokens))
+        return self.runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)

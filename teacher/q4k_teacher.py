@@ -33,9 +33,9 @@ from teacher.config import ModelConfig
 from teacher.consistency import check_model
 from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
-from teacher.provider import as_id_batch, effective_vocab
+from teacher.provider import effective_vocab
 from teacher.quants import dequantize
-from teacher.runtime import ForwardRunner, frozen_chunks, logits_dtype
+from teacher.runtime import ForwardRunner
 
 log = logging.getLogger("teacher.q4k")
 
@@ -331,11 +331,7 @@ class Q4KTeacher:
     ) -> torch.Tensor:
         """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16) on the teacher's GPU,
         truncated before any softmax."""
-        ids = as_id_batch(input_ids, self._native_vocab, self.config.context)
-        # no_grad, not inference_mode: a KD loss must be able to save these logits for the
-        # student's backward, and inference tensors cannot be saved
-        with torch.no_grad(), torch.cuda.device(self.device):
-            return self._runner.logits(ids, self._vocab, logits_dtype(dtype)).detach()
+        return self._runner.batch_logits(input_ids, self._vocab, dtype)
 
     def logit_chunks(
         self,
@@ -345,10 +341,7 @@ class Q4KTeacher:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
         ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
-        ids = as_id_batch(input_ids, self._native_vocab, self.config.context)
-        with torch.cuda.device(self.device):
-            chunks = self._runner.logit_chunks(ids, self._vocab, logits_dtype(dtype), chunk_tokens)
-        return frozen_chunks(chunks)
+        return self._runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
 
     def device_weights(self) -> dict[str, DeviceWeight]:
         return dict(self._ops.weights)

@@ -18,16 +18,17 @@ timed through the same machinery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from teacher.config import ModelConfig
 from teacher.forward import WeightOps, head_logits, hidden_states
-from teacher.provider import truncate_logits
+from teacher.provider import as_id_batch, truncate_logits
 
 log = logging.getLogger("teacher.runtime")
 
@@ -137,3 +138,30 @@ class ForwardRunner:
         h = self.hidden(ids)
         out = torch.empty((b * t, self.cfg.vocab_size), dtype=dtype, device=h.device)
         return truncate_logits(head_logits(self.cfg, self.ops, h, out).view(b, t, -1), vocab)
+
+    # -- the provider boundary both teachers expose ---------------------------
+    def _on_device(self) -> Any:
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def batch_logits(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], vocab: int,
+        dtype: str | torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``logits_for_batch`` of a teacher: ids checked on the host before any compute,
+        [B, T, vocab] of ``dtype``, truncated before any softmax."""
+        ids = as_id_batch(input_ids, self.cfg.vocab_size, self.cfg.context)
+        # no_grad rather than inference_mode: inference tensors cannot be saved for
+        # backward, and a KD loss against a trainable student must save them
+        with torch.no_grad(), self._on_device():
+            return self.logits(ids, vocab, logits_dtype(dtype)).detach()
+
+    def batch_logit_chunks(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], vocab: int,
+        chunk_tokens: int = HEAD_CHUNK_ROWS, dtype: str | torch.dtype = torch.bfloat16,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``logit_chunks`` of a teacher: (first token row, logits [rows, vocab]) in order,
+        ``chunk_tokens`` at a time, each frozen (no_grad, detached)."""
+        ids = as_id_batch(input_ids, self.cfg.vocab_size, self.cfg.context)
+        with self._on_device():
+            chunks = self.logit_chunks(ids, vocab, logits_dtype(dtype), chunk_tokens)
+        return frozen_chunks(chunks)
