@@ -23,7 +23,7 @@ import dev  # the repo root, where nox finds this file, holds dev.py
 
 OFFLINE = os.environ.get("Q4K_NOX_OFFLINE") == "1"
 BACKEND = "none" if OFFLINE else "venv"
-LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels", "tools", "dev.py"]
+LINT_PATHS = ["harness", "falsifiers", "teacher", "cupy_kernels", "dev.py"]
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
