@@ -33,7 +33,7 @@ import torch
 
 from falsifiers._common import model_path, random_ids, require_host_f32, student_for
 from harness.context import Context
-from harness.memory import GB, release_gpu, warm_cuda
+from harness.memory import GB, cupy_pool_bytes, release_gpu, warm_cuda
 from harness.registry import falsifier, subject
 
 # -- helpers ----------------------------------------------------------------------------
@@ -110,14 +110,7 @@ class _HostPeak:
 
 
 def _allocator_peak() -> float:
-    total = float(torch.cuda.max_memory_allocated())
-    try:
-        import cupy
-
-        total += float(cupy.get_default_memory_pool().total_bytes())  # the Q4K weights live here
-    except ImportError:
-        pass
-    return total
+    return float(torch.cuda.max_memory_allocated() + cupy_pool_bytes())  # the Q4K weights: CuPy's pool
 
 
 # -- FT-Q4K-TEACHER-005 --------------------------------------------------------------------

@@ -217,10 +217,7 @@ class MemorySampler:
         except Exception:
             pass
         try:
-            import cupy
-
-            pool = cupy.get_default_memory_pool()
-            out["cupy_pool_total"] = int(pool.total_bytes())
+            out["cupy_pool_total"] = cupy_pool_bytes()
         except Exception:
             pass
         return out
@@ -288,6 +285,15 @@ def sampling_within_budget(
         except KeyboardInterrupt:
             if not guard.tripped:
                 raise
+
+
+def cupy_pool_bytes() -> int:
+    """Bytes CuPy's default pool holds on the current device (where the Q4K weights live); 0 without CuPy."""
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    return int(cupy.get_default_memory_pool().total_bytes())
 
 
 def warm_cuda() -> None:

@@ -187,15 +187,6 @@ def _cuda_library_dirs() -> list[str]:
     return dirs
 
 
-def _cupy_pool_bytes() -> int:
-    """Bytes CuPy's default pool holds (0 without CuPy)."""
-    try:
-        import cupy
-    except ImportError:
-        return 0
-    return int(cupy.get_default_memory_pool().total_bytes())
-
-
 def _check_executable(binary: Path) -> None:
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise FileNotFoundError(f"--llama-bench {binary}: not an executable file")
@@ -238,7 +229,7 @@ def bench_teacher(
     llama_bench: Path | None = None,
     backends: Sequence[str] = tuple(BACKENDS),
 ) -> dict[str, Any]:
-    from harness.memory import MemorySampler, release_gpu, warm_cuda
+    from harness.memory import MemorySampler, cupy_pool_bytes, release_gpu, warm_cuda
 
     if llama_bench is not None:
         _check_executable(llama_bench)  # before minutes of benchmarking, not after
@@ -273,7 +264,7 @@ def bench_teacher(
                 for batch, seq in shapes:
                     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
                     row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
-            cupy_bytes = _cupy_pool_bytes()
+            cupy_bytes = cupy_pool_bytes()
             del teacher
         for m in (mem, m32, m16):
             m.check_ok()
