@@ -3,7 +3,8 @@
 // decodes weights only through Fmt<QT>::dq from dequant.cuh.
 //
 // Conventions: W is the raw bytes of an [N, K] GGUF tensor (row n = K/QK
-// blocks), X is [M, K] activations, F32 or BF16 (XB = true: raw bf16 bits),
+// blocks), X is [M, K] activations, F32 or BF16 (XB = true: raw bf16 bits;
+// the fused GEMM and the decode also take F16: XT / OT = 0 f32, 1 bf16, 2 f16),
 // Y is [M, N] F32.  K % 16 == 0 always holds (K % QK is checked on the host).
 // The launcher (launch.py) guarantees 16-byte aligned W and X base pointers.
 #include "dequant.cuh"
@@ -156,13 +157,36 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void mma_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// the fused GEMM's element type: f16 tiles for f16 activations (3 more mantissa
+// bits than bf16, which is what keeps a 28-layer forward within FT-003), bf16 else
+template <bool H>
+__device__ __forceinline__ void mma_h(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (H) mma_f16(c, a, b0, b1);
+    else mma_bf16(c, a, b0, b1);
+}
 // round-to-nearest-even pack: low half = lo
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <bool H = false>
 __device__ __forceinline__ uint4 pack8(const float* v) {
+    if (H)
+        return make_uint4(pack_f16(v[0], v[1]), pack_f16(v[2], v[3]), pack_f16(v[4], v[5]),
+                          pack_f16(v[6], v[7]));
     return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
                       pack_bf16(v[6], v[7]));
 }
@@ -210,15 +234,16 @@ __device__ __forceinline__ void stage_w(u8* Raw, const u8* __restrict__ W, long 
 // reuses Fmt<QT>::dq on shared-memory pointers; (3) issue the next step's raw
 // copy; (4) mma.  Split-K (gridDim.z > 1) for grids too small to fill the GPU:
 // each z-slice takes a range of K-steps and atomically adds into a zeroed Y.
-template <int QT, bool XB>
+template <int QT, int XT>
 __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, const void* __restrict__ X,
                                                    float* __restrict__ Y, int M, int N, int K,
                                                    int steps_per_split) {
     typedef Fmt<QT> F;
     typedef Stage<QT> S;
+    constexpr bool H = XT == 2;  // f16 tiles and mma (else bf16; f32 x is rounded to bf16)
     extern __shared__ __align__(16) u8 smem[];
-    u16* As = (u16*)smem;         // [GBM][GPITCH] bf16, row m, col k
-    u16* Bs = As + GBM * GPITCH;  // [GBN][GPITCH] bf16, row n, col k
+    u16* As = (u16*)smem;         // [GBM][GPITCH] bf16 / f16, row m, col k
+    u16* Bs = As + GBM * GPITCH;  // [GBN][GPITCH] bf16 / f16, row n, col k
     u8* Raw = (u8*)(Bs + GBN * GPITCH);  // [GBN][RAWP] raw GGUF bytes
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // M tiles vary fastest so the blocks sharing one weight tile run together
@@ -250,7 +275,7 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
                 const int r = c >> 4, kk = (c & 15) * 8, m = m0 + r;
                 pk[i] = make_uint4(0u, 0u, 0u, 0u);
                 if (m < M && kk < klen) {
-                    if (XB) {
+                    if (XT != 0) {  // bf16 / f16 bits go to the tile as they are
                         pk[i] = __ldg((const uint4*)((const u16*)X + (long long)m * K + k0 + kk));
                     } else {
                         float xs[8];
@@ -284,8 +309,8 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
                 int p0, p1;
                 F::dq(Raw + r * S::RAWP + (int)(gs & 15) + (blk - blk0) * F::BYTES, g, v, p0, p1);
                 const int c0 = blk * F::QK + p0 - k0, c1 = blk * F::QK + p1 - k0;
-                *(uint4*)(Bs + r * GPITCH + c0) = pack8(v);
-                *(uint4*)(Bs + r * GPITCH + c1) = pack8(v + 8);
+                *(uint4*)(Bs + r * GPITCH + c0) = pack8<H>(v);
+                *(uint4*)(Bs + r * GPITCH + c1) = pack8<H>(v + 8);
             }
         }
         __syncthreads();  // As/Bs complete; Raw free
@@ -308,7 +333,7 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) mma_bf16(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+                for (int nt = 0; nt < 4; ++nt) mma_h<H>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
         }
         __syncthreads();  // mma done reading As/Bs before the next step overwrites them
     }
@@ -806,10 +831,10 @@ __global__ void __launch_bounds__(256) embed(const u8* __restrict__ W, const voi
 
 // ---------------------------------------------------------------------------
 // Chunked dequantization for the large-M path: rows [row0, row0+nrows) of W
-// decoded to a bf16 (OUTBF = true) or f32 scratch [nrows, K] that cuBLAS then
-// multiplies.  The launcher bounds the scratch (64 MiB by default), so the
-// whole weight never exists dequantized.
-template <int QT, bool OUTBF, int U>
+// decoded to an f32 (OT = 0), bf16 (1) or f16 (2) scratch [nrows, K] that cuBLAS
+// then multiplies.  The launcher bounds the scratch (DEQUANT_SCRATCH_BYTES), so
+// the whole weight never exists dequantized.
+template <int QT, int OT, int U>
 __global__ void __launch_bounds__(256) dequant_rows(const u8* __restrict__ W, void* __restrict__ Out,
                                                     int nrows, int K, long long row0) {
     // The rows of a chunk are contiguous in W and in Out, so the chunk is one flat
@@ -839,10 +864,10 @@ __global__ void __launch_bounds__(256) dequant_rows(const u8* __restrict__ W, vo
 #pragma unroll
         for (int j = 0; j < U; ++j) {
             if (o[j] < 0) continue;
-            if (OUTBF) {
+            if (OT != 0) {
                 u16* out = (u16*)Out + o[j];
-                *(uint4*)(out + p0[j]) = pack8(v[j]);
-                *(uint4*)(out + p1[j]) = pack8(v[j] + 8);
+                *(uint4*)(out + p0[j]) = pack8<OT == 2>(v[j]);
+                *(uint4*)(out + p1[j]) = pack8<OT == 2>(v[j] + 8);
             } else {
                 float4* a = (float4*)((float*)Out + o[j] + p0[j]);
                 float4* b = (float4*)((float*)Out + o[j] + p1[j]);

@@ -4,10 +4,12 @@ Two kernel families, one launcher each:
 
 * :func:`qmatmul` -- ``y = x @ W.T`` from the raw GGUF bytes of ``W`` ([N, K]);
   a GEMV for small M (tensor-core on exact integer weights for K-quants with
-  bf16 x up to M = 32, float decode up to M = 8 otherwise), a bf16 tensor-core
-  GEMM (weights decoded tile by tile into shared memory) up to M = 127, and
-  dequantize + cuBLAS in bounded chunks above that (:func:`dispatch_path`).
-* :func:`qdequant` -- rows of W decoded to float32 / bf16 (the large-M path's
+  bf16 x up to M = 32, float decode up to M = 8 otherwise), a bf16 / f16
+  tensor-core GEMM (weights decoded tile by tile into shared memory) below
+  DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
+  (:func:`dispatch_path`).  x may be float32, bfloat16 or float16; the GEMM and
+  the decode keep f16 x in f16 (the GEMV family takes it as float32).
+* :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
   decode, also used by the teacher, which runs the GEMM through torch).
 * :func:`qembed` -- embedding row gather from a quantized table.
 
@@ -191,19 +193,22 @@ def _b(v: bool) -> str:
     return "true" if v else "false"
 
 
+# activation kinds of the fused GEMM and the decode (template XT / OT in kernels.cu)
+X_F32, X_BF16, X_F16 = 0, 1, 2
+
+
 def _names(qt: int) -> list[str]:
-    names = []
+    names = [f"mma_gemm<{qt}, {xt}>" for xt in (X_F32, X_BF16, X_F16)]
+    names += [f"dequant_rows<{qt}, {ot}, {u}>" for ot in (X_F32, X_BF16, X_F16) for u in _DEQUANT_UNROLLS]
     for xb in (False, True):
         for mt in _GEMV_MT:
             shapes = GEMV_SMALL_VARIANTS if mt <= 2 else ((2, 2),)
             for r, u in shapes:
                 names.append(f"gemv<{qt}, {mt}, {r}, {u}, {_b(xb)}>")
-        names.append(f"mma_gemm<{qt}, {_b(xb)}>")
         if xb and qt in _TC_TYPES:
             names += [f"gemv_tc<{qt}, true, 1>"] + [f"gemv_tc<{qt}, false, {nt}>" for nt in _TC_NT]
             if qt in _M1_KERNELS:
                 names.append(f"{_M1_KERNELS[qt]}<{qt}>")
-        names += [f"dequant_rows<{qt}, {_b(xb)}, {u}>" for u in _DEQUANT_UNROLLS]
         names.append(f"embed<{qt}, {_b(xb)}>")
     return names
 
@@ -278,7 +283,7 @@ def _as_cupy(a: Any, arg: str, *, bf16_ok: bool = False) -> tuple[Any, bool]:
     """CuPy view of a CuPy array or torch CUDA tensor (no copy).
 
     Returns (array, is_bf16); bf16 data comes back as a uint16/int16 view of its bits
-    because CuPy has no bfloat16 dtype.
+    because CuPy has no bfloat16 dtype (float16 is CuPy's own float16).
     """
     cp = _cp()
     if isinstance(a, cp.ndarray):
@@ -345,18 +350,19 @@ def qmatmul(
 ) -> Any:
     """``y = x @ W.T`` with W the raw GGUF bytes of an [n, k] tensor of ``qtype``.
 
-    x: [M, k] float32 or bfloat16 (CuPy or torch CUDA).  Returns a new (or the
-    given ``out``) CuPy float32 array [M, n].  ``path``:
+    x: [M, k] float32, bfloat16 or float16 (CuPy or torch CUDA).  Returns a new
+    (or the given ``out``) CuPy float32 array [M, n].  ``path``:
 
     * "gemv": exact weights, float32 accumulation: for bf16 x and Q4_K/Q5_K/Q6_K
       the tensor-core GEMV up to M = GEMV_TC_MAX_M (integer weights in bf16,
       exact products; at M = 1 only as GEMV_TC_M1_MIN_WEIGHTS says), else the
       float32-decode GEMV up to M = GEMV_MAX_M;
-    * "mma": fused kernel, weight tiles decoded to bf16 in shared memory and fed
-      to mma.sync (x rounded to bf16), float32 accumulation;
+    * "mma": fused kernel, weight tiles decoded to bf16 (f16 for f16 x) in shared
+      memory and fed to mma.sync (f32 x rounded to bf16), float32 accumulation;
     * "dequant": rows of W decoded in chunks into a scratch of at most
-      DEQUANT_SCRATCH_BYTES (bf16 for bf16 x, f32 for f32 x) and multiplied by
-      cuBLAS (bf16, or TF32 tensor cores for f32 x), float32 output;
+      DEQUANT_SCRATCH_BYTES (x's dtype; f32 for f32 x) and multiplied by cuBLAS
+      (bf16 / f16, or TF32 tensor cores for f32 x), float32 output;
+    f16 x on the GEMV family is converted to float32 first (M <= 32: small).
     * "auto": what :func:`dispatch_path` says: gemv for M <= GEMV_MAX_M, dequant
       for M >= DEQUANT_MIN_M, mma between ("gemv1_tc" and "gemv_tc" name members
       of the gemv family and are accepted as "gemv").
@@ -381,8 +387,8 @@ def qmatmul(
         raise ValueError("x has M=0 rows")
     if int(xc.shape[1]) != k:
         raise ValueError(f"x has K={xc.shape[1]} columns but k={k}")
-    if not xb and xc.dtype != cp.float32:
-        raise ValueError(f"x must be float32 or bfloat16, got dtype {xc.dtype}")
+    if not xb and xc.dtype not in (cp.float32, cp.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {xc.dtype}")
     if not xc.flags.c_contiguous:
         # activations are small next to W; a contiguous copy keeps the kernels' 16-byte loads
         xc = cp.ascontiguousarray(xc)
@@ -394,6 +400,9 @@ def qmatmul(
         path = dispatch_path(m, q, n, k, x_is_bf16=xb)
     if path.startswith("gemv"):  # the GEMV family: which GEMV, the rules below decide
         path = "gemv"
+        if xc.dtype == cp.float16:  # the GEMVs read f32 or bf16 x: f32 holds f16 exactly
+            xc = xc.astype(cp.float32)
+    xt = X_BF16 if xb else X_F16 if xc.dtype == cp.float16 else X_F32
     use_gemv = path == "gemv"
     use_tc = use_gemv and _tc_applies(q, m, n, k, xb)
     if use_gemv and not use_tc and m > GEMV_MAX_M:
@@ -433,10 +442,10 @@ def qmatmul(
             fn = _kernel(q, f"gemv<{int(q)}, {mt}, {r}, {unroll}, {_b(xb)}>")
             fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(wpr), i32(int(GEMV_PREFETCH))))
         elif path == "dequant":
-            _dequant_matmul(cp, q, xc, xb, wc, y, m, n, k)
+            _dequant_matmul(cp, q, xc, xt, wc, y, m, n, k)
         else:
             smem = _gemm_smem(q)
-            fn = _kernel(q, f"mma_gemm<{int(q)}, {_b(xb)}>", smem)
+            fn = _kernel(q, f"mma_gemm<{int(q)}, {xt}>", smem)
             t = _GEMM_TILE
             mt_, nt_ = -(-m // t), -(-n // t)
             if nt_ > 65535:
@@ -525,12 +534,12 @@ def _gemv_tc(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) 
 
 _ONE = np.ones(1, dtype=np.float32)
 _ZERO = np.zeros(1, dtype=np.float32)
-_CUDA_R_32F, _CUDA_R_16BF = 0, 14
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
 _CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 _CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
 
 
-def _dequant_matmul(cp: Any, q: QT, xc: Any, xb: bool, wc: Any, y: Any, m: int, n: int, k: int) -> None:
+def _dequant_matmul(cp: Any, q: QT, xc: Any, xt: int, wc: Any, y: Any, m: int, n: int, k: int) -> None:
     """Large-M path: decode row chunks of W into a bounded scratch, cuBLAS each chunk.
 
     Row-major y[m, n0:n1] = x @ Wc.T is, column-major, Wc^T(n1-n0 x k) @ x^T(k x m)
@@ -538,15 +547,16 @@ def _dequant_matmul(cp: Any, q: QT, xc: Any, xb: bool, wc: Any, y: Any, m: int, 
     """
     from cupy.cuda import cublas
 
-    rows = dequant_chunk_rows(n, k, 2 if xb else 4)
-    scratch = cp.empty((rows, k), dtype=cp.uint16 if xb else cp.float32)
+    half = xt != X_F32
+    rows = dequant_chunk_rows(n, k, 2 if half else 4)
+    scratch = cp.empty((rows, k), dtype={X_F32: cp.float32, X_BF16: cp.uint16, X_F16: cp.float16}[xt])
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, 0)  # host alpha/beta
-    dtype = _CUDA_R_16BF if xb else _CUDA_R_32F
-    compute = _CUBLAS_COMPUTE_32F if xb else _CUBLAS_COMPUTE_32F_FAST_TF32
+    dtype = {X_F32: _CUDA_R_32F, X_BF16: _CUDA_R_16BF, X_F16: _CUDA_R_16F}[xt]
+    compute = _CUBLAS_COMPUTE_32F if half else _CUBLAS_COMPUTE_32F_FAST_TF32
     for n0 in range(0, n, rows):
         nr = min(rows, n - n0)
-        qdequant(wc, q, n, k, row0=n0, out=scratch[:nr], out_is_bf16=xb)
+        qdequant(wc, q, n, k, row0=n0, out=scratch[:nr], out_is_bf16=xt == X_BF16)
         cublas.gemmEx(
             handle, _CUBLAS_OP_T, _CUBLAS_OP_N, nr, m, k,
             _ONE.ctypes.data, scratch.data.ptr, dtype, k,
@@ -570,8 +580,8 @@ def qdequant(
     w: Any, qtype: Any, n: int, k: int, *, row0: int, out: Any, out_is_bf16: bool = False
 ) -> Any:
     """Decode rows ``row0 .. row0 + out.shape[0]`` of the quantized [n, k] tensor
-    ``w`` into ``out`` ([rows, k] float32 or bfloat16, CuPy or torch CUDA), on the
-    current stream.  ``out_is_bf16``: a CuPy uint16 ``out`` holds bf16 bits."""
+    ``w`` into ``out`` ([rows, k] float32, bfloat16 or float16, CuPy or torch CUDA),
+    on the current stream.  ``out_is_bf16``: a CuPy uint16 ``out`` holds bf16 bits."""
     q = _qtype(qtype)
     cp = _cp()
     wc, _ = _as_cupy(w, "w")
@@ -581,8 +591,8 @@ def qdequant(
         if oc.dtype not in (cp.uint16, cp.int16):
             raise ValueError(f"out_is_bf16=True needs out as uint16/int16 bf16 bits, got dtype {oc.dtype}")
         ob = True
-    elif not ob and oc.dtype != cp.float32:
-        raise ValueError(f"out must be float32 or bfloat16, got dtype {oc.dtype}")
+    elif not ob and oc.dtype not in (cp.float32, cp.float16):
+        raise ValueError(f"out must be float32, bfloat16 or float16, got dtype {oc.dtype}")
     if oc.ndim != 2 or int(oc.shape[1]) != k or not oc.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous [rows, {k}] array, got shape {tuple(oc.shape)}")
     rows = int(oc.shape[0])
@@ -594,7 +604,8 @@ def qdequant(
     with cp.cuda.Device(dev):
         units = k // 16
         grid = max(1, min(-(-rows * units // (256 * DEQUANT_UNROLL)), 16 * _sm_count(dev)))
-        fn = _kernel(q, f"dequant_rows<{int(q)}, {_b(ob)}, {DEQUANT_UNROLL}>")
+        ot = X_BF16 if ob else X_F16 if oc.dtype == cp.float16 else X_F32
+        fn = _kernel(q, f"dequant_rows<{int(q)}, {ot}, {DEQUANT_UNROLL}>")
         fn((grid,), (256,), (wc, oc, cp.int32(rows), cp.int32(k), cp.int64(row0)))
     return oc
 

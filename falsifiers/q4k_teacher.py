@@ -277,6 +277,10 @@ def _path_parity(ctx: Context, path: Path, kernel_path: str, cos_min: float) -> 
     teacher.ops.taken.clear()
     got = teacher.logits_for_batch(ids).float().cpu()[0]
     taken = dict(teacher.ops.taken)
+    # after the forward: an f16 overflow would have switched it to the fallback dtype
+    act = getattr(teacher, "activation_dtype", None)  # the unit tests' fakes have none
+    if act is not None:
+        ctx.measure("activation_dtype", str(act).removeprefix("torch."))
     del teacher
     release_gpu()
     ctx.measure("kernel_paths_taken", taken)

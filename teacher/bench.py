@@ -265,6 +265,8 @@ def bench_teacher(
                     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
                     row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
             cupy_bytes = cupy_pool_bytes()
+            if hasattr(teacher, "activation_dtype"):  # after the runs: a fallback shows here
+                row["activation_dtype"] = str(teacher.activation_dtype).removeprefix("torch.")
             del teacher
         for m in (mem, m32, m16):
             m.check_ok()

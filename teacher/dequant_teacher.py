@@ -75,6 +75,11 @@ class DenseOps:
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         return self._get(name)[ids].to(self.dtype)
 
+    def set_activation_dtype(self, dtype: torch.dtype) -> None:
+        """Store the 2-D weights (and so run the matmuls) in ``dtype`` from now on."""
+        self.dtype = dtype
+        self._w = {n: w.to(dtype) if w.dim() >= 2 else w for n, w in self._w.items()}
+
     def vector(self, name: str) -> torch.Tensor:
         return self._get(name)
 

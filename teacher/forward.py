@@ -4,10 +4,10 @@ Weights are reached only through a :class:`WeightOps`, by their GGUF tensor
 names, so the dense torch backend (``DenseOps``, the legacy F32 teacher and the
 dense-bf16 baseline) and the Q4K-native CUDA backend run this same code.
 Activations are torch tensors of ``ops.dtype`` (float32 for the reference,
-bfloat16 where a dense bf16 model would run bf16) on the ops' device; norms
-accumulate in float32 whatever that dtype is, attention is torch's SDPA (flash
-or cuDNN kernels for bf16 on a GPU), and the logits come out in the dtype the
-caller asks for (float32 by default).
+float16 for the Q4K teacher, bfloat16 for the dense bf16 baseline) on the ops'
+device; the residual stream and norms accumulate in float32 whatever that dtype
+is, attention is torch's SDPA (flash or cuDNN kernels for f16 / bf16 on a GPU),
+and the logits come out in the dtype the caller asks for (float32 by default).
 
 Profiling: each stage runs inside a ``torch.profiler.record_function`` range
 named by :data:`STAGES` (matmuls are labelled by the ops, see
@@ -66,6 +66,10 @@ class WeightOps(Protocol):
         ...
 
     def has(self, name: str) -> bool: ...
+
+    def set_activation_dtype(self, dtype: torch.dtype) -> None:
+        """Run later forwards with ``dtype`` activations (the f16-overflow fallback)."""
+        ...
 
 
 def rms_norm(

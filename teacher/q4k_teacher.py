@@ -40,6 +40,12 @@ from teacher.runtime import ForwardRunner
 log = logging.getLogger("teacher.q4k")
 
 MIB = float(1 << 20)
+# Activation dtypes the Q4K teacher runs. float16 is the default: its 10-bit
+# mantissa keeps a 28-layer 7B forward within FT-003's cosine 0.999 of the F32
+# reference, where bf16's 7 bits measured 0.9973 (and Gemma-3-270M 0.93 on CPU).
+# f16's range is narrower: a forward whose hidden states come out non-finite is
+# rerun in bfloat16 (ForwardRunner's fallback), with a warning.
+ACTIVATION_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STAGING_CHUNK = 64 << 20  # bytes per pinned staging buffer (two of them)
 
 
@@ -138,11 +144,13 @@ class _Uploader:
 class Q4KOps:
     """``teacher.forward.WeightOps`` over raw quantized bytes on the GPU.
 
-    Activations are ``dtype`` (bf16 by default, as a dense bf16 model runs). Each
-    linear takes the kernel path ``launch.dispatch_path`` names for its M: the
-    GEMV / fused kernels write float32, cast to ``dtype``; the large-M path
-    decodes row chunks of W into a bounded bf16 scratch and multiplies each with
-    torch's cuBLAS GEMM (the same GEMM the dense baseline runs). CuPy launches go
+    Activations are ``dtype``: float16 by default (see ``ACTIVATION_DTYPES``),
+    bfloat16 or float32. Each linear takes the kernel path ``launch.dispatch_path``
+    names for its M: the GEMV / fused kernels write float32, cast to ``dtype``; the
+    large-M path decodes row chunks of W into a bounded scratch of ``dtype`` and
+    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs). The
+    tensor-core GEMVs (M <= 32, K-quants) are bf16 kernels: f16 x reaches them as
+    bf16, and the float GEMV as float32. CuPy launches go
     to torch's current stream, so the forward captures into a CUDA graph, and
     every temporary comes from torch's allocator (graph-aware, one pool).
     """
@@ -156,8 +164,8 @@ class Q4KOps:
     ) -> None:
         from cupy_kernels import launch
 
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"activation dtype {dtype} is not float32 or bfloat16")
+        if dtype not in ACTIVATION_DTYPES.values():
+            raise ValueError(f"activation dtype {dtype} is not one of {', '.join(ACTIVATION_DTYPES)}")
         self._launch = launch
         self._cp = launch._cp()
         self.weights = weights
@@ -175,7 +183,14 @@ class Q4KOps:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
 
     def path_for(self, w: DeviceWeight, m: int) -> str:
-        return str(self._launch.dispatch_path(m, w.qtype, w.n, w.k, x_is_bf16=self.dtype == torch.bfloat16))
+        # f16 x takes the bf16 kernels' paths: it is handed to them as bf16 (see linear)
+        return str(self._launch.dispatch_path(m, w.qtype, w.n, w.k, x_is_bf16=self.dtype != torch.float32))
+
+    def set_activation_dtype(self, dtype: torch.dtype) -> None:
+        """Switch the activation dtype (the runner's fallback when f16 overflows)."""
+        if dtype not in ACTIVATION_DTYPES.values():
+            raise ValueError(f"activation dtype {dtype} is not one of {', '.join(ACTIVATION_DTYPES)}")
+        self.dtype = dtype
 
     def linear(self, x: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self.weights:  # a small 2-D F32 tensor the kernels have no type for
@@ -187,6 +202,9 @@ class Q4KOps:
         path = self.path_for(w, m)
         self.taken[path] += 1
         w = self.path_overrides.get(path, {}).get(name, w)
+        if self.dtype == torch.float16 and path.startswith("gemv"):
+            # the GEMVs read bf16 (tensor-core) or float32 (float decode) x, never f16
+            xin = xin.to(torch.bfloat16 if path != "gemv" else torch.float32)
         with record_function(matmul_label(name, path)), self._torch_stream():
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
@@ -258,7 +276,7 @@ class Q4KTeacher:
         device: int = 0,
         *,
         transform: Transform | None = None,
-        activation_dtype: torch.dtype = torch.bfloat16,
+        activation_dtype: torch.dtype = torch.float16,
         graphs: bool = True,
         transform_path: str | None = None,
     ) -> Q4KTeacher:
@@ -268,7 +286,8 @@ class Q4KTeacher:
         (one of ``launch.PATHS``) read: the file's blocks go up twice, as they are and
         transformed (controls only; twice the weight memory).
 
-        ``activation_dtype``: bf16 (default, as a dense bf16 model runs) or float32.
+        ``activation_dtype``: float16 (default; bfloat16 where f16 overflows), bfloat16
+        or float32 (see ``ACTIVATION_DTYPES``).
         ``graphs``: replay the forward from a CUDA graph per input shape."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
         cfg = check_model(model).config  # and the metadata against the tensors the forward reads
@@ -295,7 +314,7 @@ class Q4KTeacher:
         obj._vocab = vocab
         obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype)
         obj._ops.path_overrides = overrides
-        obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs)
+        obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs, overflow_fallback=torch.bfloat16)
         obj.load_seconds = seconds
         obj.uploaded_bytes = dict(per_type)
         total = sum(per_type.values())

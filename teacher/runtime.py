@@ -14,6 +14,11 @@ timed through the same machinery.
   output the caller owns, in the dtype the caller asks for: float32 for parity,
   bf16 for distillation. :meth:`ForwardRunner.logit_chunks` never holds more than
   one chunk of logits, so a KD step need not hold [B, T, V] float32 at all.
+- **f16 overflow.** With ``overflow_fallback`` set (the Q4K teacher: bfloat16),
+  hidden states computed with float16 activations are checked for non-finite
+  values (one reduction and a host sync per forward, outside the graph). A
+  forward that overflowed f16's range is rerun in the fallback dtype, which
+  every later forward keeps, and a warning says so.
 """
 
 from __future__ import annotations
@@ -62,11 +67,15 @@ def frozen_chunks(chunks: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[
 class ForwardRunner:
     """``hidden_states`` (graphed on CUDA) + a chunked lm_head for one model's ops."""
 
-    def __init__(self, cfg: ModelConfig, ops: WeightOps, device: torch.device, graphs: bool = True) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: WeightOps, device: torch.device, graphs: bool = True,
+        overflow_fallback: torch.dtype | None = None,
+    ) -> None:
         self.cfg = cfg
         self.ops = ops
         self.device = device
         self.graphs = graphs and device.type == "cuda"
+        self.overflow_fallback = overflow_fallback
         self._captured: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._pool: Any = None
 
@@ -75,6 +84,22 @@ class ForwardRunner:
         """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device.
 
         With graphs the result is the graph's static output: valid until the next call."""
+        h = self.run_hidden(ids)
+        fallback = self.overflow_fallback
+        if fallback is not None and self.ops.dtype == torch.float16 and not bool(torch.isfinite(h).all()):
+            log.warning(
+                "float16 activations overflowed in a %s forward of shape %s (non-finite hidden "
+                "states); running this and every later forward with %s activations",
+                self.cfg.arch, tuple(ids.shape), str(fallback).removeprefix("torch."),
+            )
+            self.ops.set_activation_dtype(fallback)
+            self._captured.clear()  # the graphs hold f16 kernels and buffers
+            self._pool = None
+            h = self.run_hidden(ids)
+        return h
+
+    def run_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The forward up to the final norm alone: no overflow check, no host sync."""
         if not self.graphs:
             return hidden_states(self.cfg, self.ops, ids.to(self.device))
         shape = (int(ids.shape[0]), int(ids.shape[1]))

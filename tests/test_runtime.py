@@ -1,4 +1,5 @@
-"""The forward's runtime on CPU: logits dtypes, the chunked lm_head, bf16 activations,
+"""The forward's runtime on CPU: logits dtypes, the chunked lm_head, bf16 / f16 activations
+(and the f16-overflow fallback),
 and the host-side kernel dispatch rules (no CUDA needed for any of these)."""
 
 from __future__ import annotations
@@ -75,6 +76,47 @@ def test_bf16_activations_track_the_f32_forward(tiny: DequantTeacher) -> None:
     cos = torch.nn.functional.cosine_similarity(ref, bf, dim=-1)
     assert float(cos.min()) > 0.999
     assert float((ref - bf).abs().max()) > 1e-5, "the bf16 forward computed in float32"
+
+
+def _twin(t: DequantTeacher, dtype: torch.dtype, scale: dict[str, float] | None = None) -> DequantTeacher:
+    scale = scale or {}
+    ops = DenseOps({n: t.ops._get(n) * scale.get(n, 1.0) for n in t.ops.names()}, dtype=dtype)
+    return DequantTeacher(t.cfg, ops)
+
+
+def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1])
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def test_f16_activations_track_the_f32_forward_closer_than_bf16(tiny: DequantTeacher) -> None:
+    # why the Q4K teacher runs f16: three more mantissa bits at the matmul inputs
+    ids = _ids(tiny, (2, 48), seed=3)
+    ref = tiny.logits_for_batch(ids)
+    f16 = _min_cos(_twin(tiny, torch.float16).logits_for_batch(ids), ref)
+    bf16 = _min_cos(_twin(tiny, torch.bfloat16).logits_for_batch(ids), ref)
+    assert f16 >= 0.99999 and 1 - f16 < (1 - bf16) / 4, (f16, bf16)
+
+
+def test_f16_overflow_falls_back_to_bf16(tiny: DequantTeacher, caplog: pytest.LogCaptureFixture) -> None:
+    # a norm weight that puts the FFN input past f16's range (65504); f32 and bf16 hold
+    # it (the weight is a float32 vector, so the weights themselves stay representable)
+    big = {"blk.0.ffn_norm.weight": 1e6}
+    ids = _ids(tiny, (1, 16), seed=4)
+    ref = _twin(tiny, torch.float32, big).logits_for_batch(ids)
+    assert torch.isfinite(ref).all()
+    plain = _twin(tiny, torch.float16, big)
+    assert not torch.isfinite(plain.logits_for_batch(ids)).all()  # the control: it does overflow
+
+    guarded = _twin(tiny, torch.float16, big)
+    guarded.runner.overflow_fallback = torch.bfloat16
+    with caplog.at_level("WARNING", logger="teacher.runtime"):
+        out = guarded.logits_for_batch(ids)
+    assert torch.isfinite(out).all() and guarded.ops.dtype == torch.bfloat16
+    assert "float16 activations overflowed" in caplog.text and "bfloat16" in caplog.text
+    assert _min_cos(out, ref) > 0.99
+    again = guarded.logits_for_batch(ids)  # later forwards keep the fallback
+    torch.testing.assert_close(again, out)
 
 
 def test_rms_norm_accumulates_in_float32() -> None:

@@ -86,12 +86,31 @@ def test_forward_makes_no_host_sync(tiny: Any) -> None:
     ids = _ids(tiny.vocab_size(), (1, 200), seed=7).cuda()
     tiny.runner.graphs = False
     try:
-        tiny.runner.hidden(ids)  # warm: kernels compile and load outside the check
+        tiny.runner.run_hidden(ids)  # warm: kernels compile and load outside the check
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            tiny.runner.hidden(ids)
+            # the forward itself; hidden() adds the one f16-overflow check after it
+            tiny.runner.run_hidden(ids)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:
         tiny.runner.graphs = True
+
+
+def test_f16_by_default_and_bf16_after_an_overflow(tiny: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from teacher.q4k_teacher import Q4KTeacher
+
+    assert tiny.activation_dtype == torch.float16
+    t = Q4KTeacher.from_gguf(resolve_model("tiny"))
+    # a norm weight that puts the FFN input past f16's range: f32 norms, f16 matmul input
+    t.ops.vectors["blk.0.ffn_norm.weight"] = t.ops.vectors["blk.0.ffn_norm.weight"] * 1e6
+    ids = _ids(t.vocab_size(), (1, 70), seed=8)  # M = 70: the decode + cuBLAS path
+    with caplog.at_level("WARNING", logger="teacher.runtime"):
+        out = t.logits_for_batch(ids)
+    assert "float16 activations overflowed" in caplog.text
+    assert t.activation_dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+    t.runner.overflow_fallback = None  # the control: f16 without the fallback is not finite
+    t.ops.set_activation_dtype(torch.float16)
+    t.runner._captured.clear()
+    assert not bool(torch.isfinite(t.logits_for_batch(ids)).all())
