@@ -63,7 +63,16 @@ def _dense_bf16(path: Path, device: int) -> Any:
     return DequantTeacher(cfg, DenseOps(weights, device=dev, dtype=torch.bfloat16))
 
 
-BACKENDS: dict[str, Callable[[Path, int], Any]] = {"q4k": _q4k, "dense-bf16": _dense_bf16}
+def _q4k_serial(path: Path, device: int) -> Any:
+    """The Q4K teacher with each weight decoded, then multiplied (no decode-ahead)."""
+    from teacher.q4k_teacher import Q4KTeacher
+
+    return Q4KTeacher.from_gguf(path, device=device, decode_ahead=False)
+
+
+BACKENDS: dict[str, Callable[[Path, int], Any]] = {
+    "q4k": _q4k, "dense-bf16": _dense_bf16, "q4k-serial": _q4k_serial}
+DEFAULT_BACKENDS = ("q4k", "dense-bf16")
 
 
 def _time_forward(teacher: Any, ids: torch.Tensor, reps: int, dtype: torch.dtype) -> float:
@@ -227,7 +236,7 @@ def bench_teacher(
     device: int = 0,
     profile: bool = False,
     llama_bench: Path | None = None,
-    backends: Sequence[str] = tuple(BACKENDS),
+    backends: Sequence[str] = DEFAULT_BACKENDS,
 ) -> dict[str, Any]:
     from harness.memory import MemorySampler, cupy_pool_bytes, release_gpu, warm_cuda
 
@@ -324,8 +333,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"batch x seq list [{DEFAULT_SHAPES}]")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per shape [5]")
     p.add_argument("--device", type=int, default=0, help="CUDA device index [0]")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma list of backends to time [{','.join(BACKENDS)}]")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                   help=f"comma list of backends to time, of {', '.join(BACKENDS)} "
+                        f"[{','.join(DEFAULT_BACKENDS)}]")
     p.add_argument("--profile", action="store_true",
                    help="also split one forward per shape by stage (torch.profiler): quantized "
                         "matmul by kernel path, attention, norms, elementwise, embedding, lm_head, host gaps")

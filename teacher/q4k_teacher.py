@@ -31,6 +31,7 @@ from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
 from teacher.consistency import check_model
+from teacher.decode_ahead import DecodeAhead
 from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import effective_vocab
@@ -148,11 +149,12 @@ class Q4KOps:
     bfloat16 or float32. Each linear takes the kernel path ``launch.dispatch_path``
     names for its M: the GEMV / fused kernels write float32, cast to ``dtype``; the
     large-M path decodes row chunks of W into a bounded scratch of ``dtype`` and
-    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs). The
+    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs), the
+    next chunk's decode running under the current GEMM (``DecodeAhead``). The
     tensor-core GEMVs (M <= 32, K-quants) are bf16 kernels: f16 x reaches them as
-    bf16, and the float GEMV as float32. CuPy launches go
-    to torch's current stream, so the forward captures into a CUDA graph, and
-    every temporary comes from torch's allocator (graph-aware, one pool).
+    bf16, and the float GEMV as float32. CuPy launches go to torch's current
+    stream, so the forward captures into a CUDA graph, and every temporary comes
+    from torch's allocator (graph-aware, one pool).
     """
 
     def __init__(
@@ -160,7 +162,8 @@ class Q4KOps:
         weights: dict[str, DeviceWeight],
         vectors: dict[str, torch.Tensor],
         device: torch.device,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype = torch.float16,
+        decode_ahead: bool = True,
     ) -> None:
         from cupy_kernels import launch
 
@@ -178,6 +181,9 @@ class Q4KOps:
         # controls only: path -> weights used instead of ``weights`` by linears on that path,
         # so a wrong decode can be confined to one kernel path (the dequant path included)
         self.path_overrides: dict[str, dict[str, DeviceWeight]] = {}
+        # the large-M path's decode one chunk ahead of its GEMM (None: decode, then GEMM)
+        self._ahead: DecodeAhead | None = (
+            DecodeAhead(self, device, self._launch.DEQUANT_SCRATCH_BYTES) if decode_ahead else None)
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -208,13 +214,28 @@ class Q4KOps:
         with record_function(matmul_label(name, path)), self._torch_stream():
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
-                return matmul_into(xin, self._decoded_chunks(w), y)
+                chunks = (self._ahead.chunks(name, m, self.dtype) if self._ahead is not None
+                          else self._decoded_chunks(w))
+                return matmul_into(xin, chunks, y)
             if out is not None and out.dtype == torch.float32 and out.is_contiguous():
                 self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
                 return out
             y32 = torch.empty((m, w.n), dtype=torch.float32, device=self.device)
             self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y32, path=path)
         return y32.to(self.dtype) if out is None else out.copy_(y32)
+
+    # -- the decode of the large-M path (DecodeAhead's source) ----------------
+    def _dequant_weight(self, name: str) -> DeviceWeight:
+        return self.path_overrides.get("dequant", {}).get(name, self.weights[name])
+
+    def chunk_layout(self, name: str) -> tuple[int, int, int]:
+        w = self.weights[name]
+        return w.n, w.k, self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize)
+
+    def decode_rows(self, name: str, row0: int, out: torch.Tensor) -> None:
+        w = self._dequant_weight(name)
+        with self._torch_stream():
+            self._launch.qdequant(w.data, w.qtype, w.n, w.k, row0=row0, out=out)
 
     def _decoded_chunks(self, w: DeviceWeight) -> Iterator[tuple[int, torch.Tensor]]:
         """(row0, W rows decoded to ``dtype``) chunk by chunk, all through one scratch:
@@ -279,6 +300,7 @@ class Q4KTeacher:
         activation_dtype: torch.dtype = torch.float16,
         graphs: bool = True,
         transform_path: str | None = None,
+        decode_ahead: bool = True,
     ) -> Q4KTeacher:
         """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
 
@@ -288,7 +310,10 @@ class Q4KTeacher:
 
         ``activation_dtype``: float16 (default; bfloat16 where f16 overflows), bfloat16
         or float32 (see ``ACTIVATION_DTYPES``).
-        ``graphs``: replay the forward from a CUDA graph per input shape."""
+        ``graphs``: replay the forward from a CUDA graph per input shape.
+        ``decode_ahead``: on the large-M path, decode the next weight chunk on a side
+        stream while the current GEMM runs (two scratch buffers instead of one; see
+        ``teacher.decode_ahead``)."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
         cfg = check_model(model).config  # and the metadata against the tensors the forward reads
         vocab = effective_vocab(cfg.vocab_size, target_vocab)
@@ -312,7 +337,7 @@ class Q4KTeacher:
         obj.device = torch.device("cuda", device)
         obj._native_vocab = cfg.vocab_size
         obj._vocab = vocab
-        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype)
+        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype, decode_ahead)
         obj._ops.path_overrides = overrides
         obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs, overflow_fallback=torch.bfloat16)
         obj.load_seconds = seconds
