@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-backend", choices=("dequant", "q4k"), default="dequant",
                    help="dequant: F32 DequantTeacher (CPU or CUDA); q4k: Q4KTeacher (CUDA)")
+    p.add_argument("--teacher-scratch-mib", type=float, default=None, metavar="MIB",
+                   help="q4k: size of each of the teacher's two weight-decode scratches (default 160: "
+                        "a whole 7B FFN weight; smaller saves memory for narrower GEMMs)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--no-align", action="store_true",
                    help="do not truncate the teacher to the student's vocab (a size difference then fails)")
@@ -103,7 +106,9 @@ def resolve_teacher_path(name: str) -> Path:
     return Path(resolve_model(name))
 
 
-def load_teacher(backend: str, path: Path, target_vocab: int | None, device: str) -> Any:
+def load_teacher(
+    backend: str, path: Path, target_vocab: int | None, device: str, scratch_mib: float | None = None
+) -> Any:
     import torch
 
     if backend == "q4k":
@@ -112,7 +117,7 @@ def load_teacher(backend: str, path: Path, target_vocab: int | None, device: str
         from teacher.q4k_teacher import Q4KTeacher
 
         index = torch.device(device).index or 0
-        return Q4KTeacher.from_gguf(path, target_vocab=target_vocab, device=index)
+        return Q4KTeacher.from_gguf(path, target_vocab=target_vocab, device=index, scratch_mib=scratch_mib)
     from teacher.dequant_teacher import DequantTeacher
 
     return DequantTeacher.from_gguf(path, target_vocab=target_vocab, device=device)
@@ -206,7 +211,7 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
             tokenizing = BackgroundTokenizer(files, teacher_path, args.output / "tokens", text_field=args.text_field,
                                              vocab_limit=shared_vocab, progress=not args.no_progress)
         # the teacher loads while the worker tokenizes
-        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device, args.teacher_scratch_mib)
         if tokenizing is not None:
             stream = tokenizing.result()
         dist.barrier()
@@ -233,7 +238,7 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         + (f"; {info.world} processes x {cfg.batch_size} sequences per step" if info.distributed else ""))
 
     if args.text is None:
-        teacher = load_teacher(args.teacher_backend, teacher_path, target, device)
+        teacher = load_teacher(args.teacher_backend, teacher_path, target, device, args.teacher_scratch_mib)
     before = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
                         chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
     result = D.distill(

@@ -85,11 +85,15 @@ class DecodeAhead:
         n, k, rows = self.source.chunk_layout(name)
         nr = min(rows, n - n0)
         nbytes = nr * k * dtype.itemsize
-        if nbytes > self.budget:
-            raise ValueError(f"{name}: a decode chunk of {nr} x {k} {dtype} ({nbytes} B) exceeds "
-                             f"the {self.budget} B scratch")
-        if not self._bufs:  # the first call is an eager warm-up, never inside a graph's pool
-            self._bufs = [torch.empty(self.budget, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        if not self._bufs or nbytes > self._bufs[0].numel():
+            # the first calls are an eager warm-up (never inside a graph's pool); a chunk
+            # larger than the budget (at least 128 rows are decoded at once) grows both
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{name}: a decode chunk of {nbytes} B outgrew the decode-ahead "
+                                   "buffers during CUDA graph capture")
+            torch.cuda.synchronize(self.device)  # nothing queued may still use the old ones
+            size = max(self.budget, nbytes)
+            self._bufs = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
         return self._bufs[buf][:nbytes].view(dtype).view(nr, k)
 
     def chunks(self, name: str, m: int, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:

@@ -164,6 +164,7 @@ class Q4KOps:
         device: torch.device,
         dtype: torch.dtype = torch.float16,
         decode_ahead: bool = True,
+        scratch_bytes: int | None = None,
     ) -> None:
         from cupy_kernels import launch
 
@@ -182,8 +183,12 @@ class Q4KOps:
         # so a wrong decode can be confined to one kernel path (the dequant path included)
         self.path_overrides: dict[str, dict[str, DeviceWeight]] = {}
         # the large-M path's decode one chunk ahead of its GEMM (None: decode, then GEMM)
+        # bytes of each decode scratch of the large-M path (two with decode-ahead)
+        self.scratch_bytes = int(launch.DEQUANT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes)
+        if self.scratch_bytes < 1:
+            raise ValueError(f"scratch_bytes={scratch_bytes} must be positive")
         self._ahead: DecodeAhead | None = (
-            DecodeAhead(self, device, self._launch.DEQUANT_SCRATCH_BYTES) if decode_ahead else None)
+            DecodeAhead(self, device, self.scratch_bytes) if decode_ahead else None)
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -230,7 +235,7 @@ class Q4KOps:
 
     def chunk_layout(self, name: str) -> tuple[int, int, int]:
         w = self.weights[name]
-        return w.n, w.k, self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize)
+        return w.n, w.k, self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize, self.scratch_bytes)
 
     def decode_rows(self, name: str, row0: int, out: torch.Tensor) -> None:
         w = self._dequant_weight(name)
@@ -240,7 +245,7 @@ class Q4KOps:
     def _decoded_chunks(self, w: DeviceWeight) -> Iterator[tuple[int, torch.Tensor]]:
         """(row0, W rows decoded to ``dtype``) chunk by chunk, all through one scratch:
         stream order makes each GEMM finish reading before the next decode writes."""
-        rows = self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize)
+        rows = self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize, self.scratch_bytes)
         scratch = torch.empty((rows, w.k), dtype=self.dtype, device=self.device)
         for n0 in range(0, w.n, rows):
             part = scratch[: min(rows, w.n - n0)]
@@ -301,6 +306,7 @@ class Q4KTeacher:
         graphs: bool = True,
         transform_path: str | None = None,
         decode_ahead: bool = True,
+        scratch_mib: float | None = None,
     ) -> Q4KTeacher:
         """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
 
@@ -313,7 +319,9 @@ class Q4KTeacher:
         ``graphs``: replay the forward from a CUDA graph per input shape.
         ``decode_ahead``: on the large-M path, decode the next weight chunk on a side
         stream while the current GEMM runs (two scratch buffers instead of one; see
-        ``teacher.decode_ahead``)."""
+        ``teacher.decode_ahead``).
+        ``scratch_mib``: size of each decode scratch (default: launch.DEQUANT_SCRATCH_BYTES,
+        160 MiB, which holds a whole 7B FFN weight; less memory, narrower GEMMs)."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
         cfg = check_model(model).config  # and the metadata against the tensors the forward reads
         vocab = effective_vocab(cfg.vocab_size, target_vocab)
@@ -337,7 +345,8 @@ class Q4KTeacher:
         obj.device = torch.device("cuda", device)
         obj._native_vocab = cfg.vocab_size
         obj._vocab = vocab
-        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype, decode_ahead)
+        scratch = None if scratch_mib is None else int(scratch_mib * (1 << 20))
+        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype, decode_ahead, scratch)
         obj._ops.path_overrides = overrides
         obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs, overflow_fallback=torch.bfloat16)
         obj.load_seconds = seconds
