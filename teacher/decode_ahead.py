@@ -74,7 +74,10 @@ class DecodeAhead:
         self.source = source
         self.device = device
         self.budget = budget
-        self.side = torch.cuda.Stream(device)
+        # high priority: when the GEMM's blocks retire, the decode's are scheduled first, so
+        # it runs beside the GEMM's last waves instead of after them
+        # (torch maps a priority beyond the device's range to its highest)
+        self.side = torch.cuda.Stream(device, priority=-100)
         self._bufs: list[torch.Tensor] = []
         self._pending: _Pending | None = None
         self._next: dict[str, str] = {}

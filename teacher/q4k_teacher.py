@@ -149,8 +149,8 @@ class Q4KOps:
     bfloat16 or float32. Each linear takes the kernel path ``launch.dispatch_path``
     names for its M: the GEMV / fused kernels write float32, cast to ``dtype``; the
     large-M path decodes row chunks of W into a bounded scratch of ``dtype`` and
-    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs), the
-    next chunk's decode running under the current GEMM (``DecodeAhead``). The
+    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs); with
+    ``decode_ahead`` the next chunk's decode is queued beside the current GEMM. The
     tensor-core GEMVs (M <= 32, K-quants) are bf16 kernels: f16 x reaches them as
     bf16, and the float GEMV as float32. CuPy launches go to torch's current
     stream, so the forward captures into a CUDA graph, and every temporary comes
@@ -163,7 +163,7 @@ class Q4KOps:
         vectors: dict[str, torch.Tensor],
         device: torch.device,
         dtype: torch.dtype = torch.float16,
-        decode_ahead: bool = True,
+        decode_ahead: bool = False,
         scratch_bytes: int | None = None,
     ) -> None:
         from cupy_kernels import launch
@@ -305,7 +305,7 @@ class Q4KTeacher:
         activation_dtype: torch.dtype = torch.float16,
         graphs: bool = True,
         transform_path: str | None = None,
-        decode_ahead: bool = True,
+        decode_ahead: bool = False,
         scratch_mib: float | None = None,
     ) -> Q4KTeacher:
         """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
@@ -319,7 +319,8 @@ class Q4KTeacher:
         ``graphs``: replay the forward from a CUDA graph per input shape.
         ``decode_ahead``: on the large-M path, decode the next weight chunk on a side
         stream while the current GEMM runs (two scratch buffers instead of one; see
-        ``teacher.decode_ahead``).
+        ``teacher.decode_ahead``). Off by default: on the H200 it measured no faster
+        at 1 x 512 (cuBLAS's GEMMs hold every SM) and costs a second scratch.
         ``scratch_mib``: size of each decode scratch (default: launch.DEQUANT_SCRATCH_BYTES,
         160 MiB, which holds a whole 7B FFN weight; less memory, narrower GEMMs)."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU

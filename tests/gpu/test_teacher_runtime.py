@@ -130,7 +130,7 @@ def test_decode_ahead_changes_no_bit(monkeypatch: pytest.MonkeyPatch, scratch: i
     ids = ids % plain.vocab_size()
     want = plain.logits_for_batch(ids)
     del plain
-    ahead = Q4KTeacher.from_gguf(resolve_model("tiny"))
+    ahead = Q4KTeacher.from_gguf(resolve_model("tiny"), decode_ahead=True)
     side_calls = []
     decode_rows = ahead.ops.decode_rows
 
