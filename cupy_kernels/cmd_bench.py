@@ -93,7 +93,8 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated NxK weight shapes (default: the 7B teacher's three large ones: "
         "FFN up/gate, FFN down, lm_head; all five: " + ",".join(f"{n}x{k}" for n, k in SHAPES_7B) + ")",
     )
-    p.add_argument("--x-dtype", choices=("bf16", "f32"), default="bf16", help="activation dtype")
+    p.add_argument("--x-dtype", choices=("f16", "bf16", "f32"), default="f16",
+                   help="activation dtype [f16, the Q4K teacher's: as it does, the GEMVs get it as bf16]")
     p.add_argument("--replays", type=int, default=15, help="timed graph replays per case")
     p.add_argument("--check", action="store_true", help="also check M=1 and M=64 against an f32 dequant")
     p.add_argument(
@@ -277,7 +278,8 @@ def run_kernels(args: argparse.Namespace) -> int:
     types = [QT[t.strip()] for t in args.types.split(",") if t.strip()]
     ms = [int(v) for v in args.m.split(",")]
     shapes = [tuple(int(a) for a in s.lower().split("x")) for s in args.shapes.split(",")]
-    xbf = args.x_dtype == "bf16"
+    # f16 runs as the teacher runs it: bf16 x on the (tensor-core) GEMV paths, f16 on the rest
+    xbf = args.x_dtype in ("bf16", "f16")
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
     env = {
         "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
@@ -325,16 +327,21 @@ def run_kernels(args: argparse.Namespace) -> int:
                     del deq
             for m in ms:
                 nx = max(1, min(8, math.ceil(ROTATE_BYTES / (m * k * (2 if xbf else 4)))))
-                if xbf:
+                auto = launch.dispatch_path(m, qt, n, k, x_is_bf16=xbf)
+                x_f16 = args.x_dtype == "f16" and not auto.startswith("gemv")
+                if x_f16:
+                    xs_t = []
+                    xin: list[Any] = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
+                                      for _ in range(nx)]
+                elif xbf:
                     xs_t = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nx)]
                     # bf16 bits as CuPy views, made before graph capture (DLPack
                     # exchange may synchronise streams, which capture forbids)
-                    xin: list[Any] = [cp.from_dlpack(t.view(torch.int16)) for t in xs_t]
+                    xin = [cp.from_dlpack(t.view(torch.int16)) for t in xs_t]
                 else:
                     xs_t = []
                     xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
                 outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
-                auto = launch.dispatch_path(m, qt, n, k, x_is_bf16=xbf)
                 variants = _variants(launch, auto, m, qt, args.compare_paths)
                 for path, label, overrides in variants:
                     saved = {name: getattr(launch, name) for name in overrides}
@@ -343,10 +350,10 @@ def run_kernels(args: argparse.Namespace) -> int:
 
                     def ql(
                         i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
-                        n: int = n, k: int = k, path: str = path,
+                        n: int = n, k: int = k, path: str = path, bits: bool = xbf and not x_f16,
                     ) -> None:
                         qmatmul(xin[i % len(xin)], ws[i % len(ws)], qt, n, k, out=outs_c[i % 2],
-                                x_is_bf16=xbf, path=path)
+                                x_is_bf16=bits, path=path)
 
                     try:
                         t, reps, graph = _median_graph_time(cp, ql, args.replays)
@@ -355,7 +362,8 @@ def run_kernels(args: argparse.Namespace) -> int:
                             setattr(launch, name, value)
                     flops = 2.0 * m * n * k
                     row = {
-                        "type": qt.name, "M": m, "N": n, "K": k, "x_dtype": args.x_dtype,
+                        "type": qt.name, "M": m, "N": n, "K": k,
+                        "x_dtype": "f16" if x_f16 else "bf16" if xbf else "f32",
                         "path": label, "default_path": path == "auto",
                         "median_us": t * 1e6, "tflops": flops / t / 1e12,
                         "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,

@@ -14,13 +14,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 def test_bench_kernels_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "harness.cli", "bench", "kernels", "--types", "Q4_K,Q6_K", "--m", "1,8,16,32",
+    cmd = [sys.executable, "-m", "harness.cli", "bench", "kernels", "--types", "Q4_K,Q6_K", "--m", "1,8,16,32,64",
            "--shapes", "512x1024", "--replays", "3", "--check", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {(r["type"], r["M"]) for r in rows} == {(t, m) for t in ("Q4_K", "Q6_K") for m in (1, 8, 16, 32)}
+    assert {(r["type"], r["M"]) for r in rows} == {(t, m) for t in ("Q4_K", "Q6_K") for m in (1, 8, 16, 32, 64)}
+    # the default x is the teacher's: f16, handed to the GEMVs as bf16 as the teacher does
+    assert {(r["M"], r["x_dtype"]) for r in rows} == {(1, "bf16"), (8, "bf16"), (16, "bf16"), (32, "bf16"), (64, "f16")}
     for r in rows:
         values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[r["type"]]]  # gguf: the independent sizes
         wbytes = r["N"] * r["K"] // values * nbytes
