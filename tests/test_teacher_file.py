@@ -119,6 +119,23 @@ def test_falsify_teacher_with_a_student(my_file: Path, tmp_path: Path) -> None:
     assert rec["verdict"] == "CORROBORATED" and rec["measurements"]["student"]["value"] == "tiny-student"
 
 
+def test_falsify_teacher_on_a_tied_file_skips_the_output_weight_item(tmp_path: Path) -> None:
+    # FT-REF-TEACHER-002 checks what the reader takes from output.weight: a file that ties its
+    # head has none, so the item and its control are NOT RUN with that reason (a control that
+    # could never be falsified would fail the sign-off for a reason that is not the file's)
+    tied = tmp_path / "tied-head.gguf"
+    write_gguf(RECIPES["tiny-student"], tied)
+    assert all(t.name != "output.weight" for t in gguf.GGUFReader(tied).tensors)  # the recipe ties
+    shutil.copytree(ROOT / "contracts", tmp_path / "contracts")
+    proc = _q4k(["falsify", "--teacher", str(tied), "--run-id", "tied", "-p", "no:cacheprovider",
+                 "-k", "FT-REF-TEACHER-002"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _, results = _records(tmp_path / "reports" / "tied")
+    for key in ("FT-REF-TEACHER-002[tied-head]", "FT-REF-TEACHER-002[tied-head]::reference-reader-drops-output"):
+        assert results[key]["verdict"] == "NOT RUN"
+        assert "tied-head.gguf has no output.weight" in results[key]["reason"]
+
+
 def _one_item_contract(tmp_path: Path, model: str) -> None:
     """The vocab contract's FT-VOCAB-ALIGN-002 alone, on a model name of our choosing."""
     import yaml
