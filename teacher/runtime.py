@@ -93,8 +93,7 @@ class ForwardRunner:
                 self.cfg.arch, tuple(ids.shape), str(fallback).removeprefix("torch."),
             )
             self.ops.set_activation_dtype(fallback)
-            self._captured.clear()  # the graphs hold f16 kernels and buffers
-            self._pool = None
+            self.drop_graphs()  # the graphs hold f16 kernels and buffers
             h = self.run_hidden(ids)
         return h
 
@@ -117,6 +116,14 @@ class ForwardRunner:
         static_ids.copy_(ids, non_blocking=False)
         graph.replay()
         return out
+
+    def drop_graphs(self) -> None:
+        """Release every captured graph and its memory pool (they are captured again on use)."""
+        self._captured.clear()
+        self._pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _capture(self, shape: tuple[int, int]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         while len(self._captured) >= MAX_GRAPHS:

@@ -112,7 +112,7 @@ def test_f16_by_default_and_bf16_after_an_overflow(tiny: Any, caplog: pytest.Log
     assert t.activation_dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
     t.runner.overflow_fallback = None  # the control: f16 without the fallback is not finite
     t.ops.set_activation_dtype(torch.float16)
-    t.runner._captured.clear()
+    t.runner.drop_graphs()
     assert not bool(torch.isfinite(t.logits_for_batch(ids)).all())
 
 

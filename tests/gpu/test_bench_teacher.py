@@ -1,0 +1,34 @@
+"""``q4k bench teacher``'s measurement on the tiny model (CUDA only): every shape has its
+own working set (its graphs alone), the row's is the largest, and each ratio is
+recomputable from the rows it names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from teacher.models import resolve_model
+
+
+def test_bench_teacher_rows_and_ratios() -> None:
+    from teacher.bench import bench_teacher
+
+    shapes = [(1, 8), (2, 40), (1, 70)]  # GEMV, mma and decode + cuBLAS paths
+    res = bench_teacher(resolve_model("tiny"), shapes, reps=1, backends=("q4k", "dense-bf16"))
+    rows = res["backends"]
+    for name in ("q4k", "dense-bf16"):
+        row = rows[name]
+        per = [row[f"{b}x{s}"] for b, s in shapes]
+        for (b, s), r in zip(shapes, per, strict=True):
+            assert r["tokens_per_s"] == pytest.approx(b * s / r["median_s"])
+            assert r["working_set_gib"] < r["peak_f32_logits_gib"]
+        assert row["working_set_gib"] == max(r["working_set_gib"] for r in per)
+    assert rows["q4k"]["activation_dtype"] == "float16"
+    ratios = res["ratios"]
+    assert math.isclose(ratios["working_set_q4k_over_dense"],
+                        rows["q4k"]["working_set_gib"] / rows["dense-bf16"]["working_set_gib"])
+    for b, s in shapes:
+        key = f"{b}x{s}_tokens_per_s_q4k_over_dense"
+        assert math.isclose(ratios[key], rows["q4k"][f"{b}x{s}"]["tokens_per_s"]
+                            / rows["dense-bf16"][f"{b}x{s}"]["tokens_per_s"])
