@@ -46,13 +46,20 @@ def _device(ctx: Context) -> str:
     return dev
 
 
-def _load_teacher(subj: Any, path: Path, target_vocab: int | None) -> Any:
+def _load_teacher(subj: Any, path: Path, target_vocab: int | None, scratch_mib: float | None = None) -> Any:
+    """The subject's teacher; ``scratch_mib`` goes to loaders that take it (the Q4K
+    teacher's decode scratch), and is meaningless to the others (dense weights)."""
+    import inspect
+
     from teacher.provider import LogitProvider
 
     if isinstance(subj, LogitProvider):
         return subj
     if callable(subj):
-        return subj(path, target_vocab=target_vocab)
+        extra: dict[str, Any] = {}
+        if scratch_mib is not None and "scratch_mib" in inspect.signature(subj).parameters:
+            extra["scratch_mib"] = scratch_mib
+        return subj(path, target_vocab=target_vocab, **extra)
     raise TypeError(f"subject must be a LogitProvider or a loader (path, target_vocab), got {type(subj).__name__}")
 
 
@@ -169,7 +176,8 @@ def distill_epoch(ctx: Context) -> None:
     def body() -> None:
         nonlocal result, error
         try:
-            teacher = _load_teacher(subj, path, student.vocab_size)
+            scratch = ctx.param("teacher_scratch_mib")
+            teacher = _load_teacher(subj, path, student.vocab_size, None if scratch is None else float(scratch))
             st = student.to(device)
             ctx.measure("teacher_vocab", teacher.vocab_size())
             ctx.measure("student_vocab", st.vocab_size)
