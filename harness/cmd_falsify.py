@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contracts-dir", type=Path, default=Path("contracts"), help="default: ./contracts")
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"), help="default: ./reports")
     parser.add_argument("--run-id", default=None, help="report folder name (default: UTC time and pid)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run --run-id names: run only the items it has no result for "
+                             "(e.g. after a time limit killed it); the report covers both sessions")
     parser.add_argument("--teacher", default=None, metavar="PATH",
                         help="sign off this GGUF file: every item that names a model runs on it")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -60,6 +63,8 @@ def pytest_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--signoff")
     if args.run_id:
         argv += ["--run-id", args.run_id]
+    if args.resume:
+        argv.append("--resume")
     if args.teacher:
         argv += ["--teacher", str(args.teacher)]
     for binding in args.model:

@@ -39,6 +39,7 @@ class _State:
     contracts: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     deselected: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # finished by an earlier session (--resume)
     results_path: Path | None = None
     report_paths: dict[str, Path] = field(default_factory=dict)
     overall: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +104,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reports-dir", default=None,
                     help="write reports/<run-id>/ here (default: <rootdir>/reports)")
     group.addoption("--run-id", default=None, help="name of this run's report folder (default: UTC time and pid)")
+    group.addoption("--resume", action="store_true", default=False,
+                    help="continue the run --run-id names: items with a result there are not run "
+                    "again, the rest run and append, and the report covers both (a sign-off killed "
+                    "by a time limit goes on where it stopped)")
     group.addoption("--teacher", default=None, metavar="PATH",
                     help="run every item that names a model on this GGUF file instead (the model is "
                     "named by the file's stem)")
@@ -197,6 +202,8 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and workerinput.get("q4k_run_id"):
         config.option.run_id = workerinput["q4k_run_id"]
+    if config.option.resume and not config.option.run_id:
+        raise pytest.UsageError("--resume continues a run: name it with --run-id")
     if not config.option.run_id:
         config.option.run_id = new_run_id()
     config.stash[_STATE] = _State(
@@ -211,6 +218,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except bindings.BindingError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if config.option.resume and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_Resume(), "q4k-resume")
     if getattr(config.option, "numprocesses", None) and _is_contract_run(config):
         _install_sigterm(config)  # an xdist controller collects nothing itself: decide from the command line
     _pin_worker_gpu(config)
@@ -337,6 +346,49 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             ))
 
 
+class _Resume:
+    """--resume (registered only then): drop the items the run already has a result for,
+    after -k/-m (trylast), so a narrower selection still narrows what is left."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        _drop_finished(config, items)
+
+
+def _drop_finished(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[_STATE]
+    path = state.run_dir / "results.jsonl"
+    if not path.exists():
+        raise pytest.UsageError(f"--resume: {path} does not exist (no run {state.run_id!r} to continue)")
+    from harness.results import read_results
+
+    before = read_results(path)
+    _check_same_run(before.headers, state, path)
+    done = before.finished_ids
+    state.resumed = [i.nodeid for i in items if i.nodeid in done]
+    items[:] = [i for i in items if i.nodeid not in done]
+
+
+def _check_same_run(headers: list[dict[str, Any]], state: _State, path: Path) -> None:
+    """A resumed run must judge the same thing: same --signoff, --teacher file and student."""
+    first = next((h for h in headers if h.get("type") == "header"), None)
+    if first is None:
+        raise pytest.UsageError(f"--resume: {path} has no header line; it is not a run to continue")
+    if bool(first.get("signoff")) != state.signoff:
+        raise pytest.UsageError(f"--resume: run {state.run_id!r} was started with signoff={first.get('signoff')}; "
+                                "resume it the same way")
+    was = first.get("teacher_file") or {}
+    now = state.bound.teacher_path
+    if (was.get("path") or None) != (str(now.resolve()) if now is not None else None) or (
+        now is not None and was.get("size_bytes") != now.stat().st_size
+    ):
+        raise pytest.UsageError(f"--resume: run {state.run_id!r} judged --teacher {was.get('path')}; "
+                                f"this session names {now}")
+    if first.get("student") != state.bound.student:
+        raise pytest.UsageError(f"--resume: run {state.run_id!r} used student {first.get('student')!r}, "
+                                f"this session {state.bound.student!r}")
+
+
 def pytest_deselected(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, ContractItem):
@@ -347,14 +399,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     state = config.stash[_STATE]
     items = [i for i in session.items if isinstance(i, ContractItem)]
-    if (not items and not state.errors) or config.option.collectonly:
+    if (not items and not state.errors and not state.resumed) or config.option.collectonly:
         return  # not a contract run (or only listing items): write nothing
     if state.errors:
         # A broken contract is reported as its own collection error; it must not stop the others.
         config.option.continue_on_collection_errors = True
     state.run_dir.mkdir(parents=True, exist_ok=True)
     state.results_path = state.run_dir / "results.jsonl"
-    if not hasattr(config, "workerinput") and state.results_path.exists():
+    if not hasattr(config, "workerinput") and state.results_path.exists() and not config.option.resume:
         # a --run-id used again: keep the old evidence, but never mix two runs in one file
         state.results_path.rename(state.run_dir / f"results.jsonl.{new_run_id()}.old")
     registry.load_bindings()
@@ -367,7 +419,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "argv": sys.argv,
         "worker": os.environ.get("PYTEST_XDIST_WORKER"),
         "environment": environment(config.rootpath),
-        "expected": [i.nodeid for i in items],
+        "expected": [i.nodeid for i in items] + state.resumed,
+        "resumed": state.resumed,  # finished by the session(s) before this one (--resume)
         "expected_items": [
             {"nodeid": i.nodeid, "id": i.spec.ft.id, "model": i.spec.model, "case": i.spec.case,
              "control": i.spec.control,

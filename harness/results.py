@@ -195,6 +195,10 @@ class RunData:
     collection_errors: list[dict[str, Any]] = field(default_factory=list)
     footers: list[dict[str, Any]] = field(default_factory=list)
     corrupt_lines: list[dict[str, Any]] = field(default_factory=list)  # {"line": n, "text": ..., "error": ...}
+    # line numbers of the last header and footer: a session (first or --resume) that
+    # wrote a header and no footer after it was killed
+    last_header_line: int = 0
+    last_footer_line: int = 0
 
     @property
     def run_id(self) -> str:
@@ -221,7 +225,8 @@ class RunData:
 
     @property
     def deselected(self) -> list[str]:
-        return sorted({n for h in self.headers for n in h.get("deselected", [])})
+        # an item a first session deselected and a --resume session ran is not deselected
+        return sorted({n for h in self.headers for n in h.get("deselected", [])} - self.finished_ids)
 
     @property
     def finished_ids(self) -> set[str]:
@@ -234,15 +239,21 @@ class RunData:
 
     @property
     def interrupted(self) -> bool:
-        """No end-of-run record (killed), or one that says the run was stopped (SIGINT/SIGTERM)."""
-        return not self.footers or any(f.get("exitstatus") == 2 or f.get("interrupted_by") for f in self.footers)
+        """The last session has no end-of-run record (killed), or one that says it was
+        stopped (SIGINT/SIGTERM). A session resumed later (--resume) decides for the run."""
+        if not self.footers or self.last_header_line > self.last_footer_line:
+            return True
+        last = self.footers[-1]
+        return bool(last.get("exitstatus") == 2 or last.get("interrupted_by"))
 
     @property
     def interrupted_reason(self) -> str:
-        for f in self.footers:
-            if f.get("interrupted_by") or f.get("exitstatus") == 2:
-                return f"stopped by {f.get('interrupted_by') or 'an interrupt'}; every finished item was kept"
-        return "no end-of-run record: the process was killed" if not self.footers else ""
+        if not self.interrupted:
+            return ""
+        if not self.footers or self.last_header_line > self.last_footer_line:
+            return "no end-of-run record: the process was killed (q4k falsify --resume runs what is left)"
+        last = self.footers[-1]
+        return f"stopped by {last.get('interrupted_by') or 'an interrupt'}; every finished item was kept"
 
 
 def read_results(path: str | Path) -> RunData:
@@ -262,6 +273,10 @@ def read_results(path: str | Path) -> RunData:
                 data.corrupt_lines.append({"line": number, "text": text[:300], "error": str(exc)})
                 continue
             kind = record.get("type", "result")
+            if kind == "header":
+                data.last_header_line = number
+            elif kind == "footer":
+                data.last_footer_line = number
             {
                 "header": data.headers,
                 "result": data.results,
