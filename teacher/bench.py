@@ -63,15 +63,7 @@ def _dense_bf16(path: Path, device: int) -> Any:
     return DequantTeacher(cfg, DenseOps(weights, device=dev, dtype=torch.bfloat16))
 
 
-def _q4k_ahead(path: Path, device: int) -> Any:
-    """The Q4K teacher decoding the next weight on a side stream under each GEMM."""
-    from teacher.q4k_teacher import Q4KTeacher
-
-    return Q4KTeacher.from_gguf(path, device=device, decode_ahead=True)
-
-
-BACKENDS: dict[str, Callable[[Path, int], Any]] = {
-    "q4k": _q4k, "dense-bf16": _dense_bf16, "q4k-ahead": _q4k_ahead}
+BACKENDS: dict[str, Callable[[Path, int], Any]] = {"q4k": _q4k, "dense-bf16": _dense_bf16}
 DEFAULT_BACKENDS = ("q4k", "dense-bf16")
 
 

@@ -31,7 +31,6 @@ from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
 from teacher.consistency import check_model
-from teacher.decode_ahead import DecodeAhead
 from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import effective_vocab
@@ -149,8 +148,7 @@ class Q4KOps:
     bfloat16 or float32. Each linear takes the kernel path ``launch.dispatch_path``
     names for its M: the GEMV / fused kernels write float32, cast to ``dtype``; the
     large-M path decodes row chunks of W into a bounded scratch of ``dtype`` and
-    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs); with
-    ``decode_ahead`` the next chunk's decode is queued beside the current GEMM. The
+    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs). The
     tensor-core GEMVs (M <= 32, K-quants) are bf16 kernels: f16 x reaches them as
     bf16, and the float GEMV as float32. CuPy launches go to torch's current
     stream, so the forward captures into a CUDA graph, and every temporary comes
@@ -163,7 +161,6 @@ class Q4KOps:
         vectors: dict[str, torch.Tensor],
         device: torch.device,
         dtype: torch.dtype = torch.float16,
-        decode_ahead: bool = False,
         scratch_bytes: int | None = None,
     ) -> None:
         from cupy_kernels import launch
@@ -183,12 +180,10 @@ class Q4KOps:
         # so a wrong decode can be confined to one kernel path (the dequant path included)
         self.path_overrides: dict[str, dict[str, DeviceWeight]] = {}
         # the large-M path's decode one chunk ahead of its GEMM (None: decode, then GEMM)
-        # bytes of each decode scratch of the large-M path (two with decode-ahead)
+        # bytes of the decode scratch of the large-M path
         self.scratch_bytes = int(launch.DEQUANT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes)
         if self.scratch_bytes < 1:
             raise ValueError(f"scratch_bytes={scratch_bytes} must be positive")
-        self._ahead: DecodeAhead | None = (
-            DecodeAhead(self, device, self.scratch_bytes) if decode_ahead else None)
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -219,28 +214,13 @@ class Q4KOps:
         with record_function(matmul_label(name, path)), self._torch_stream():
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
-                chunks = (self._ahead.chunks(name, m, self.dtype) if self._ahead is not None
-                          else self._decoded_chunks(w))
-                return matmul_into(xin, chunks, y)
+                return matmul_into(xin, self._decoded_chunks(w), y)
             if out is not None and out.dtype == torch.float32 and out.is_contiguous():
                 self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
                 return out
             y32 = torch.empty((m, w.n), dtype=torch.float32, device=self.device)
             self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y32, path=path)
         return y32.to(self.dtype) if out is None else out.copy_(y32)
-
-    # -- the decode of the large-M path (DecodeAhead's source) ----------------
-    def _dequant_weight(self, name: str) -> DeviceWeight:
-        return self.path_overrides.get("dequant", {}).get(name, self.weights[name])
-
-    def chunk_layout(self, name: str) -> tuple[int, int, int]:
-        w = self.weights[name]
-        return w.n, w.k, self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize, self.scratch_bytes)
-
-    def decode_rows(self, name: str, row0: int, out: torch.Tensor) -> None:
-        w = self._dequant_weight(name)
-        with self._torch_stream():
-            self._launch.qdequant(w.data, w.qtype, w.n, w.k, row0=row0, out=out)
 
     def _decoded_chunks(self, w: DeviceWeight) -> Iterator[tuple[int, torch.Tensor]]:
         """(row0, W rows decoded to ``dtype``) chunk by chunk, all through one scratch:
@@ -305,7 +285,6 @@ class Q4KTeacher:
         activation_dtype: torch.dtype = torch.float16,
         graphs: bool = True,
         transform_path: str | None = None,
-        decode_ahead: bool = False,
         scratch_mib: float | None = None,
     ) -> Q4KTeacher:
         """Open, validate and upload ``path``; ``transform`` alters raw blocks (controls only).
@@ -317,11 +296,7 @@ class Q4KTeacher:
         ``activation_dtype``: float16 (default; bfloat16 where f16 overflows), bfloat16
         or float32 (see ``ACTIVATION_DTYPES``).
         ``graphs``: replay the forward from a CUDA graph per input shape.
-        ``decode_ahead``: on the large-M path, decode the next weight chunk on a side
-        stream while the current GEMM runs (two scratch buffers instead of one; see
-        ``teacher.decode_ahead``). Off by default: on the H200 it measured no faster
-        at 1 x 512 (cuBLAS's GEMMs hold every SM) and costs a second scratch.
-        ``scratch_mib``: size of each decode scratch (default: launch.DEQUANT_SCRATCH_BYTES,
+        ``scratch_mib``: size of the decode scratch (default: launch.DEQUANT_SCRATCH_BYTES,
         160 MiB, which holds a whole 7B FFN weight; less memory, narrower GEMMs)."""
         model = open_gguf(path)  # validates every tensor before anything touches the GPU
         cfg = check_model(model).config  # and the metadata against the tensors the forward reads
@@ -347,7 +322,7 @@ class Q4KTeacher:
         obj._native_vocab = cfg.vocab_size
         obj._vocab = vocab
         scratch = None if scratch_mib is None else int(scratch_mib * (1 << 20))
-        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype, decode_ahead, scratch)
+        obj._ops = Q4KOps(weights, vectors, obj.device, activation_dtype, scratch)
         obj._ops.path_overrides = overrides
         obj._runner = ForwardRunner(cfg, obj._ops, obj.device, graphs, overflow_fallback=torch.bfloat16)
         obj.load_seconds = seconds

@@ -99,7 +99,7 @@ def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
     ops.weights, ops.vectors = weights, {}
     ops.device, ops.dtype = torch.device("cpu"), torch.bfloat16
     ops.taken, ops.path_overrides = Counter(), {}
-    ops._ahead, ops.scratch_bytes = None, launch.DEQUANT_SCRATCH_BYTES  # decode, then GEMM
+    ops.scratch_bytes = launch.DEQUANT_SCRATCH_BYTES
     ops._torch_stream = contextlib.nullcontext  # type: ignore[method-assign]
     return ops
 

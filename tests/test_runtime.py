@@ -241,14 +241,3 @@ def test_profile_split_counts_each_kernel_once_in_its_range() -> None:
         {"matmul:dequant decode": 0.060, "matmul:dequant gemm/other": 0.039, "lm_head gemm/other": 0.058})
     assert split["top_kernels"][0] == {"name": "nvjet_sm90_gemm", "count": 2, "ms": pytest.approx(0.097)}
 
-
-def test_decode_ahead_prefetches_only_inside_one_forward() -> None:
-    from teacher.decode_ahead import same_forward_successor
-
-    assert same_forward_successor("blk.3.attn_q.weight", "blk.3.attn_k.weight")
-    assert same_forward_successor("blk.3.ffn_down.weight", "blk.4.attn_q.weight")
-    # never into the head (outside the graph) or the next forward's first layer
-    assert not same_forward_successor("blk.27.ffn_down.weight", "output.weight")
-    assert not same_forward_successor("blk.27.ffn_down.weight", "blk.0.attn_q.weight")
-    assert not same_forward_successor("output.weight", "blk.0.attn_q.weight")
-    assert not same_forward_successor("blk.1.ffn_down.weight", "blk.3.attn_q.weight")
