@@ -278,13 +278,29 @@ def sampling_within_budget(
     then says so); a real Ctrl-C still propagates.
     """
     guard = BudgetGuard(budget_bytes, stop_over_budget)
-    with MemorySampler(device=device, on_sample=guard.on_sample) as mem:
+    with swallow_guard_interrupt(guard), MemorySampler(device=device, on_sample=guard.on_sample) as mem:
+        yield mem, guard
+
+
+@contextlib.contextmanager
+def swallow_guard_interrupt(guard: BudgetGuard) -> Iterator[None]:
+    """End the block at the guard's interrupt and swallow it; a real Ctrl-C propagates.
+
+    The interrupt is asynchronous: the guard can trip as the block ends, and the
+    KeyboardInterrupt then arrives a few bytecodes later, after the block (an H200
+    sign-off run lost its session that way, inside the sampler's exit). So once the
+    guard has tripped, the pending interrupt is let fire here, inside the except."""
+    try:
         try:
-            yield mem, guard
+            yield
+        finally:
             guard.enabled = False
-        except KeyboardInterrupt:
-            if not guard.tripped:
-                raise
+        if guard.tripped:
+            for _ in range(100):  # a few eval-loop checks: the pending interrupt fires in one
+                time.sleep(0.001)
+    except KeyboardInterrupt:
+        if not guard.tripped:
+            raise
 
 
 def cupy_pool_bytes() -> int:

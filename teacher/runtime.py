@@ -136,16 +136,17 @@ class ForwardRunner:
         with torch.cuda.stream(side):
             hidden_states(self.cfg, self.ops, static_ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # the warm-up's activations sit in the allocator's cache under the side stream,
+        # where the capture (its own pool) cannot reuse them: give them back before the
+        # capture, or the load peak holds both copies at once (FT-Q4K-TEACHER-002)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = hidden_states(self.cfg, self.ops, static_ids)
         self._captured[shape] = (graph, static_ids, out)
-        # the warm-up's activations sit in the allocator's cache, a second copy of what
-        # the graph's pool now holds: give them back, or they count against the
-        # teacher's working set for the rest of the run
-        torch.cuda.empty_cache()
         log.info("captured the forward for shape %s in a CUDA graph", shape)
         return self._captured[shape]
 
