@@ -16,7 +16,8 @@ timed through the same machinery.
   one chunk of logits, so a KD step need not hold [B, T, V] float32 at all.
 - **f16 overflow.** With ``overflow_fallback`` set (the Q4K teacher: bfloat16),
   hidden states computed with float16 activations are checked for non-finite
-  values (one reduction and a host sync per forward, outside the graph). A
+  values (one reduction per forward, outside the graph, read once the head is
+  queued: reading it before the head left the GPU idle ~1.5 ms per forward). A
   forward that overflowed f16's range is rerun in the fallback dtype, which
   every later forward keeps, and a warning says so.
 """
@@ -85,17 +86,30 @@ class ForwardRunner:
 
         With graphs the result is the graph's static output: valid until the next call."""
         h = self.run_hidden(ids)
-        fallback = self.overflow_fallback
-        if fallback is not None and self.ops.dtype == torch.float16 and not bool(torch.isfinite(h).all()):
-            log.warning(
-                "float16 activations overflowed in a %s forward of shape %s (non-finite hidden "
-                "states); running this and every later forward with %s activations",
-                self.cfg.arch, tuple(ids.shape), str(fallback).removeprefix("torch."),
-            )
-            self.ops.set_activation_dtype(fallback)
-            self.drop_graphs()  # the graphs hold f16 kernels and buffers
+        bad = self._overflowed(h)
+        if bad is not None and bool(bad):
+            self._fall_back(ids)
             h = self.run_hidden(ids)
         return h
+
+    def _overflowed(self, h: torch.Tensor) -> torch.Tensor | None:
+        """A device flag: whether f16 hidden states went non-finite (None: nothing to check).
+        Queued, not read: the caller reads it once the head is queued too, so the host
+        sync does not leave the GPU idle between the graph and the head."""
+        if self.overflow_fallback is None or self.ops.dtype != torch.float16:
+            return None
+        return ~torch.isfinite(h).all()
+
+    def _fall_back(self, ids: torch.Tensor) -> None:
+        fallback = self.overflow_fallback
+        assert fallback is not None
+        log.warning(
+            "float16 activations overflowed in a %s forward of shape %s (non-finite hidden "
+            "states); running this and every later forward with %s activations",
+            self.cfg.arch, tuple(ids.shape), str(fallback).removeprefix("torch."),
+        )
+        self.ops.set_activation_dtype(fallback)
+        self.drop_graphs()  # the graphs hold f16 kernels and buffers
 
     def run_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """The forward up to the final norm alone: no overflow check, no host sync."""
@@ -159,18 +173,31 @@ class ForwardRunner:
         tensor; no more than one is alive here at a time."""
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-        h = self.hidden(ids)
+        h = self.run_hidden(ids)
+        bad = self._overflowed(h)
         for r0 in range(0, h.shape[0], chunk_rows):
             rows = h[r0 : r0 + chunk_rows]
             out = torch.empty((rows.shape[0], self.cfg.vocab_size), dtype=dtype, device=h.device)
-            yield r0, truncate_logits(head_logits(self.cfg, self.ops, rows, out), vocab)
+            chunk = truncate_logits(head_logits(self.cfg, self.ops, rows, out), vocab)
+            if bad is not None:  # read once, after the first chunk's head is queued
+                if bool(bad):
+                    self._fall_back(ids)
+                    yield from self.logit_chunks(ids, vocab, dtype, chunk_rows)
+                    return
+                bad = None
+            yield r0, chunk
 
     def logits(self, ids: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, T, vocab] of ``dtype``: one output the caller owns, written by the head directly."""
         b, t = ids.shape
-        h = self.hidden(ids)
+        h = self.run_hidden(ids)
+        bad = self._overflowed(h)
         out = torch.empty((b * t, self.cfg.vocab_size), dtype=dtype, device=h.device)
-        return truncate_logits(head_logits(self.cfg, self.ops, h, out).view(b, t, -1), vocab)
+        head_logits(self.cfg, self.ops, h, out)
+        if bad is not None and bool(bad):  # read after the head is queued: no idle GPU before it
+            self._fall_back(ids)
+            return self.logits(ids, vocab, dtype)
+        return truncate_logits(out.view(b, t, -1), vocab)
 
     # -- the provider boundary both teachers expose ---------------------------
     def _on_device(self) -> Any:

@@ -241,3 +241,17 @@ def test_profile_split_counts_each_kernel_once_in_its_range() -> None:
         {"matmul:dequant decode": 0.060, "matmul:dequant gemm/other": 0.039, "lm_head gemm/other": 0.058})
     assert split["top_kernels"][0] == {"name": "nvjet_sm90_gemm", "count": 2, "ms": pytest.approx(0.097)}
 
+
+
+def test_f16_overflow_in_logit_chunks_falls_back_before_any_chunk(tiny: DequantTeacher) -> None:
+    # the chunked head reads the overflow flag after its first chunk is queued: no f16
+    # chunk may reach the caller, and the bf16 rerun yields every row once, in order
+    big = {"blk.0.ffn_norm.weight": 1e6}
+    ids = _ids(tiny, (2, 9), seed=5)
+    guarded = _twin(tiny, torch.float16, big)
+    guarded.runner.overflow_fallback = torch.bfloat16
+    chunks = list(guarded.logit_chunks(ids, chunk_tokens=4, dtype="float32"))
+    assert [r0 for r0, _ in chunks] == [0, 4, 8, 12, 16]
+    got = torch.cat([c for _, c in chunks])
+    assert torch.isfinite(got).all() and guarded.ops.dtype == torch.bfloat16
+    torch.testing.assert_close(got, guarded.logits_for_batch(ids).reshape(got.shape))
