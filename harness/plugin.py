@@ -371,7 +371,7 @@ def _drop_finished(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 def _check_same_run(headers: list[dict[str, Any]], state: _State, path: Path) -> None:
     """A resumed run must judge the same thing: same --signoff, --teacher file and student."""
-    first = next((h for h in headers if h.get("type") == "header"), None)
+    first = headers[0] if headers else None
     if first is None:
         raise pytest.UsageError(f"--resume: {path} has no header line; it is not a run to continue")
     if bool(first.get("signoff")) != state.signoff:

@@ -238,20 +238,23 @@ class RunData:
         return [n for n in self.expected if n not in done]
 
     @property
+    def killed(self) -> bool:
+        """The last session (first or --resume) wrote a header and no footer after it."""
+        return not self.footers or self.last_header_line > self.last_footer_line
+
+    @property
     def interrupted(self) -> bool:
-        """The last session has no end-of-run record (killed), or one that says it was
-        stopped (SIGINT/SIGTERM). A session resumed later (--resume) decides for the run."""
-        if not self.footers or self.last_header_line > self.last_footer_line:
-            return True
-        last = self.footers[-1]
-        return bool(last.get("exitstatus") == 2 or last.get("interrupted_by"))
+        """The last session was killed, or its footer says it was stopped (SIGINT/SIGTERM).
+        A session resumed later (--resume) decides for the run."""
+        last = self.footers[-1] if self.footers else {}
+        return self.killed or bool(last.get("exitstatus") == 2 or last.get("interrupted_by"))
 
     @property
     def interrupted_reason(self) -> str:
+        if self.killed:
+            return "no end-of-run record: the process was killed (q4k falsify --resume runs what is left)"
         if not self.interrupted:
             return ""
-        if not self.footers or self.last_header_line > self.last_footer_line:
-            return "no end-of-run record: the process was killed (q4k falsify --resume runs what is left)"
         last = self.footers[-1]
         return f"stopped by {last.get('interrupted_by') or 'an interrupt'}; every finished item was kept"
 

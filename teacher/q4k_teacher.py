@@ -165,14 +165,12 @@ class Q4KOps:
     ) -> None:
         from cupy_kernels import launch
 
-        if dtype not in ACTIVATION_DTYPES.values():
-            raise ValueError(f"activation dtype {dtype} is not one of {', '.join(ACTIVATION_DTYPES)}")
         self._launch = launch
         self._cp = launch._cp()
         self.weights = weights
         self.vectors = vectors
         self.device = device
-        self.dtype = dtype
+        self.set_activation_dtype(dtype)
         # linears dispatched to each kernel path (host side, also while a graph is captured):
         # FT-003 checks with it that each of its per-path items ran the path it names
         self.taken: Counter[str] = Counter()

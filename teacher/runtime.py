@@ -81,17 +81,6 @@ class ForwardRunner:
         self._pool: Any = None
 
     # -- hidden states ------------------------------------------------------
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device.
-
-        With graphs the result is the graph's static output: valid until the next call."""
-        h = self.run_hidden(ids)
-        bad = self._overflowed(h)
-        if bad is not None and bool(bad):
-            self._fall_back(ids)
-            h = self.run_hidden(ids)
-        return h
-
     def _overflowed(self, h: torch.Tensor) -> torch.Tensor | None:
         """A device flag: whether f16 hidden states went non-finite (None: nothing to check).
         Queued, not read: the caller reads it once the head is queued too, so the host
@@ -112,7 +101,9 @@ class ForwardRunner:
         self.drop_graphs()  # the graphs hold f16 kernels and buffers
 
     def run_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """The forward up to the final norm alone: no overflow check, no host sync."""
+        """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device:
+        the forward up to the final norm, no overflow check, no host sync. With graphs the
+        result is the graph's static output, valid until the next call."""
         if not self.graphs:
             return hidden_states(self.cfg, self.ops, ids.to(self.device))
         shape = (int(ids.shape[0]), int(ids.shape[1]))
