@@ -46,20 +46,13 @@ def _device(ctx: Context) -> str:
     return dev
 
 
-def _load_teacher(subj: Any, path: Path, target_vocab: int | None, scratch_mib: float | None = None) -> Any:
-    """The subject's teacher; ``scratch_mib`` goes to loaders that take it (the Q4K
-    teacher's decode scratch), and is meaningless to the others (dense weights)."""
-    import inspect
-
+def _load_teacher(subj: Any, path: Path, target_vocab: int | None) -> Any:
     from teacher.provider import LogitProvider
 
     if isinstance(subj, LogitProvider):
         return subj
     if callable(subj):
-        extra: dict[str, Any] = {}
-        if scratch_mib is not None and "scratch_mib" in inspect.signature(subj).parameters:
-            extra["scratch_mib"] = scratch_mib
-        return subj(path, target_vocab=target_vocab, **extra)
+        return subj(path, target_vocab=target_vocab)
     raise TypeError(f"subject must be a LogitProvider or a loader (path, target_vocab), got {type(subj).__name__}")
 
 
@@ -176,8 +169,7 @@ def distill_epoch(ctx: Context) -> None:
     def body() -> None:
         nonlocal result, error
         try:
-            scratch = ctx.param("teacher_scratch_mib")
-            teacher = _load_teacher(subj, path, student.vocab_size, None if scratch is None else float(scratch))
+            teacher = _load_teacher(subj, path, student.vocab_size)
             st = student.to(device)
             ctx.measure("teacher_vocab", teacher.vocab_size())
             ctx.measure("student_vocab", st.vocab_size)

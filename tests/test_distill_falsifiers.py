@@ -146,21 +146,3 @@ def test_distill_epoch_at_the_contract_vocab_sizes(qwen_vocab_teacher: str) -> N
     assert verdict is Verdict.CORROBORATED, why
     assert ctx.evidence.measurements["teacher_vocab"]["value"] == 151936
 
-
-def test_teacher_scratch_reaches_only_loaders_that_take_it(tmp_path: Any) -> None:
-    # FT-005's teacher_scratch_mib: the Q4K loader takes it, the dense control's does not
-    from falsifiers.distill import _load_teacher
-
-    seen: dict[str, Any] = {}
-
-    def q4k_like(path: Any, target_vocab: int | None = None, *, scratch_mib: float | None = None) -> str:
-        seen["q4k"] = scratch_mib
-        return "q4k"
-
-    def dense_like(path: Any, target_vocab: int | None = None) -> str:
-        seen["dense"] = target_vocab
-        return "dense"
-
-    assert _load_teacher(q4k_like, tmp_path, 10, 32.0) == "q4k" and seen["q4k"] == 32.0
-    assert _load_teacher(dense_like, tmp_path, 10, 32.0) == "dense" and seen["dense"] == 10
-    assert _load_teacher(q4k_like, tmp_path, 10) == "q4k" and seen["q4k"] is None
