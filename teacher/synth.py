@@ -484,9 +484,10 @@ def _tensor_slabs(r: Recipe, t: TensorPlan) -> Iterator[np.ndarray]:
 # the file
 
 
-def _add_metadata(
+def add_metadata(
     w: GGUFWriter, r: Recipe, tokens: list[str], merges: list[str], types: list[int]
 ) -> None:
+    """Every metadata key of recipe ``r``'s file (tests that write altered files reuse it)."""
     w.add_name(f"synthetic {r.name}")
     w.add_type("model")
     w.add_description(
@@ -529,7 +530,7 @@ def write_gguf(recipe: Recipe, path: str | Path, *, progress: bool = False) -> P
     tokens, merges, types = build_vocab(recipe.vocab)
     w = GGUFWriter(path, recipe.arch)
     try:
-        _add_metadata(w, recipe, tokens, merges, types)
+        add_metadata(w, recipe, tokens, merges, types)
         for t in plan:
             # shape in torch order with a float dtype: the writer takes it as element counts
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

@@ -181,18 +181,11 @@ def test_model_binding_in_pyproject(my_file: Path, tmp_path: Path) -> None:
 def _iq_file(path: Path) -> Path:
     """A small llama file whose blk.0.ffn_up.weight is IQ4_NL (a type the teacher lacks)."""
     from teacher.quants import quantize
-    from teacher.synth import plan_tensors
+    from teacher.synth import add_metadata, build_vocab, plan_tensors
 
     recipe = RECIPES["tiny-llama3"]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(recipe.layers)
-    w.add_context_length(recipe.context)
-    w.add_embedding_length(recipe.hidden)
-    w.add_feed_forward_length(recipe.ffn)
-    w.add_head_count(recipe.heads)
-    w.add_head_count_kv(recipe.kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(recipe.vocab)
+    add_metadata(w, recipe, *build_vocab(recipe.vocab))
     rng = np.random.default_rng(0)
     for t in plan_tensors(recipe):
         if t.name == "rope_freqs.weight":
