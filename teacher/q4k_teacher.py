@@ -177,11 +177,11 @@ class Q4KOps:
         # controls only: path -> weights used instead of ``weights`` by linears on that path,
         # so a wrong decode can be confined to one kernel path (the dequant path included)
         self.path_overrides: dict[str, dict[str, DeviceWeight]] = {}
-        # the large-M path's decode one chunk ahead of its GEMM (None: decode, then GEMM)
         # bytes of the decode scratch of the large-M path
         self.scratch_bytes = int(launch.DEQUANT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes)
         if self.scratch_bytes < 1:
             raise ValueError(f"scratch_bytes={scratch_bytes} must be positive")
+        self._scratches: list[torch.Tensor] = []
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -220,11 +220,27 @@ class Q4KOps:
             self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y32, path=path)
         return y32.to(self.dtype) if out is None else out.copy_(y32)
 
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """The one decode scratch of every dequant-path linear, eager or graphed: stream
+        order makes each GEMM finish reading it before the next decode writes. A scratch
+        per call sat once in the graph's pool and again in the allocator's cache for the
+        eager lm_head, 2 x 160 MiB in FT-Q4K-TEACHER-002's peak. Sized at first use for
+        the largest chunk of any weight; a larger need (a wider dtype) adds a new one and
+        keeps the old, which a captured graph may still write into."""
+        if not self._scratches or self._scratches[-1].numel() < nbytes:
+            size = self.dtype.itemsize
+            widest = max(
+                (self._launch.dequant_chunk_rows(w.n, w.k, size, self.scratch_bytes) * w.k * size
+                 for w in self.weights.values()), default=0,
+            )
+            self._scratches.append(torch.empty(max(nbytes, widest), dtype=torch.uint8, device=self.device))
+        return self._scratches[-1]
+
     def _decoded_chunks(self, w: DeviceWeight) -> Iterator[tuple[int, torch.Tensor]]:
-        """(row0, W rows decoded to ``dtype``) chunk by chunk, all through one scratch:
-        stream order makes each GEMM finish reading before the next decode writes."""
+        """(row0, W rows decoded to ``dtype``) chunk by chunk, all through the one scratch."""
         rows = self._launch.dequant_chunk_rows(w.n, w.k, self.dtype.itemsize, self.scratch_bytes)
-        scratch = torch.empty((rows, w.k), dtype=self.dtype, device=self.device)
+        nbytes = rows * w.k * self.dtype.itemsize
+        scratch = self._scratch(nbytes)[:nbytes].view(self.dtype).view(rows, w.k)
         for n0 in range(0, w.n, rows):
             part = scratch[: min(rows, w.n - n0)]
             self._launch.qdequant(w.data, w.qtype, w.n, w.k, row0=n0, out=part)
@@ -369,6 +385,11 @@ class Q4KTeacher:
         """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
         ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
         return self._runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
+
+    def prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
+        """Queue the forward of a batch now (no host sync); the next logits call for the
+        same ids takes its result (``ForwardRunner.prefetch``)."""
+        self._runner.batch_prefetch(input_ids)
 
     def device_weights(self) -> dict[str, DeviceWeight]:
         return dict(self._ops.weights)

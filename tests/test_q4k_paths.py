@@ -100,6 +100,7 @@ def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
     ops.device, ops.dtype = torch.device("cpu"), torch.bfloat16
     ops.taken, ops.path_overrides = Counter(), {}
     ops.scratch_bytes = launch.DEQUANT_SCRATCH_BYTES
+    ops._scratches = []
     ops._torch_stream = contextlib.nullcontext  # type: ignore[method-assign]
     return ops
 
@@ -123,6 +124,22 @@ def test_corruption_is_confined_to_its_path_and_the_tap_counts(corrupt: str) -> 
         assert dict(ops.taken) == {path: 1}
         want = (x.float() @ (bad if path == corrupt else good).float().T)
         assert torch.allclose(y, want, rtol=2e-2, atol=2e-1), (path, corrupt)
+
+
+def test_dequant_path_decodes_every_weight_through_one_scratch() -> None:
+    # chunks of 128 rows: a weight of 3 chunks (the last one short) and a smaller one
+    g = torch.Generator().manual_seed(1)
+    shapes = {"big": (320, 256), "small": (64, 128)}
+    w = {n: torch.randn(r, c, generator=g).to(torch.bfloat16) for n, (r, c) in shapes.items()}
+    ops = _ops({n: DeviceWeight(n, QT.Q4_K, *shapes[n], w[n]) for n in shapes})
+    ops.scratch_bytes = 128 * 256 * 2
+    for name in ("small", "big", "small"):
+        x = torch.randn(70, shapes[name][1], generator=g).to(torch.bfloat16)
+        y = ops.linear(x, name).float()
+        assert ops.taken["dequant"] > 0
+        torch.testing.assert_close(y, x.float() @ w[name].float().T, rtol=2e-2, atol=2e-1)
+    # sized at first use for the widest chunk of any weight, never reallocated after
+    assert len(ops._scratches) == 1 and ops._scratches[0].numel() == 128 * 256 * 2
 
 
 def test_corrupt_path_control_needs_a_case() -> None:
