@@ -5,11 +5,19 @@ to a :class:`ForwardRunner`, so the dense-bf16 baseline and the Q4K teacher are
 timed through the same machinery.
 
 - **Graphs.** On a GPU, everything up to the final norm (``hidden_states``) is
-  captured once per (batch, seq) shape into a CUDA graph and replayed: a 7B
-  forward is ~900 kernel launches, and launched one by one from Python the GPU
-  idles between them (about 40% of a 1 x 512 forward before graphs). The
-  forward has no host sync (ids are validated on the host before upload), so it
-  captures whole. A capture that fails falls back to eager, once, with a warning.
+  captured into a CUDA graph per (batch, seq) shape and replayed: a 7B forward
+  is ~900 kernel launches, and launched one by one from Python the GPU idles
+  between them (about 40% of a 1 x 512 forward before graphs). A shape is
+  captured the second time it comes: a capture costs a warm-up forward and a
+  memory pool the graph keeps, which a shape seen once (an evaluation batch, a
+  sign-off item) never pays back. The forward has no host sync (ids are
+  validated on the host before upload), so it captures whole. A capture that
+  fails falls back to eager, once, with a warning.
+- **Prefetch.** :meth:`ForwardRunner.prefetch` queues the forward of a batch
+  before its logits are asked for: a training loop queues its next batch's
+  teacher forward ahead of its own backward pass, so the backward's many small
+  launches are issued while the GPU runs the teacher's long graph, not while
+  it waits for them.
 - **The head.** The lm_head runs outside the graph, in row chunks, into an
   output the caller owns, in the dtype the caller asks for: float32 for parity,
   bf16 for distillation. :meth:`ForwardRunner.logit_chunks` never holds more than
@@ -78,7 +86,9 @@ class ForwardRunner:
         self.graphs = graphs and device.type == "cuda"
         self.overflow_fallback = overflow_fallback
         self._captured: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._seen: set[tuple[int, int]] = set()  # shapes run once, eagerly: the next one is captured
         self._pool: Any = None
+        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # prefetched (ids, hidden states)
 
     # -- hidden states ------------------------------------------------------
     def _overflowed(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -103,11 +113,18 @@ class ForwardRunner:
     def run_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device:
         the forward up to the final norm, no overflow check, no host sync. With graphs the
-        result is the graph's static output, valid until the next call."""
+        result is the graph's static output, valid until the next call. A batch
+        :meth:`prefetch` queued is taken as it is (once)."""
+        ahead, self._ahead = self._ahead, None  # a replay below would overwrite it anyway
+        if ahead is not None and ahead[0].shape == ids.shape and torch.equal(ahead[0], ids.cpu()):
+            return ahead[1]
         if not self.graphs:
             return hidden_states(self.cfg, self.ops, ids.to(self.device))
         shape = (int(ids.shape[0]), int(ids.shape[1]))
         entry = self._captured.get(shape)
+        if entry is None and shape not in self._seen:
+            self._seen.add(shape)
+            return hidden_states(self.cfg, self.ops, ids.to(self.device))
         if entry is None:
             try:
                 entry = self._capture(shape)
@@ -122,9 +139,17 @@ class ForwardRunner:
         graph.replay()
         return out
 
+    def prefetch(self, ids: torch.Tensor) -> None:
+        """Queue the forward of ``ids`` (validated, [B, T]) up to the final norm now, without
+        a host sync; the next ``logits``/``logit_chunks`` call for the same ids takes it
+        instead of running it again. Any other forward in between discards it."""
+        self._ahead = None
+        self._ahead = (ids.cpu().clone(), self.run_hidden(ids))
+
     def drop_graphs(self) -> None:
         """Release every captured graph and its memory pool (they are captured again on use)."""
         self._captured.clear()
+        self._ahead = None
         self._pool = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -134,6 +159,10 @@ class ForwardRunner:
         while len(self._captured) >= MAX_GRAPHS:
             self._captured.popitem(last=False)
         static_ids = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        # the eager forwards' cached blocks belong to the current stream, where neither the
+        # side stream below nor the capture's pool can reuse them: given back first
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         # warm up on a side stream, as torch asks: kernels compile and load, cuBLAS
         # picks its algorithms and workspaces, the allocator grows, all before capture
         side = torch.cuda.Stream(self.device)
@@ -141,11 +170,7 @@ class ForwardRunner:
         with torch.cuda.stream(side):
             hidden_states(self.cfg, self.ops, static_ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        # the warm-up's activations sit in the allocator's cache under the side stream,
-        # where the capture (its own pool) cannot reuse them: give them back before the
-        # capture, or the load peak holds both copies at once (FT-Q4K-TEACHER-002)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        # (torch.cuda.graph gives the warm-up's cached blocks back as it enters)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -205,6 +230,12 @@ class ForwardRunner:
         # backward, and a KD loss against a trainable student must save them
         with torch.no_grad(), self._on_device():
             return self.logits(ids, vocab, logits_dtype(dtype)).detach()
+
+    def batch_prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
+        """``prefetch`` of a teacher: the ids checked on the host as the logits calls check them."""
+        ids = as_id_batch(input_ids, self.cfg.vocab_size, self.cfg.context)
+        with torch.no_grad(), self._on_device():
+            self.prefetch(ids)
 
     def batch_logit_chunks(
         self, input_ids: torch.Tensor | Sequence[Sequence[int]], vocab: int,

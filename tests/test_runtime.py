@@ -255,3 +255,32 @@ def test_f16_overflow_in_logit_chunks_falls_back_before_any_chunk(tiny: DequantT
     got = torch.cat([c for _, c in chunks])
     assert torch.isfinite(got).all() and guarded.ops.dtype == torch.bfloat16
     torch.testing.assert_close(got, guarded.logits_for_batch(ids).reshape(got.shape))
+
+
+def test_prefetch_runs_the_forward_once_for_its_ids(tiny: DequantTeacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    import teacher.runtime as runtime
+
+    calls: list[tuple[int, ...]] = []
+    real = runtime.hidden_states
+
+    def counted(cfg: object, ops: object, ids: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(ids.shape))
+        return real(cfg, ops, ids)  # type: ignore[arg-type]
+
+    a, b = _ids(tiny, (2, 9), seed=1), _ids(tiny, (2, 9), seed=2)
+    want_a, want_b = tiny.logits_for_batch(a), tiny.logits_for_batch(b)
+    monkeypatch.setattr(runtime, "hidden_states", counted)
+    tiny.prefetch(a)
+    assert len(calls) == 1
+    got = torch.cat([p for _, p in tiny.logit_chunks(a, chunk_tokens=5, dtype="float32")])
+    assert len(calls) == 1  # taken from the prefetch, not run again
+    torch.testing.assert_close(got, want_a.reshape(-1, tiny.vocab_size()), rtol=1e-5, atol=1e-5)
+    tiny.logits_for_batch(a)
+    assert len(calls) == 2  # taken once only
+    tiny.prefetch(a)
+    torch.testing.assert_close(tiny.logits_for_batch(b), want_b, rtol=0, atol=0)  # other ids: run anew
+    assert len(calls) == 4
+    tiny.prefetch(a)
+    tiny.logits_for_batch(b)  # any forward in between discards the prefetch
+    tiny.logits_for_batch(a)
+    assert len(calls) == 7

@@ -53,12 +53,9 @@ def test_graph_replays_the_eager_forward(tiny: Any) -> None:
     ids = _ids(tiny.vocab_size(), (2, 37), seed=4)
     runner = tiny.runner
     assert runner.graphs, "graphs are on by default on CUDA"
+    eager = tiny.logits_for_batch(ids)  # a shape's first forward runs eagerly, nothing captured
+    assert (2, 37) not in runner._captured
     graphed = [tiny.logits_for_batch(ids) for _ in range(2)]  # capture, then replay
-    runner.graphs = False
-    try:
-        eager = tiny.logits_for_batch(ids)
-    finally:
-        runner.graphs = True
     assert (2, 37) in runner._captured
     torch.testing.assert_close(graphed[1], graphed[0], rtol=0, atol=0)
     torch.testing.assert_close(graphed[1], eager, rtol=1e-3, atol=1e-3)
@@ -115,3 +112,25 @@ def test_f16_by_default_and_bf16_after_an_overflow(tiny: Any, caplog: pytest.Log
     t.runner.drop_graphs()
     assert not bool(torch.isfinite(t.logits_for_batch(ids)).all())
 
+
+
+def test_one_decode_scratch_for_graph_and_head(tiny: Any) -> None:
+    # M = 200 rows: every linear and the lm_head take the decode + cuBLAS path, in the
+    # graph and eagerly; they share one scratch (two would both count in the peak)
+    ids = _ids(tiny.vocab_size(), (2, 100), seed=9)
+    for _ in range(3):  # eager, capture, replay
+        tiny.logits_for_batch(ids)
+    assert tiny.runner.ops.taken["dequant"] > 0
+    assert len(tiny.ops._scratches) == 1
+
+
+def test_prefetch_is_taken_once_and_only_for_its_ids(tiny: Any) -> None:
+    a, b = _ids(tiny.vocab_size(), (2, 24), seed=10), _ids(tiny.vocab_size(), (2, 24), seed=11)
+    want_a, want_b = tiny.logits_for_batch(a), tiny.logits_for_batch(b)
+    tiny.logits_for_batch(a)  # the shape is captured: prefetch replays the graph
+    tiny.prefetch(a)
+    torch.testing.assert_close(tiny.logits_for_batch(a), want_a, rtol=1e-3, atol=1e-3)
+    assert tiny.runner._ahead is None  # taken
+    tiny.prefetch(a)  # ids that do not match: b's logits, not a's
+    torch.testing.assert_close(tiny.logits_for_batch(b), want_b, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(want_a, want_b)
