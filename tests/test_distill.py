@@ -335,3 +335,39 @@ def test_tied_weight_gradient_is_one_buffer(monkeypatch: pytest.MonkeyPatch) -> 
     kd_loss(t, ref(ids), 2.0).backward()
     assert ref.embed.weight.grad is not None
     torch.testing.assert_close(grad, ref.embed.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+class PrefetchingTeacher(FakeTeacher):
+    """Records each prefetch and whether the next logits call asked for exactly those ids."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.pending: torch.Tensor | None = None
+        self.prefetched = 0
+        self.hits = 0
+
+    def prefetch(self, input_ids: torch.Tensor) -> None:
+        assert self.pending is None, "a prefetch nobody asked for"
+        self.pending = torch.as_tensor(input_ids).clone()
+        self.prefetched += 1
+
+    def logits_for_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        if self.pending is not None:
+            assert torch.equal(torch.as_tensor(input_ids), self.pending), "prefetched other ids"
+            self.hits += 1
+            self.pending = None
+        return super().logits_for_batch(input_ids)
+
+
+def test_next_batch_is_prefetched_and_training_is_unchanged(tmp_path: Path) -> None:
+    cfg = DistillConfig(epochs=2, batch_size=5, seq_len=16, lr=3e-3, progress=False, max_steps=8)
+    plain, fetching = Student(CFG, seed=11), Student(CFG, seed=11)
+    ref = distill(FakeTeacher(target=CFG.vocab_size), plain, _data(), cfg)
+    teacher = PrefetchingTeacher(target=CFG.vocab_size)
+    res = distill(teacher, fetching, _data(), cfg)
+    # 5 batches per epoch: epoch 0 prefetches for steps 2..5, epoch 1 for 7..8 (max_steps stops it)
+    assert res.steps == 8 and teacher.prefetched == 4 + 2 and teacher.hits == teacher.prefetched
+    assert teacher.pending is None
+    assert res.losses == ref.losses
+    for a, b in zip(plain.state_dict().values(), fetching.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
