@@ -185,3 +185,8 @@ class DequantTeacher:
         """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
         ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
         return self.runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
+
+    def prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
+        """Queue the forward of a batch now (no host sync); the next logits call for the
+        same ids takes its result (``ForwardRunner.prefetch``)."""
+        self.runner.batch_prefetch(input_ids)
