@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from falsifiers._common import model_path, oracle_model, random_ids
+from falsifiers._common import model_path, oracle_model, random_ids, shared_f32
 from harness.context import Context
 from harness.registry import falsifier, subject
 from teacher.dequant_teacher import DequantTeacher
@@ -108,10 +108,11 @@ def reference_logit_parity(ctx: Context) -> None:
                         "would read from it")
     cos_min = float(ctx.threshold("cosine_min"))
     batch, seq_len, seed = int(ctx.param("batch", 2)), int(ctx.param("seq_len", 12)), int(ctx.param("seed", 7))
-    teacher = ctx.subject()(path)
+    with shared_f32(path):  # one F32 decode of the file per session, not one per item
+        teacher = ctx.subject()(path)
     ids = random_ids(teacher.vocab_size(), (batch, seq_len), seed=seed)
     got = teacher.logits_for_batch(ids).float()
-    del teacher
+    del teacher  # before the oracle loads (it may free the shared decode to make room)
     ref = _oracle_logits(path, ids)
     ctx.check("logits_shape", list(got.shape), "==", list(ref.shape))
     if got.shape != ref.shape:
@@ -210,7 +211,9 @@ def refuses_inconsistent_file(ctx: Context) -> None:
             ctx.expect(f"{label}: refused before any dequant", calls[0] == 0,
                        detail=f"{calls[0]} tensor(s) dequantized first")
     try:
-        loader(path)
+        # a whole load, shared with the session's other items on this file (shared_f32)
+        with shared_f32(path):
+            loader(path)
         ok, why = True, ""
     except ValueError as exc:
         ok, why = False, str(exc)

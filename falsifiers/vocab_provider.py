@@ -18,14 +18,15 @@ Controls (deliberately wrong providers built from the real teacher):
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from falsifiers._common import model_path, require_host_f32
+from falsifiers._common import model_path, require_host_f32, shared_f32
 from harness.context import Context
 from harness.registry import falsifier, subject
 from teacher.dequant_teacher import DequantTeacher
@@ -103,24 +104,31 @@ def _native_vocab(path: Path) -> int:
     return int(head.shape[0])
 
 
-def _setup(ctx: Context) -> tuple[Loader, Path, int, int]:
-    """(loader, model path, native vocab, target vocab), the latter recorded as evidence."""
+@contextlib.contextmanager
+def _setup(ctx: Context) -> Iterator[tuple[Loader, Path, int, int]]:
+    """(loader, model path, native vocab, target vocab), the latter recorded as evidence.
+
+    Inside, every load of the file shares one F32 decode (falsifiers._common.shared_f32):
+    each load still runs whole, from the header to the provider, but a 7B's 30 GB are
+    decoded once per session instead of once per load (FT-002..004 and their controls
+    loaded it 14 times). So subject and reference of FT-004 hold one copy, not two."""
     path = model_path(ctx)
-    require_host_f32(ctx, path, copies=2)  # FT-004 holds the subject and its reference at once
-    native = _native_vocab(path)
-    target = ctx.param("target_vocab")
-    if target is None:
-        target = native * 3 // 4
-        ctx.note(f"check.params.target_vocab not given: using 3/4 of the native vocab, {target}")
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < native:
-        # a target equal to the native vocab cannot tell effective from native: the
-        # falsifier would be blind, so this is an error of the contract, not a verdict
-        raise ValueError(
-            f"{ctx.ft_id}: check.params.target_vocab must be an int in (0, {native}), got {target!r}"
-        )
-    ctx.measure("native_vocab", native, "tokens")
-    ctx.measure("target_vocab", target, "tokens")
-    return ctx.subject(), path, native, target
+    with shared_f32(path):
+        require_host_f32(ctx, path)
+        native = _native_vocab(path)
+        target = ctx.param("target_vocab")
+        if target is None:
+            target = native * 3 // 4
+            ctx.note(f"check.params.target_vocab not given: using 3/4 of the native vocab, {target}")
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < native:
+            # a target equal to the native vocab cannot tell effective from native: the
+            # falsifier would be blind, so this is an error of the contract, not a verdict
+            raise ValueError(
+                f"{ctx.ft_id}: check.params.target_vocab must be an int in (0, {native}), got {target!r}"
+            )
+        ctx.measure("native_vocab", native, "tokens")
+        ctx.measure("target_vocab", target, "tokens")
+        yield ctx.subject(), path, native, target
 
 
 def _names_number(message: str, n: int) -> bool:
@@ -131,42 +139,42 @@ def _names_number(message: str, n: int) -> bool:
 @falsifier("vocab_size_reports_effective")
 def vocab_size_reports_effective(ctx: Context) -> None:
     """vocab_size() is the target vocab when one is given, the native vocab otherwise."""
-    load, path, native, target = _setup(ctx)
-    ctx.check(
-        "vocab_size_with_target", int(load(path, target_vocab=target).vocab_size()), "==", target
-    )
-    ctx.check("vocab_size_without_target", int(load(path).vocab_size()), "==", native)
+    with _setup(ctx) as (load, path, native, target):
+        ctx.check(
+            "vocab_size_with_target", int(load(path, target_vocab=target).vocab_size()), "==", target
+        )
+        ctx.check("vocab_size_without_target", int(load(path).vocab_size()), "==", native)
 
 
 # -- FT-VOCAB-ALIGN-003 ----------------------------------------------------------
 @falsifier("target_vocab_validation")
 def target_vocab_validation(ctx: Context) -> None:
     """Target 0 and native + 1 fail at construction naming both sizes; valid targets load."""
-    load, path, native, target = _setup(ctx)
-    for bad in (0, native + 1):
-        try:
-            provider = load(path, target_vocab=bad)
-        except ValueError as exc:
-            msg = str(exc)
-            ctx.expect(
-                f"target_{bad}_message_names_both_sizes",
-                _names_number(msg, bad) and _names_number(msg, native),
-                f"message: {msg!r}",
-            )
-        else:
-            ctx.expect(
-                f"target_{bad}_rejected",
-                False,
-                f"construction succeeded (vocab_size() = {provider.vocab_size()})",
-            )
-    # a provider that rejects every target must not pass either
-    for good in (target, native):
-        try:
-            load(path, target_vocab=good)
-            ok, detail = True, ""
-        except Exception as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        ctx.expect(f"target_{good}_accepted", ok, detail)
+    with _setup(ctx) as (load, path, native, target):
+        for bad in (0, native + 1):
+            try:
+                provider = load(path, target_vocab=bad)
+            except ValueError as exc:
+                msg = str(exc)
+                ctx.expect(
+                    f"target_{bad}_message_names_both_sizes",
+                    _names_number(msg, bad) and _names_number(msg, native),
+                    f"message: {msg!r}",
+                )
+            else:
+                ctx.expect(
+                    f"target_{bad}_rejected",
+                    False,
+                    f"construction succeeded (vocab_size() = {provider.vocab_size()})",
+                )
+        # a provider that rejects every target must not pass either
+        for good in (target, native):
+            try:
+                load(path, target_vocab=good)
+                ok, detail = True, ""
+            except Exception as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            ctx.expect(f"target_{good}_accepted", ok, detail)
 
 
 # -- FT-VOCAB-ALIGN-004 ----------------------------------------------------------
@@ -174,21 +182,21 @@ def target_vocab_validation(ctx: Context) -> None:
 def logits_effective_length(ctx: Context) -> None:
     """logits_for_batch on [batch, seq_len] ids returns [batch, seq_len, target] logits,
     equal to the first ``target`` columns of the untruncated teacher's logits."""
-    load, path, native, target = _setup(ctx)
-    batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 8))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, native, (batch, seq_len), generator=gen)
+    with _setup(ctx) as (load, path, native, target):
+        batch, seq_len = int(ctx.param("batch", 4)), int(ctx.param("seq_len", 8))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, native, (batch, seq_len), generator=gen)
 
-    logits = load(path, target_vocab=target).logits_for_batch(ids)
-    ctx.check("logits_shape", list(logits.shape), "==", [batch, seq_len, target])
-    if logits.shape[-1] < target:
-        return  # nothing to compare the values against; the shape check already failed
-    # truncation must keep the raw logits of ids < target (truncate, then any softmax)
-    reference = DequantTeacher.from_gguf(path).logits_for_batch(ids)[..., :target]
-    diff = float((logits[..., :target].float() - reference).abs().max())
-    ctx.measure("max_abs_diff_vs_untruncated_teacher", diff)
-    ctx.expect(
-        "logits_equal_untruncated_prefix",
-        torch.equal(logits[..., :target].float(), reference),
-        f"max |diff| {diff:.3g}",
-    )
+        logits = load(path, target_vocab=target).logits_for_batch(ids)
+        ctx.check("logits_shape", list(logits.shape), "==", [batch, seq_len, target])
+        if logits.shape[-1] < target:
+            return  # nothing to compare the values against; the shape check already failed
+        # truncation must keep the raw logits of ids < target (truncate, then any softmax)
+        reference = DequantTeacher.from_gguf(path).logits_for_batch(ids)[..., :target]
+        diff = float((logits[..., :target].float() - reference).abs().max())
+        ctx.measure("max_abs_diff_vs_untruncated_teacher", diff)
+        ctx.expect(
+            "logits_equal_untruncated_prefix",
+            torch.equal(logits[..., :target].float(), reference),
+            f"max |diff| {diff:.3g}",
+        )
