@@ -129,31 +129,59 @@ def reference_logit_parity(ctx: Context) -> None:
 
 
 # -- FT-REF-TEACHER-003: an inconsistent file is refused -----------------------------------------
-def rewrite_gguf(src: Path, dst: Path, keys: Mapping[str, Any], drop: frozenset[str] = frozenset()) -> Path:
-    """Copy ``src`` to ``dst`` with metadata ``keys`` replaced (an int or a float; the value
-    type follows Python's) and the tensors in ``drop`` left out; raw blocks are copied as they are."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+def _kv_bytes(key: str, value: int | float) -> bytes:
+    """One metadata entry as GGUF stores it: an int is UINT32 (UINT64 from 2^32), a float FLOAT32."""
+    import struct
 
-    reader = GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
-    writer = GGUFWriter(str(dst), arch)
+    from gguf import GGUFValueType
+
+    name = key.encode()
+    if isinstance(value, float):
+        typed = struct.pack("<If", GGUFValueType.FLOAT32, value)
+    elif value >= 2**32:
+        typed = struct.pack("<IQ", GGUFValueType.UINT64, value)
+    else:
+        typed = struct.pack("<II", GGUFValueType.UINT32, value)
+    return struct.pack("<Q", len(name)) + name + typed
+
+
+def rewrite_gguf(
+    src: Path, dst: Path, keys: Mapping[str, Any], drop: frozenset[str] = frozenset(), reader: Any = None
+) -> Path:
+    """Write ``dst``: ``src``'s header with metadata ``keys`` replaced or added (an int or a
+    float; the value type follows Python's) and the tensor infos in ``drop`` left out.
+
+    Every other header entry is copied byte for byte from ``src`` (tensor offsets included, so
+    a dropped tensor leaves a hole). The tensor data region keeps its length but is not
+    written: the file is sparse there and reads as zeros. The claim is that the header is
+    refused before any tensor is read, so those bytes cannot change a verdict, and a loader
+    that decodes one is stopped and caught by the dequant count (falsifier below). Copying
+    4.4 GB of data five times per item was most of the cost of this check on a 7B file.
+    ``reader``: a ``gguf.GGUFReader`` of ``src`` (one parse costs ~10 s on a 152k vocab)."""
+    import struct
+
+    from gguf import GGUFReader
+
+    reader = reader if reader is not None else GGUFReader(src)
+    raw = reader.data  # the file's bytes, memory-mapped
+
+    def span(fld: Any) -> bytes:
+        return bytes(raw[fld.offset : fld.offset + sum(int(part.nbytes) for part in fld.parts)])
+
+    entries, seen = [], set()
     for name, fld in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment") or name in keys:
-            continue
-        sub = fld.types[-1] if fld.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, fld.contents(), fld.types[0], sub)
-    for name, value in keys.items():
-        if isinstance(value, float):
-            writer.add_key_value(name, value, GGUFValueType.FLOAT32)
-        else:
-            writer.add_key_value(name, value, GGUFValueType.UINT64 if value >= 2**32 else GGUFValueType.UINT32)
-    for t in reader.tensors:
-        if t.name not in drop:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if name.startswith("GGUF."):
+            continue  # magic, version and counts: written below
+        seen.add(name)
+        entries.append(_kv_bytes(name, keys[name]) if name in keys else span(fld))
+    entries += [_kv_bytes(k, v) for k, v in keys.items() if k not in seen]
+    infos = [span(t.field) for t in reader.tensors if t.name not in drop]
+    version = int(reader.fields["GGUF.version"].parts[0][0])
+    header = b"".join([b"GGUF", struct.pack("<IQQ", version, len(infos), len(entries)), *entries, *infos])
+    data_start = -(-len(header) // reader.alignment) * reader.alignment
+    with open(dst, "wb") as fh:
+        fh.write(header + bytes(data_start - len(header)))
+        fh.truncate(data_start + len(raw) - reader.data_offset)
     return dst
 
 
@@ -174,9 +202,16 @@ def _variants(path: Path) -> list[tuple[str, dict[str, Any], frozenset[str], str
     ]
 
 
+class DequantBeforeRefusal(Exception):
+    """Raised at a loader's first dequant of an altered copy: that call is already the
+    counterexample, so decoding the rest (30 GB of F32 for a 7B) would prove nothing more.
+    Not a ValueError, so it is never mistaken for a refusal."""
+
+
 @contextlib.contextmanager
-def _counting_dequant() -> Iterator[list[int]]:
-    """Counts calls of teacher.quants.dequantize (looked up at call time by the loaders)."""
+def _counting_dequant(stop: bool = False) -> Iterator[list[int]]:
+    """Counts calls of teacher.quants.dequantize (looked up at call time by the loaders);
+    with ``stop``, each call raises :class:`DequantBeforeRefusal` instead of decoding."""
     from teacher import quants
 
     calls = [0]
@@ -184,6 +219,8 @@ def _counting_dequant() -> Iterator[list[int]]:
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
+        if stop:
+            raise DequantBeforeRefusal("a tensor was dequantized before the file was refused")
         return real(*args, **kwargs)
 
     with mock.patch.object(quants, "dequantize", counted):
@@ -194,22 +231,30 @@ def _counting_dequant() -> Iterator[list[int]]:
 def refuses_inconsistent_file(ctx: Context) -> None:
     """Each inconsistent copy of the model is refused with a ValueError naming the file and the
     key or tensor, before any tensor is dequantized; the untouched file loads."""
+    from gguf import GGUFReader
+
     path = model_path(ctx)
     loader = ctx.subject()
+    reader = GGUFReader(path)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, keys, drop, needle) in enumerate(_variants(path)):
-            bad = rewrite_gguf(path, Path(tmp) / f"variant{i}.gguf", keys, drop)
-            with _counting_dequant() as calls:
+            # one altered copy at a time, each removed before the next
+            bad = rewrite_gguf(path, Path(tmp) / f"variant{i}.gguf", keys, drop, reader)
+            with _counting_dequant(stop=True) as calls:
                 try:
                     loader(bad)
                     refused, why = False, "loaded without complaint"
                 except ValueError as exc:  # ConfigError and GGUFError are ValueErrors
                     msg = str(exc)
                     refused, why = str(bad) in msg and needle in msg, f"{type(exc).__name__}: {msg}"
+                except DequantBeforeRefusal:
+                    refused, why = False, "dequantized a tensor before any refusal (stopped there)"
+            bad.unlink()
             ctx.note(f"{label}: {why[:300]}")
             ctx.expect(f"{label}: refused naming the file and {needle}", refused, detail=why[:300])
             ctx.expect(f"{label}: refused before any dequant", calls[0] == 0,
                        detail=f"{calls[0]} tensor(s) dequantized first")
+    del reader
     try:
         # a whole load, shared with the session's other items on this file (shared_f32)
         with shared_f32(path):

@@ -113,6 +113,46 @@ def test_host_check_counts_what_is_already_held(tiny: Path) -> None:
         assert ctx.evidence.measurements["host_f32_bytes_needed"]["value"] == 0
 
 
+def test_altered_copy_has_the_new_header_and_no_data_written(tiny: Path, tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    from falsifiers.reference_teacher import rewrite_gguf
+
+    drop = "blk.1.ffn_down.weight"
+    dst = rewrite_gguf(tiny, tmp_path / "bad.gguf", {"qwen2.block_count": 7, "qwen2.vocab_size": 2**31},
+                       frozenset({drop}))
+    src = open_gguf(tiny)
+    got = open_gguf(dst)  # our parser accepts it: every offset still inside the file
+    assert got.metadata["qwen2.block_count"] == 7 and got.metadata["qwen2.vocab_size"] == 2**31
+    assert {k: v for k, v in got.metadata.items() if not k.startswith("qwen2.")} == {
+        k: v for k, v in src.metadata.items() if not k.startswith("qwen2.")}
+    assert set(got.tensors) == set(src.tensors) - {drop}
+    for name, rec in got.tensors.items():
+        assert (rec.qtype, rec.shape) == (src.tensors[name].qtype, src.tensors[name].shape)
+    reader = GGUFReader(dst)  # and so does gguf's own
+    assert int(reader.fields["qwen2.block_count"].contents()) == 7
+    data_len = sum(r.nbytes for r in src.tensors.values())
+    st = dst.stat()
+    assert st.st_blocks * 512 < data_len // 2, "the data region was written, not left sparse"
+
+
+def test_unchecked_control_stops_at_the_first_dequant(tiny: Path) -> None:
+    """The control is still FALSIFIED, and nothing of an altered copy is really decoded:
+    the only real decodes are the final whole load of the consistent file."""
+    import falsifiers.reference_teacher  # noqa: F401  (registers the names)
+    from harness.registry import FALSIFIERS, SUBJECTS
+
+    n = len(open_gguf(tiny).tensors)
+    ctx = _ctx(control="reference-unchecked-load", model="tiny",
+               subject_factory=SUBJECTS["reference-unchecked-load"].factory)
+    with _real_decodes() as calls:
+        FALSIFIERS["refuses_inconsistent_file"].fn(ctx)
+    verdict, _ = ctx.verdict()
+    assert str(verdict) == "FALSIFIED"
+    assert calls[0] == n, f"{calls[0]} real decodes; {n} expected (the consistent file only)"
+    assert any("stopped there" in note for note in ctx.evidence.notes), ctx.evidence.notes
+
+
 def test_oracle_parses_the_file_once_and_decodes_as_gguf_does(tiny: Path) -> None:
     import gguf
 
