@@ -25,9 +25,10 @@ timed through the same machinery.
 - **f16 overflow.** With ``overflow_fallback`` set (the Q4K teacher: bfloat16),
   hidden states computed with float16 activations are checked for non-finite
   values (one reduction per forward, outside the graph, read once the head is
-  queued: reading it before the head left the GPU idle ~1.5 ms per forward). A
-  forward that overflowed f16's range is rerun in the fallback dtype, which
-  every later forward keeps, and a warning says so.
+  queued: reading it before the head left the GPU idle ~1.5 ms per forward; a
+  prefetched forward's flag is copied to the host right behind it and read
+  before any head). A forward that overflowed f16's range is rerun in the
+  fallback dtype, which every later forward keeps, and a warning says so.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -88,7 +89,8 @@ class ForwardRunner:
         self._captured: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._seen: set[tuple[int, int]] = set()  # shapes run once, eagerly: the next one is captured
         self._pool: Any = None
-        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # prefetched (ids, hidden states)
+        # prefetched: (ids, hidden states, reader of their f16-overflow flag or None)
+        self._ahead: tuple[torch.Tensor, torch.Tensor, Callable[[], bool] | None] | None = None
 
     # -- hidden states ------------------------------------------------------
     def _overflowed(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -142,9 +144,38 @@ class ForwardRunner:
     def prefetch(self, ids: torch.Tensor) -> None:
         """Queue the forward of ``ids`` (validated, [B, T]) up to the final norm now, without
         a host sync; the next ``logits``/``logit_chunks`` call for the same ids takes it
-        instead of running it again. Any other forward in between discards it."""
+        instead of running it again. Any other forward in between discards it.
+
+        Its overflow flag is copied to pinned host memory right behind the forward, so
+        the call that takes it reads the flag as soon as that copy is done, not after
+        whatever the stream queued since (a student's forward, in a training step)."""
         self._ahead = None
-        self._ahead = (ids.cpu().clone(), self.run_hidden(ids))
+        h = self.run_hidden(ids)
+        bad = self._overflowed(h)
+        read: Callable[[], bool] | None = None
+        if bad is not None and h.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+
+            def read() -> bool:
+                copied.synchronize()
+                return bool(host)
+        elif bad is not None:
+            def read() -> bool:
+                return bool(bad)
+        self._ahead = (ids.cpu().clone(), h, read)
+
+    def _checked_hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, Callable[[], bool] | None, bool]:
+        """(hidden states, reader of their overflow flag or None, whether it can be read now
+        without waiting for the stream: true for a prefetched forward)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0].shape == ids.shape and torch.equal(ahead[0], ids.cpu()):
+            return ahead[1], ahead[2], True
+        h = self.run_hidden(ids)
+        bad = self._overflowed(h)
+        return h, (None if bad is None else lambda: bool(bad)), False
 
     def drop_graphs(self) -> None:
         """Release every captured graph and its memory pool (they are captured again on use)."""
@@ -189,28 +220,36 @@ class ForwardRunner:
         tensor; no more than one is alive here at a time."""
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-        h = self.run_hidden(ids)
-        bad = self._overflowed(h)
+        h, overflowed, ready = self._checked_hidden(ids)
+        if overflowed is not None and ready:  # a prefetched forward's flag: read before any head
+            if overflowed():
+                yield from self._rerun_chunks(ids, vocab, dtype, chunk_rows)
+                return
+            overflowed = None
         for r0 in range(0, h.shape[0], chunk_rows):
             rows = h[r0 : r0 + chunk_rows]
             out = torch.empty((rows.shape[0], self.cfg.vocab_size), dtype=dtype, device=h.device)
             chunk = truncate_logits(head_logits(self.cfg, self.ops, rows, out), vocab)
-            if bad is not None:  # read once, after the first chunk's head is queued
-                if bool(bad):
-                    self._fall_back(ids)
-                    yield from self.logit_chunks(ids, vocab, dtype, chunk_rows)
+            if overflowed is not None:  # else read once, after the first chunk's head is queued
+                if overflowed():
+                    yield from self._rerun_chunks(ids, vocab, dtype, chunk_rows)
                     return
-                bad = None
+                overflowed = None
             yield r0, chunk
+
+    def _rerun_chunks(
+        self, ids: torch.Tensor, vocab: int, dtype: torch.dtype, chunk_rows: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        self._fall_back(ids)
+        yield from self.logit_chunks(ids, vocab, dtype, chunk_rows)
 
     def logits(self, ids: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, T, vocab] of ``dtype``: one output the caller owns, written by the head directly."""
         b, t = ids.shape
-        h = self.run_hidden(ids)
-        bad = self._overflowed(h)
+        h, overflowed, _ = self._checked_hidden(ids)
         out = torch.empty((b * t, self.cfg.vocab_size), dtype=dtype, device=h.device)
         head_logits(self.cfg, self.ops, h, out)
-        if bad is not None and bool(bad):  # read after the head is queued: no idle GPU before it
+        if overflowed is not None and overflowed():  # read after the head is queued: no idle GPU before it
             self._fall_back(ids)
             return self.logits(ids, vocab, dtype)
         return truncate_logits(out.view(b, t, -1), vocab)

@@ -284,3 +284,21 @@ def test_prefetch_runs_the_forward_once_for_its_ids(tiny: DequantTeacher, monkey
     tiny.logits_for_batch(b)  # any forward in between discards the prefetch
     tiny.logits_for_batch(a)
     assert len(calls) == 7
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_prefetched_forward_that_overflowed_is_rerun(tiny: DequantTeacher, chunked: bool) -> None:
+    # the prefetch queues the overflow flag with the forward; the call that takes it must
+    # still see it, fall back, and hand out only the bf16 rerun's logits
+    big = {"blk.0.ffn_norm.weight": 1e6}
+    ids = _ids(tiny, (2, 9), seed=6)
+    guarded = _twin(tiny, torch.float16, big)
+    guarded.runner.overflow_fallback = torch.bfloat16
+    guarded.prefetch(ids)
+    assert guarded.ops.dtype == torch.float16  # nothing read yet: the prefetch does not sync
+    if chunked:
+        got = torch.cat([c for _, c in guarded.logit_chunks(ids, chunk_tokens=4, dtype="float32")])
+    else:
+        got = guarded.logits_for_batch(ids).reshape(-1, tiny.vocab_size())
+    assert torch.isfinite(got).all() and guarded.ops.dtype == torch.bfloat16
+    torch.testing.assert_close(got, guarded.logits_for_batch(ids).reshape(got.shape))
