@@ -115,11 +115,9 @@ class ForwardRunner:
     def run_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] int64 (validated, any device) -> [B*T, hidden] of ops.dtype on the device:
         the forward up to the final norm, no overflow check, no host sync. With graphs the
-        result is the graph's static output, valid until the next call. A batch
-        :meth:`prefetch` queued is taken as it is (once)."""
-        ahead, self._ahead = self._ahead, None  # a replay below would overwrite it anyway
-        if ahead is not None and ahead[0].shape == ids.shape and torch.equal(ahead[0], ids.cpu()):
-            return ahead[1]
+        result is the graph's static output, valid until the next call. It discards a
+        :meth:`prefetch`ed forward (a replay would overwrite it); the logits calls take one."""
+        self._ahead = None
         if not self.graphs:
             return hidden_states(self.cfg, self.ops, ids.to(self.device))
         shape = (int(ids.shape[0]), int(ids.shape[1]))
@@ -149,8 +147,7 @@ class ForwardRunner:
         Its overflow flag is copied to pinned host memory right behind the forward, so
         the call that takes it reads the flag as soon as that copy is done, not after
         whatever the stream queued since (a student's forward, in a training step)."""
-        self._ahead = None
-        h = self.run_hidden(ids)
+        h = self.run_hidden(ids)  # (which discards an earlier prefetch)
         bad = self._overflowed(h)
         read: Callable[[], bool] | None = None
         if bad is not None and h.is_cuda:
