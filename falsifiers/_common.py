@@ -77,6 +77,12 @@ def require_host_f32(ctx: Context, path: Path, copies: int = 1) -> None:
         )
 
 
+def _file_identity(path: Path) -> tuple[str, int, int, int]:
+    """(resolved path, inode, size, mtime): what keys a per-file memo in this session."""
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
 # -- one F32 decode per file per session ---------------------------------------------------------
 # Every CPU item on a --teacher file loads DequantTeacher.from_gguf, some several times (with and
 # without a target vocab, subject and reference): on a 7B file each load decoded 30 GB again. The
@@ -97,14 +103,9 @@ class _SharedDecode:
         self.nbytes = 0
         self.arrays: dict[tuple[int, tuple[int, ...], bytes], np.ndarray] = {}
 
-    @staticmethod
-    def identity(path: Path) -> tuple[str, int, int, int]:
-        st = path.stat()
-        return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
-
     def held_bytes(self, path: Path) -> int:
         try:
-            return self.nbytes if self.file == self.identity(path) else 0
+            return self.nbytes if self.file == _file_identity(path) else 0
         except OSError:
             return 0
 
@@ -135,7 +136,7 @@ def shared_f32(path: Path) -> Iterator[None]:
     Callers must not change the weights of a teacher built inside (every teacher shares them)."""
     from teacher import quants
 
-    ident = _SHARED.identity(path)
+    ident = _file_identity(path)
     if _SHARED.file != ident:
         _SHARED.release()  # before this file's decode starts: never two files' F32 at once
         budget = f32_bytes(path)
@@ -212,8 +213,7 @@ _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 def _sha256(path: Path) -> str:
     """The file's SHA-256, computed once per (path, inode, size, mtime): 3 s a call on a 7B."""
-    st = path.stat()
-    ident = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    ident = _file_identity(path)
     if ident not in _DIGESTS:
         _DIGESTS[ident] = _sha256_of(path)
     return _DIGESTS[ident]
