@@ -37,15 +37,17 @@ from typing import Any, TypeVar
 
 import torch
 
+from teacher import kd_chunked
 from teacher.kd_chunked import (
     KD_CHUNK_TOKENS,
     ChunkStats,
+    defer_saves_memory,
     fused_kd_loss,
     next_token_targets,
     teacher_chunks,
 )
 from teacher.provider import LogitProvider, VocabMismatchError
-from teacher.student import Student, autocast, iter_trainable, load_student, save_student
+from teacher.student import GradSink, Student, autocast, iter_trainable, load_student, save_student
 
 log = logging.getLogger("teacher.distill")
 
@@ -150,6 +152,7 @@ def kd_step_loss(
     teacher_dtype: str | torch.dtype | None = None,
     model: torch.nn.Module | None = None,
     clock: PhaseClock | None = None,
+    row_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> StepLoss:
     """Forward both models on ``ids`` [B, T] and return the mixed KD/CE loss (no backward).
 
@@ -157,7 +160,10 @@ def kd_step_loss(
     student's lm_head is applied per chunk, and the teacher's logits are consumed
     from its chunked head, so no [B, T, V] float32 tensor exists for either model.
     ``model`` is what is called for the hidden states (a DDP wrapper of ``student``);
-    ``clock`` counts the teacher's share of the time to the phase "teacher"."""
+    ``clock`` counts the teacher's share of the time to the phase "teacher".
+    ``row_step`` (tied student, ``StepInBackward.row_step``): where keeping the lm_head
+    gradient as its factors takes less memory than the float32 [V, H] gradient
+    (``defer_saves_memory``), backward updates the tied weight a block of rows at a time."""
     # the check comes first: a mismatched pair must not cost a teacher forward
     check_vocab(teacher.vocab_size(), student.vocab_size)
     if chunk_tokens < 1:
@@ -167,7 +173,7 @@ def kd_step_loss(
     t_dtype = _teacher_dtype(device, teacher_dtype)
     use_amp = device.type == "cuda" if amp is None else amp
     # tied lm_head: its gradient from the loss and the lookup's are summed in one buffer
-    sink: list[torch.Tensor] | None = [] if student.cfg.tie_embeddings else None
+    sink = GradSink(row_step) if student.cfg.tie_embeddings else None
     with autocast(device, amp):
         hidden = (model or student)(ids_dev, hidden_only=True, grad_sink=sink)
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -177,11 +183,13 @@ def kd_step_loss(
         return clock.timed(chunks, "teacher") if clock is not None else chunks
 
     stats = ChunkStats()
+    compute = torch.bfloat16 if use_amp else torch.float32
+    defer = row_step is not None and sink is not None and defer_saves_memory(hidden.shape[0], hidden.shape[1], compute)
     # the losses in float32 (the softmax over 150k+ entries needs the range); GEMMs in bf16 under autocast
     loss = fused_kd_loss(
         hidden, student.lm_head.weight, source, temperature=temperature, alpha=alpha,
         targets=next_token_targets(ids.cpu()) if alpha > 0 and ids.shape[1] > 1 else None,
-        compute_dtype=torch.bfloat16 if use_amp else torch.float32, stats=stats, weight_sink=sink,
+        compute_dtype=compute, stats=stats, weight_sink=sink, defer_weight_grad=defer,
     )
     assert stats.kd is not None and stats.ce is not None
     return StepLoss(loss, stats.kd, stats.ce)
@@ -378,17 +386,59 @@ class StepInBackward:
     gradient first (a global grad-norm clip) and DDP's reduction (single process).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+        by_rows: Sequence[torch.Tensor] = (),
+        block_rows: int | None = None,
+    ) -> None:
+        """``by_rows``: parameters whose AdamW runs over blocks of ``block_rows`` rows (views
+        of the weight, one state each), so that ``row_step`` can update one block from a
+        block of gradient rows while the rest of the gradient does not exist yet; the
+        blocks are the loss's vocab blocks (``kd_chunked.W_BLOCK_ROWS``) unless given."""
         self.params = list(params)
-        self.opts = [make([p]) for p in self.params]
+        self.block_rows = int(kd_chunked.W_BLOCK_ROWS if block_rows is None else block_rows)
+        self._rows = {id(p): list(p.detach().split(self.block_rows)) for p in by_rows}
+        self.opts = [make(self._rows.get(id(p), [p])) for p in self.params]
         self.clock: PhaseClock | None = None
         self._by_id = {id(p): o for p, o in zip(self.params, self.opts, strict=True)}
         self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.params]
 
+    def _optimizer_phase(self) -> contextlib.AbstractContextManager[None]:
+        return self.clock.phase("optimizer") if self.clock is not None else contextlib.nullcontext()
+
     def _step(self, p: torch.Tensor) -> None:
-        with self.clock.phase("optimizer") if self.clock is not None else contextlib.nullcontext():
+        if p.grad is None:  # autograd calls the hook with no gradient where row_step did the update
+            return
+        views = self._rows.get(id(p))
+        with self._optimizer_phase():
+            if views is not None:  # the whole gradient came: each block of rows gets its slice
+                for v, g in zip(views, p.grad.split(self.block_rows), strict=True):
+                    v.grad = g
             self._by_id[id(p)].step()
+            for v in views or ():
+                v.grad = None
         p.grad = None
+
+    def row_step(self, p: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
+        """``step(v0, grad_rows)``: AdamW on rows ``v0 : v0 + len(grad_rows)`` of ``p`` (one of
+        ``by_rows``) from those rows' complete gradient; ``v0`` is a multiple of ``block_rows``."""
+        views, opt = self._rows[id(p)], self._by_id[id(p)]
+
+        def step(v0: int, grad_rows: torch.Tensor) -> None:
+            j, off = divmod(v0, self.block_rows)
+            if off or j >= len(views) or views[j].shape != grad_rows.shape:
+                raise ValueError(
+                    f"gradient rows {v0}:{v0 + grad_rows.shape[0]} are not a block of the {tuple(p.shape)} "
+                    f"weight's AdamW (blocks of {self.block_rows} rows)"
+                )
+            with self._optimizer_phase():
+                views[j].grad = grad_rows
+                opt.step()  # only the block with a gradient moves
+                views[j].grad = None
+
+        return step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -419,7 +469,7 @@ class StepInBackward:
 Optim = torch.optim.Optimizer | StepInBackward
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
+def _adamw(params: Sequence[torch.Tensor], cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
     if device.type == "cuda":
         # fused: one kernel per step and no foreach temporaries the size of the whole model
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -521,7 +571,10 @@ def distill(
     params = list(iter_trainable(student))
     opt: Optim
     if cfg.step_in_backward:
-        opt = StepInBackward(params, lambda ps: _adamw(ps, cfg, device))
+        # the tied embedding / lm_head steps a block of rows at a time where the loss defers its
+        # gradient (kd_step_loss): its 545 MB float32 gradient (0.5B student) is then never whole
+        tied = [student.embed.weight] if student.cfg.tie_embeddings else []
+        opt = StepInBackward(params, lambda ps: _adamw(ps, cfg, device), by_rows=tied)
     else:
         opt = _adamw(params, cfg, device)
     losses: list[float] = []
@@ -572,8 +625,11 @@ def distill(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = PhaseClock(device)
+    row_step = None
     if isinstance(opt, StepInBackward):
         opt.clock = clock
+        if student.cfg.tie_embeddings:
+            row_step = opt.row_step(student.embed.weight)
 
     def snapshot(epoch: int, next_batch: int, elapsed: float) -> dict[str, Any]:
         return {
@@ -619,7 +675,7 @@ def distill(
                 ids = data[mine].to(torch.int64)
                 out = kd_step_loss(teacher, student, ids, temperature=cfg.temperature, alpha=cfg.alpha, amp=cfg.amp,
                                    chunk_tokens=cfg.kd_chunk_tokens, teacher_dtype=cfg.teacher_dtype, model=model,
-                                   clock=clock)
+                                   clock=clock, row_step=row_step)
                 if next_batch + 1 < len(batches) and (cfg.max_steps is None or step + 1 < cfg.max_steps):
                     _prefetch_teacher(teacher, data[_shard(batches[next_batch + 1], info.rank, info.world)], clock)
                 share = len(mine) / len(rows)

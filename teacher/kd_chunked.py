@@ -85,6 +85,50 @@ def _weight_blocks(w: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, t
         yield v0, w[v0 : v0 + W_BLOCK_ROWS].to(dtype)
 
 
+class DeferredHeadGrad:
+    """The lm_head's gradient dL/dW [V, H] kept as its two factors, the logit gradient
+    G [N, V] (vocab blocks of ``W_BLOCK_ROWS`` columns, in the GEMMs' dtype) and the
+    hidden states X [N, H]: dW = G^T X, built a vocab block at a time by the consumer.
+
+    For N < 2H rows in bf16 (N < H in float32) the factors are smaller than dW's
+    float32 [V, H] (545 MB for the 0.5B student), and they need not outlive the
+    loss's chunk temporaries and the teacher at full size: a consumer that steps
+    the optimizer a block of rows at a time (``StepInBackward.row_step``) never holds
+    the whole of dW. ``scale`` is the incoming gradient of the loss (set in backward)."""
+
+    def __init__(self, blocks: list[torch.Tensor], x: torch.Tensor, block_rows: int) -> None:
+        self.blocks: list[torch.Tensor | None] = list(blocks)
+        self.x = x
+        self.block_rows = block_rows
+        self.vocab = sum(b.shape[1] for b in blocks)
+        self.scale: torch.Tensor | None = None
+
+    def rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(v0, float32 dW[v0 : v0 + rows]) per vocab block; each block of G is dropped once used."""
+        for j in range(len(self.blocks)):
+            g = self.blocks[j]
+            if g is None:
+                raise RuntimeError("the deferred lm_head gradient was already consumed")
+            self.blocks[j] = None
+            d = (g.T @ self.x).float()
+            del g
+            if self.scale is not None:
+                d.mul_(self.scale)
+            yield j * self.block_rows, d
+
+    def dense(self) -> torch.Tensor:
+        """All of dW [V, H] float32 (for a consumer that needs one gradient tensor)."""
+        out = torch.empty((self.vocab, self.x.shape[1]), dtype=torch.float32, device=self.x.device)
+        for v0, d in self.rows():
+            out[v0 : v0 + d.shape[0]] = d
+        return out
+
+
+def defer_saves_memory(rows: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether G [rows, V] in ``dtype`` is smaller than dW [V, hidden] in float32."""
+    return rows * dtype.itemsize < hidden * 4
+
+
 @dataclasses.dataclass
 class ChunkStats:
     """Filled by the forward: the two loss terms (device scalars, no host sync) and the rows seen."""
@@ -107,14 +151,23 @@ class _FusedKD(torch.autograd.Function):
         alpha: float,
         compute_dtype: torch.dtype,
         stats: ChunkStats,
-        weight_sink: list[torch.Tensor] | None,
+        weight_sink: list[Any] | None,
+        defer_weight_grad: bool,
     ) -> torch.Tensor:
         n, v = hidden.shape[0], weight.shape[0]
         t = float(temperature)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.detach()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_w: torch.Tensor | None = None
+        deferred: DeferredHeadGrad | None = None
+        if ctx.needs_input_grad[1] and defer_weight_grad:
+            deferred = DeferredHeadGrad(
+                [torch.empty((n, min(W_BLOCK_ROWS, v - v0)), dtype=compute_dtype, device=hidden.device)
+                 for v0 in range(0, v, W_BLOCK_ROWS)],
+                hidden.detach().to(compute_dtype), W_BLOCK_ROWS)
+        elif ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         n_valid = int((targets != IGNORE).sum()) if targets is not None else 0
@@ -169,6 +222,10 @@ class _FusedKD(torch.autograd.Function):
                         acc += (g[:, v0 : v0 + wb.shape[0]].to(compute_dtype) @ wb).float()
                     grad_h[r0 : r0 + rows] = acc.to(grad_h.dtype)
                     del acc
+                if deferred is not None:  # G's rows for this chunk, by vocab block (the dW GEMMs' dtype)
+                    for j, gb in enumerate(deferred.blocks):
+                        assert gb is not None
+                        gb[r0 : r0 + rows] = g[:, j * W_BLOCK_ROWS : j * W_BLOCK_ROWS + gb.shape[1]]
                 if grad_w is not None:
                     if compute_dtype.itemsize >= 4:
                         grad_w.addmm_(g.T, hidden[r0 : r0 + rows].detach().float())
@@ -186,23 +243,31 @@ class _FusedKD(torch.autograd.Function):
         ce = ce_sum / n_valid if n_valid else torch.zeros_like(ce_sum)
         stats.kd, stats.ce, stats.rows = kd.detach(), ce.detach(), n
         ctx.grads = (grad_h, grad_w)
+        ctx.deferred = deferred
         ctx.weight_sink = weight_sink
         return (1.0 - alpha) * kd + alpha * ce if alpha > 0 else kd
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.grads
+        deferred, ctx.deferred = ctx.deferred, None
         ctx.grads = None  # the stored gradients leave with this call: nothing else holds them
         # in place: a second [V, H] float32 buffer is what the fusion exists to avoid
         if grad_h is not None:
             grad_h.mul_(grad_out.to(grad_h.dtype))
-        if grad_w is not None:
+        if deferred is not None:
+            deferred.scale = grad_out
+            if ctx.weight_sink is not None:  # the tied lookup builds (or steps) dW block by block
+                ctx.weight_sink.append(deferred)
+            else:
+                grad_w = deferred.dense()
+        elif grad_w is not None:
             grad_w.mul_(grad_out)
             if ctx.weight_sink is not None:
                 # a tied weight: the embedding lookup adds its rows into this tensor and returns it
                 ctx.weight_sink.append(grad_w)
                 grad_w = None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -215,7 +280,8 @@ def fused_kd_loss(
     targets: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
     stats: ChunkStats | None = None,
-    weight_sink: list[torch.Tensor] | None = None,
+    weight_sink: list[Any] | None = None,
+    defer_weight_grad: bool = False,
 ) -> torch.Tensor:
     """The KD (+ alpha * CE) loss of student hidden states ``[N, H]`` through lm_head ``weight``
     ``[V, H]`` against the teacher chunks ``source()`` yields; differentiable in both.
@@ -225,7 +291,9 @@ def fused_kd_loss(
     ``compute_dtype`` is the GEMMs' dtype (bf16 under autocast); the softmaxes and
     the loss are float32 always. ``weight_sink``: the list the student's tied embedding
     lookup was given (``Student.forward(grad_sink=)``); the lm_head gradient goes there
-    instead of to autograd."""
+    instead of to autograd. ``defer_weight_grad``: keep the lm_head gradient as its factors
+    (``DeferredHeadGrad``) instead of a float32 [V, H] accumulator; worth it where
+    ``defer_saves_memory`` says so."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and lm_head weight {tuple(weight.shape)} do not chain")
     if not temperature > 0:
@@ -236,6 +304,6 @@ def fused_kd_loss(
         raise ValueError(f"alpha > 0 needs targets of shape ({hidden.shape[0]},)")
     out: torch.Tensor = _FusedKD.apply(
         hidden, weight, source, targets, float(temperature), float(alpha), compute_dtype,
-        stats if stats is not None else ChunkStats(), weight_sink,
+        stats if stats is not None else ChunkStats(), weight_sink, defer_weight_grad,
     )
     return out

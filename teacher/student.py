@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from teacher.kd_chunked import DeferredHeadGrad
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -217,6 +219,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ffn_norm(x))
 
 
+class GradSink(list[Any]):
+    """Shared by the tied lookup (``Student.forward(grad_sink=)``) and the loss
+    (``fused_kd_loss(weight_sink=)``): the loss leaves the lm_head's gradient here, a
+    dense tensor or a ``DeferredHeadGrad``. ``row_step(v0, grad_rows)``, when set,
+    updates rows ``v0 : v0 + len(grad_rows)`` of the tied weight at once
+    (``StepInBackward.row_step``): a deferred gradient is then never whole."""
+
+    def __init__(self, row_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        super().__init__()
+        self.row_step = row_step
+
+
 class _SinkEmbedding(torch.autograd.Function):
     """The embedding lookup whose backward adds its rows into a dense gradient a later
     consumer of the same (tied) weight left in ``sink``, and returns that one tensor.
@@ -226,20 +240,33 @@ class _SinkEmbedding(torch.autograd.Function):
     gradient does not help: dense + sparse is added out of place)."""
 
     @staticmethod
-    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, sink: list[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, sink: list[Any]) -> torch.Tensor:
         ctx.save_for_backward(ids)
         ctx.sink = sink
         ctx.shape = weight.shape
         return F.embedding(ids, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
         (ids,) = ctx.saved_tensors
-        sink: list[torch.Tensor] = ctx.sink
+        sink: list[Any] = ctx.sink
+        flat, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
         # the head's gradient is there when the head ran after the lookup in this graph
         # (it always does: the hidden states it consumed come from here); else a zero one
-        dense = sink.pop() if sink else torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
-        dense.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(dense.dtype))
+        item = sink.pop() if sink else None
+        if isinstance(item, DeferredHeadGrad):
+            row_step = getattr(sink, "row_step", None)
+            if row_step is None:
+                item = item.dense()
+            else:
+                for v0, d in item.rows():
+                    inside = ((flat >= v0) & (flat < v0 + d.shape[0])).unsqueeze(1)
+                    # no host sync: a lookup row of another block adds zero to a clamped row of this one
+                    d.index_add_(0, (flat - v0).clamp(0, d.shape[0] - 1), torch.where(inside, rows.to(d.dtype), 0.0))
+                    row_step(v0, d)
+                return None, None, None  # the weight is updated: autograd has no gradient to hand on
+        dense = item if item is not None else torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
+        dense.index_add_(0, flat, rows.to(dense.dtype))
         return None, dense, None
 
 
@@ -277,7 +304,7 @@ class Student(nn.Module):
         return self.cfg.vocab_size
 
     def forward(
-        self, ids: torch.Tensor, hidden_only: bool = False, grad_sink: list[torch.Tensor] | None = None
+        self, ids: torch.Tensor, hidden_only: bool = False, grad_sink: list[Any] | None = None
     ) -> torch.Tensor:
         """ids [B, T] int64 -> logits [B, T, vocab] (F32 even under autocast).
 
@@ -286,9 +313,10 @@ class Student(nn.Module):
         A flag of forward rather than a second method: DDP prepares its gradient
         reduction in the wrapped module's forward.
 
-        ``grad_sink`` (tied embeddings): a list into which that loss puts its dense
-        lm_head gradient instead of returning it; the lookup's backward then adds its
-        rows into it in place, so the tied weight's gradient exists once, not twice."""
+        ``grad_sink`` (tied embeddings, a ``GradSink``): where that loss puts its lm_head
+        gradient instead of returning it; the lookup's backward then adds its rows into
+        it in place, so the tied weight's gradient exists once, not twice (or, deferred
+        and with a ``row_step``, a block of rows at a time only)."""
         if ids.dim() != 2:
             raise ValueError(f"student input must be [B, T], got shape {tuple(ids.shape)}")
         t = ids.shape[1]

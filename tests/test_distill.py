@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from teacher.distill import (
     COMPLETION_FORMAT,
     DistillConfig,
     DistillResult,
+    StepInBackward,
     distill,
     evaluate,
     kd_step_loss,
@@ -371,3 +372,44 @@ def test_next_batch_is_prefetched_and_training_is_unchanged(tmp_path: Path) -> N
     assert res.losses == ref.losses
     for a, b in zip(plain.state_dict().values(), fetching.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_step_in_backward_by_rows_is_the_same_adamw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With few rows per step (here 16 < hidden 32) the tied lm_head's gradient is kept as its
+    factors and AdamW steps the weight a block of rows at a time: training still ends where one
+    AdamW after backward ends."""
+    import teacher.kd_chunked as K
+
+    monkeypatch.setattr(K, "W_BLOCK_ROWS", 40)  # vocab 96: blocks of 40, 40 and 16 rows
+    built = []
+    rows = K.DeferredHeadGrad.rows
+
+    def counted(self: K.DeferredHeadGrad) -> Iterator[tuple[int, torch.Tensor]]:
+        for v0, d in rows(self):
+            built.append(v0)
+            yield v0, d
+
+    monkeypatch.setattr(K.DeferredHeadGrad, "rows", counted)
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None, batch_size=1, epochs=1)
+    assert not built  # one AdamW after backward: the gradient is whole
+    student, res = _run(tmp_path / "rows", grad_clip=None, batch_size=1, epochs=1, step_in_backward=True)
+    assert built == [0, 40, 80] * res.steps
+    assert res.losses == pytest.approx(ref.losses, rel=1e-5)
+    for (name, a), b in zip(ref_student.state_dict().items(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_row_step_refuses_rows_that_are_not_a_block() -> None:
+    student = Student(CFG, seed=1)
+    opt = StepInBackward(list(student.parameters()), lambda ps: torch.optim.AdamW(ps), by_rows=[student.embed.weight],
+                         block_rows=40)
+    step = opt.row_step(student.embed.weight)
+    with pytest.raises(ValueError, match="not a block"):
+        step(8, torch.zeros(40, CFG.hidden_size))
+    with pytest.raises(ValueError, match="not a block"):
+        step(80, torch.zeros(40, CFG.hidden_size))  # the last block has 16 rows
+    before = student.embed.weight.detach().clone()
+    step(80, torch.ones(16, CFG.hidden_size))
+    moved = (student.embed.weight.detach() != before).any(dim=1)
+    assert moved[80:].all() and not moved[:80].any()
+    opt.remove()

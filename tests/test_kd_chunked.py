@@ -133,3 +133,55 @@ def test_lm_head_cast_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
     assert blocks[0] == pytest.approx(whole[0], rel=1e-6)
     torch.testing.assert_close(blocks[1], whole[1])
     torch.testing.assert_close(blocks[2], whole[2])
+
+
+@pytest.mark.parametrize("compute", [torch.float64, torch.bfloat16])
+def test_deferred_head_gradient_is_the_accumulated_one(compute: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dW kept as its factors (G by vocab block, and X) and built afterwards is the dW the chunk
+    loop accumulates; dX does not change at all."""
+    import teacher.kd_chunked as K
+
+    monkeypatch.setattr(K, "W_BLOCK_ROWS", 16)  # V = 50: blocks of 16, 16, 16 and 2 rows
+    hidden, weight, teacher, targets = _inputs(2)
+    grads = {}
+    for defer in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fused_kd_loss(h, w, lambda: _source(teacher, 8), temperature=2.0, alpha=0.3, targets=targets,
+                             compute_dtype=compute, defer_weight_grad=defer)
+        (loss * 3).backward()
+        grads[defer] = (h.grad, w.grad)
+    assert grads[True][0] is not None and grads[True][1] is not None and grads[False][1] is not None
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
+    # float: the same products summed in another order; bf16: one rounding of G^T X instead of one per chunk
+    tol = {"rtol": 1e-6, "atol": 1e-8} if compute == torch.float64 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(grads[True][1], grads[False][1], **tol)
+
+
+def test_deferred_head_gradient_goes_to_the_sink_by_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import teacher.kd_chunked as K
+    from teacher.student import GradSink
+
+    monkeypatch.setattr(K, "W_BLOCK_ROWS", 16)
+    hidden, weight, teacher, _ = _inputs(3)
+    w_ref = weight.clone().requires_grad_()
+    fused_kd_loss(hidden, w_ref, lambda: _source(teacher, 8), temperature=1.5, compute_dtype=torch.float64).backward()
+    w = weight.clone().requires_grad_()
+    sink = GradSink()
+    (fused_kd_loss(hidden, w, lambda: _source(teacher, 8), temperature=1.5, compute_dtype=torch.float64,
+                   weight_sink=sink, defer_weight_grad=True) * 2).backward()
+    assert w.grad is None and len(sink) == 1 and isinstance(sink[0], K.DeferredHeadGrad)
+    blocks = list(sink[0].rows())
+    assert [(v0, d.shape[0]) for v0, d in blocks] == [(0, 16), (16, 16), (32, 16), (48, 2)]
+    assert w_ref.grad is not None
+    torch.testing.assert_close(torch.cat([d for _, d in blocks]), 2 * w_ref.grad.float(), rtol=1e-6, atol=1e-8)
+    with pytest.raises(RuntimeError, match="already consumed"):
+        next(sink[0].rows())
+
+
+def test_defer_saves_memory_compares_the_two_footprints() -> None:
+    from teacher.kd_chunked import defer_saves_memory
+
+    # the 0.5B student (H = 896): 2 x 256 rows of bf16 G are 0.29x its float32 dW; 8 x 512 are 2.3x
+    assert defer_saves_memory(512, 896, torch.bfloat16)
+    assert not defer_saves_memory(4096, 896, torch.bfloat16)
+    assert defer_saves_memory(895, 896, torch.float32) and not defer_saves_memory(896, 896, torch.float32)
