@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the student's compute in float32 (default on CUDA: bf16 autocast over float32 "
                         "master weights)")
     p.add_argument("--kd-chunk", type=int, default=None, metavar="TOKENS",
-                   help="token rows per chunk of the fused KD loss (default 1024; 128 for a lean run): the teacher's and the "
+                   help="token rows per chunk of the fused KD loss (default 1024; 64 for a lean run): the teacher's and the "
                         "student's logits exist one chunk at a time")
     p.add_argument("--teacher-logits", choices=("bfloat16", "float32"), default=None,
                    help="dtype of the teacher's logit chunks (default: bfloat16 on CUDA, float32 on CPU)")

@@ -37,7 +37,7 @@ from teacher.provider import VocabMismatchError
 # rows per chunk: at most 3.5 float32 [rows, V] temporaries at once (2.2 GB at V = 152k). Fewer, larger
 # chunks mean fewer launches from the host, which bounds a KD step: 8 x 512 on an H200 (7B-shape Q4K
 # teacher, 0.5B student) ran 18,782 tokens/s with 1024 against 14,273 with 256 (peak 23.6 vs 21.8 GB);
-# a memory-lean run passes --kd-chunk 128
+# a memory-lean run passes --kd-chunk 64
 KD_CHUNK_TOKENS = 1024
 IGNORE = -100  # target of a row with no next token (the last position of each sequence)
 
