@@ -12,6 +12,7 @@ computed from numbers measured in this run only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -346,6 +347,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bench", type=Path, default=None, metavar="PATH",
                    help="a llama.cpp llama-bench binary: run it on the same file at the same token "
                         "counts (batch-1 shapes; prompt processing, flash attention on) and print the ratios")
+    p.add_argument("--memory-trace", type=Path, default=None, metavar="JSON",
+                   help="record torch's allocator over the whole bench and write, to JSON, its allocated and "
+                        "reserved peaks with the MiB alive then by call site (one shape and backend per run "
+                        "says which one they belong to)")
     p.add_argument("-o", "--output", type=Path, default=Path("reports/bench-teacher.json"),
                    help="JSON output path [reports/bench-teacher.json]")
 
@@ -398,8 +403,18 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"q4k bench teacher: unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     path = Path(args.model) if Path(args.model).is_file() else resolve_model(args.model)
-    res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device,
-                        profile=args.profile, llama_bench=args.llama_bench, backends=backends)
+    trace: Any = contextlib.nullcontext()
+    if args.memory_trace is not None:
+        from harness.memtrace import traced
+
+        trace = traced(device=args.device)
+    with trace as recorded:
+        res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device,
+                            profile=args.profile, llama_bench=args.llama_bench, backends=backends)
+    if recorded is not None and recorded.report is not None:
+        from harness.memtrace import write_report
+
+        write_report(recorded.report, args.memory_trace)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
     print_results(res)

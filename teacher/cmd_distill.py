@@ -25,6 +25,7 @@ checkpoints and the student.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -88,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="steps left out of the steady-state tokens/s and time split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--memory-trace", type=Path, default=None, metavar="JSON",
+                   help="CUDA: record torch's allocator over the training loop and write, to JSON, its allocated "
+                        "and reserved peaks with the MiB alive then by call site (slows the run)")
 
 
 def _fail(msg: str) -> int:
@@ -182,6 +186,8 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         raise ValueError(f"--optimizer-in-backward runs in one process only; this run has {info.world}")
     if not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+    if args.memory_trace is not None and not device.startswith("cuda"):
+        raise ValueError(f"--memory-trace traces torch's CUDA allocator; this run's device is {device}")
     cfg = D.DistillConfig(
         epochs=args.epochs, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
         weight_decay=args.weight_decay, temperature=args.temperature, alpha=args.alpha, seed=args.seed,
@@ -241,10 +247,20 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         teacher = load_teacher(args.teacher_backend, teacher_path, target, device, args.teacher_scratch_mib)
     before = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
                         chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
-    result = D.distill(
-        teacher, student, train, cfg, output_dir=args.output, checkpoint_dir=args.output / "checkpoint",
-        resume=args.resume,
-    )
+    trace: Any = contextlib.nullcontext()
+    if args.memory_trace is not None:  # a CUDA device: checked above, before anything was loaded
+        from harness.memtrace import traced
+
+        trace = traced()
+    with trace as recorded:
+        result = D.distill(
+            teacher, student, train, cfg, output_dir=args.output, checkpoint_dir=args.output / "checkpoint",
+            resume=args.resume,
+        )
+    if recorded is not None and recorded.report is not None and info.is_main:
+        from harness.memtrace import write_report
+
+        write_report(recorded.report, args.memory_trace)
     if result.completed:
         from teacher.student import CONFIG_NAME, WEIGHTS_NAME
 
