@@ -231,15 +231,19 @@ def test_step_in_backward_is_the_same_adamw(tmp_path: Path) -> None:
     assert student.embed.weight.grad is not None
 
 
-def test_step_in_backward_resumes(tmp_path: Path) -> None:
-    ref_student, ref = _run(tmp_path / "ref", grad_clip=None, step_in_backward=True)
-    _run(tmp_path / "run", grad_clip=None, step_in_backward=True, max_steps=4)
-    student, res = _run(tmp_path / "run", grad_clip=None, step_in_backward=True)
+@pytest.mark.parametrize("batch_size", [5, 1])  # 1 x 16 rows < hidden 32: the tied weight is stepped by rows
+def test_step_in_backward_resumes(tmp_path: Path, batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import teacher.kd_chunked as K
+
+    monkeypatch.setattr(K, "W_BLOCK_ROWS", 40)  # the tied weight's AdamW in three blocks of rows
+    ref_student, ref = _run(tmp_path / "ref", grad_clip=None, step_in_backward=True, batch_size=batch_size)
+    _run(tmp_path / "run", grad_clip=None, step_in_backward=True, max_steps=4, batch_size=batch_size)
+    student, res = _run(tmp_path / "run", grad_clip=None, step_in_backward=True, batch_size=batch_size)
     assert res.resumed_from_step == 4 and res.losses == ref.losses
     for a, b in zip(ref_student.state_dict().values(), student.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="checkpoint was made with"):  # the optimizer state differs in kind
-        _run(tmp_path / "run", grad_clip=None)
+        _run(tmp_path / "run", grad_clip=None, batch_size=batch_size)
 
 
 def test_step_in_backward_refuses_a_global_clip() -> None:
