@@ -105,9 +105,23 @@ def write_report(report: Mapping[str, Any], path: Path) -> None:
     """The report as JSON, and its two tables on the terminal."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
-    for key, title in (("allocated_peak", "allocated peak"), ("reserved_peak", "reserved peak")):
-        rows = report[f"{key}_mib_by_site" if key == "allocated_peak" else "reserved_peak_live_mib_by_site"]
-        print(f"memory trace, {title} {report[f'{key}_bytes'] / (1 << 30):.3f} GiB; live then, by call site:")
-        for site, mib in rows.items():
+    for title, peak, sites in (("allocated peak", "allocated_peak_bytes", "allocated_peak_mib_by_site"),
+                               ("reserved peak", "reserved_peak_bytes", "reserved_peak_live_mib_by_site")):
+        print(f"memory trace, {title} {report[peak] / (1 << 30):.3f} GiB; live then, by call site:")
+        for site, mib in report[sites].items():
             print(f"  {mib:9.1f} MiB  {site}")
     print(f"memory trace written to {path}")
+
+
+@contextlib.contextmanager
+def traced_to(path: Path | None, device: int | None = None, write: bool = True) -> Iterator[None]:
+    """A command's ``--memory-trace PATH``: ``traced()`` over the block and the report written
+    to ``path`` (and printed) when it ends, where ``write`` (rank 0 of several); nothing
+    without a path."""
+    if path is None:
+        yield
+        return
+    with traced(device=device) as t:
+        yield
+    if write and t.report is not None:
+        write_report(t.report, path)

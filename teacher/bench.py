@@ -12,7 +12,6 @@ computed from numbers measured in this run only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -403,18 +402,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"q4k bench teacher: unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     path = Path(args.model) if Path(args.model).is_file() else resolve_model(args.model)
-    trace: Any = contextlib.nullcontext()
-    if args.memory_trace is not None:
-        from harness.memtrace import traced
+    from harness.memtrace import traced_to
 
-        trace = traced(device=args.device)
-    with trace as recorded:
+    with traced_to(args.memory_trace, device=args.device):
         res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device,
                             profile=args.profile, llama_bench=args.llama_bench, backends=backends)
-    if recorded is not None and recorded.report is not None:
-        from harness.memtrace import write_report
-
-        write_report(recorded.report, args.memory_trace)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
     print_results(res)

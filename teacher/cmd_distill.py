@@ -25,7 +25,6 @@ checkpoints and the student.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -247,20 +246,14 @@ def _run_rank(args: argparse.Namespace, info: Any, device: str) -> int:
         teacher = load_teacher(args.teacher_backend, teacher_path, target, device, args.teacher_scratch_mib)
     before = (D.evaluate(student, held, teacher=teacher, temperature=cfg.temperature, amp=cfg.amp,
                         chunk_tokens=cfg.kd_chunk_tokens) if n_hold else None)
-    trace: Any = contextlib.nullcontext()
-    if args.memory_trace is not None:  # a CUDA device: checked above, before anything was loaded
-        from harness.memtrace import traced
+    from harness.memtrace import traced_to
 
-        trace = traced()
-    with trace as recorded:
+    # --memory-trace needs a CUDA device: checked above, before anything was loaded
+    with traced_to(args.memory_trace, write=info.is_main):
         result = D.distill(
             teacher, student, train, cfg, output_dir=args.output, checkpoint_dir=args.output / "checkpoint",
             resume=args.resume,
         )
-    if recorded is not None and recorded.report is not None and info.is_main:
-        from harness.memtrace import write_report
-
-        write_report(recorded.report, args.memory_trace)
     if result.completed:
         from teacher.student import CONFIG_NAME, WEIGHTS_NAME
 

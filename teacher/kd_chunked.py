@@ -96,12 +96,22 @@ class DeferredHeadGrad:
     the optimizer a block of rows at a time (``StepInBackward.row_step``) never holds
     the whole of dW. ``scale`` is the incoming gradient of the loss (set in backward)."""
 
-    def __init__(self, blocks: list[torch.Tensor], x: torch.Tensor, block_rows: int) -> None:
-        self.blocks: list[torch.Tensor | None] = list(blocks)
+    def __init__(self, x: torch.Tensor, vocab: int, block_rows: int) -> None:
+        """Room for G of ``x``'s rows over ``vocab`` columns, in ``x``'s dtype; ``store`` fills it."""
         self.x = x
+        self.vocab = vocab
         self.block_rows = block_rows
-        self.vocab = sum(b.shape[1] for b in blocks)
+        self.blocks: list[torch.Tensor | None] = [
+            torch.empty((x.shape[0], min(block_rows, vocab - v0)), dtype=x.dtype, device=x.device)
+            for v0 in range(0, vocab, block_rows)
+        ]
         self.scale: torch.Tensor | None = None
+
+    def store(self, r0: int, g: torch.Tensor) -> None:
+        """Rows ``r0 : r0 + len(g)`` of G (a chunk's logit gradient [rows, V]), cast to G's dtype."""
+        for j, gb in enumerate(self.blocks):
+            assert gb is not None, "the deferred lm_head gradient was already consumed"
+            gb[r0 : r0 + g.shape[0]] = g[:, j * self.block_rows : j * self.block_rows + gb.shape[1]]
 
     def rows(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(v0, float32 dW[v0 : v0 + rows]) per vocab block; each block of G is dropped once used."""
@@ -162,10 +172,7 @@ class _FusedKD(torch.autograd.Function):
         grad_w: torch.Tensor | None = None
         deferred: DeferredHeadGrad | None = None
         if ctx.needs_input_grad[1] and defer_weight_grad:
-            deferred = DeferredHeadGrad(
-                [torch.empty((n, min(W_BLOCK_ROWS, v - v0)), dtype=compute_dtype, device=hidden.device)
-                 for v0 in range(0, v, W_BLOCK_ROWS)],
-                hidden.detach().to(compute_dtype), W_BLOCK_ROWS)
+            deferred = DeferredHeadGrad(hidden.detach().to(compute_dtype), v, W_BLOCK_ROWS)
         elif ctx.needs_input_grad[1]:
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -223,9 +230,7 @@ class _FusedKD(torch.autograd.Function):
                     grad_h[r0 : r0 + rows] = acc.to(grad_h.dtype)
                     del acc
                 if deferred is not None:  # G's rows for this chunk, by vocab block (the dW GEMMs' dtype)
-                    for j, gb in enumerate(deferred.blocks):
-                        assert gb is not None
-                        gb[r0 : r0 + rows] = g[:, j * W_BLOCK_ROWS : j * W_BLOCK_ROWS + gb.shape[1]]
+                    deferred.store(r0, g)
                 if grad_w is not None:
                     if compute_dtype.itemsize >= 4:
                         grad_w.addmm_(g.T, hidden[r0 : r0 + rows].detach().float())
