@@ -290,6 +290,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(f"device {env['device']} ({env['sm_count']} SMs)", flush=True)
+    hopper = bool(launch.is_hopper(cp.cuda.runtime.getDevice()))
     rows: list[dict[str, Any]] = []
     for n, k in shapes:
         # torch bf16 baseline per M, on a bf16 copy of a random weight
@@ -327,7 +328,8 @@ def run_kernels(args: argparse.Namespace) -> int:
                     del deq
             for m in ms:
                 nx = max(1, min(8, math.ceil(ROTATE_BYTES / (m * k * (2 if xbf else 4)))))
-                auto = launch.dispatch_path(m, qt, n, k, x_is_bf16=xbf)
+                auto = launch.dispatch_path(m, qt, n, k, x_is_bf16=xbf, x_is_f16=args.x_dtype == "f16",
+                                            hopper=hopper)
                 x_f16 = args.x_dtype == "f16" and not auto.startswith("gemv")
                 if x_f16:
                     xs_t = []
@@ -342,7 +344,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                     xs_t = []
                     xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
                 outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
-                variants = _variants(launch, auto, m, qt, args.compare_paths)
+                variants = _variants(launch, auto, m, qt, args.compare_paths, wgmma=hopper and x_f16)
                 for path, label, overrides in variants:
                     saved = {name: getattr(launch, name) for name in overrides}
                     for name, value in overrides.items():
@@ -395,16 +397,19 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 
 def _variants(
-    launch: Any, auto: str, m: int, qt: Any, compare: bool
+    launch: Any, auto: str, m: int, qt: Any, compare: bool, *, wgmma: bool = False
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """(path, label, launch-module overrides) to time for one (type, M): the
-    default path, and with ``compare`` the other paths and GEMV variants."""
+    default path, and with ``compare`` the other paths and GEMV variants
+    (``wgmma``: the wgmma GEMM can run these inputs: f16 x on an sm_90 GPU)."""
     out: list[tuple[str, str, dict[str, Any]]] = [("auto", auto, {})]
     if not compare:
         return out
     tc_type = int(qt) in launch._TC_TYPES
     gemv_ok = m <= launch.GEMV_MAX_M or (tc_type and m <= launch.GEMV_TC_MAX_M)
     others = ["mma", "dequant"] + (["gemv"] if gemv_ok else [])
+    if wgmma and int(qt) in launch.WGMMA_TYPES:
+        others.append("wgmma")
     out += [(p, p, {}) for p in others if p != auto and not (p == "gemv" and auto.startswith("gemv"))]
     if tc_type and 1 < m <= 8 * max(launch._TC_NT):
         # more column tiles per warp than M needs: the cost of each extra tile

@@ -72,7 +72,7 @@ _BLOCKS: dict[QT, tuple[int, int]] = {
 SUPPORTED: frozenset[QT] = frozenset(_BLOCKS)
 
 # Every kernel path qmatmul can take, as dispatch_path names them.
-PATHS: tuple[str, ...] = ("gemv1_tc", "gemv_tc", "gemv", "mma", "dequant")
+PATHS: tuple[str, ...] = ("gemv1_tc", "gemv_tc", "gemv", "mma", "wgmma", "dequant")
 # M at or below which the GEMV kernel runs; above it the fused tensor-core GEMM,
 # and from DEQUANT_MIN_M on the chunked dequantize + cuBLAS path (see qmatmul).
 GEMV_MAX_M = 8
@@ -120,6 +120,57 @@ GEMV_TC_M1 = True  # use them (False: gemv_tc with one used column, for the benc
 # the tensor cores at M = 1.
 GEMV_TC_M1_MIN_WEIGHTS: dict[int, int] = {int(QT.Q4_K): 0, int(QT.Q6_K): 1 << 25}
 GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by shape
+
+
+# The Hopper fused GEMM (wgmma.cu): weights decoded in registers and fed to
+# wgmma as its A operand, f16 x from shared memory; sm_90 only, f16 x only.
+WGMMA_TYPES: frozenset[int] = frozenset({int(QT.Q4_K)})
+WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for the bench)
+WGMMA_MIN_M = GEMV_TC_MAX_M + 1  # below: the tensor-core GEMV
+# above: decode + cuBLAS.  H200, Q4_K, f16 x (docs/results/bench-kernels-h200.json),
+# wgmma against decode + cuBLAS on 18944x3584 / 3584x18944 / 152064x3584:
+# M = 64: 48 / 41 / 258 us against 90 / 95 / 723; M = 128: 67 / 56 / 356 against
+# 93 / 98 / 738; M = 256: 117 / 104 / 742 against 100 / 107 / 815 (mixed);
+# M = 512: 196 / 197 / 1499 against 148 / 141 / 1181 (cuBLAS wins from here on).
+WGMMA_MAX_M = 128
+_WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
+_WG_ROWS, _WG_KT, _WG_WROW = 128, 128, 80  # as wgmma.cu's WG_* macros
+_WG_MIN_STAGES_PER_SPLIT = 2
+WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_grid)
+
+
+
+
+def _wg_smem(ntok: int) -> int:
+    """Dynamic shared memory of q4k_wgmma<ntok, *>: its ring of stages (WgCfg in wgmma.cu)."""
+    stages = 8 if ntok <= 64 else 5
+    return stages * (2 * ntok * 128 + _WG_ROWS * _WG_WROW) + 1024
+
+
+def wgmma_grid(m: int, n: int, k: int, sms: int) -> tuple[int, tuple[int, int, int], int]:
+    """(tokens per tile, grid, K stages per split) of the wgmma GEMM.
+
+    One CTA fills an SM, so a grid of T tiles runs in ceil(T / sms) waves and a
+    short last wave idles most SMs (148 tiles on 132 SMs: two waves, the second
+    one 12 % full).  K is split (partial sums atomically added into float32) into
+    the fewest splits whose waves are at least WGMMA_WAVE_FILL full, each split
+    keeping >= _WG_MIN_STAGES_PER_SPLIT stages; if none is, the fullest."""
+    ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
+    tiles = -(-m // ntok) * -(-n // _WG_ROWS)
+    nk = k // _WG_KT
+    best, best_fill = 1, 0.0
+    for want in range(1, max(1, nk // _WG_MIN_STAGES_PER_SPLIT) + 1):
+        kps = -(-nk // want)
+        splits = -(-nk // kps)
+        ctas = tiles * splits
+        fill = ctas / (-(-ctas // sms) * sms)
+        if fill >= WGMMA_WAVE_FILL:
+            best = splits
+            break
+        if fill > best_fill + 1e-9:
+            best, best_fill = splits, fill
+    kps = -(-nk // best)
+    return ntok, (-(-m // ntok), -(-n // _WG_ROWS), -(-nk // kps)), kps
 
 
 def _gemm_smem(q: QT) -> int:
@@ -256,6 +307,83 @@ def _kernel(qt: QT, name: str, smem: int = 0, smem_carveout: bool = False) -> An
         allowed = smem
     _functions[key] = (fn, allowed)
     return fn
+
+
+@functools.cache
+def is_hopper(dev: int) -> bool:
+    """Whether device ``dev`` is sm_90 (H100 / H200): the wgmma GEMM's only target."""
+    props = _cp().cuda.runtime.getDeviceProperties(dev)
+    return (int(props["major"]), int(props["minor"])) == (9, 0)
+
+
+def _wg_names() -> list[str]:
+    return [f"q4k_wgmma<{nt}, {out}>" for nt in _WG_NTOK for out in (X_F32, X_F16)]
+
+
+_wg_functions: dict[tuple[int, str], Any] = {}
+
+
+def _wg_kernel(dev: int, name: str) -> Any:
+    """A kernel of wgmma.cu on device ``dev``.  wgmma exists only for sm_90a, an
+    architecture CuPy's RawModule does not target (it passes -arch=sm_90), so the
+    module is compiled here with NVRTC for sm_90a and loaded as a cubin."""
+    _cp()
+    with _lock:
+        if (dev, name) not in _wg_functions:
+            from cupy.cuda import compiler, function
+
+            if not is_hopper(dev):
+                raise CudaUnavailable(f"the wgmma GEMM needs an sm_90 GPU; device {dev} is not")
+            names = _wg_names()
+            prog = compiler._NVRTCProgram(
+                (_HERE / "wgmma.cu").read_text(), "wgmma.cu", name_expressions=names, method="cubin"
+            )
+            cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
+            mod = function.Module()
+            mod.load(cubin)
+            for nm in names:
+                fn = mod.get_function(mapping[nm])
+                ntok = int(nm.split("<")[1].split(",")[0])
+                # a raw Function: its shared-memory limit through the driver
+                # (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8)
+                _cp().cuda.driver.funcSetAttribute(fn.ptr, 8, _wg_smem(ntok))
+                _wg_functions[(dev, nm)] = (fn, mod)
+    return _wg_functions[(dev, name)][0]
+
+
+def wgmma_writes_f16(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether the wgmma GEMM can write an f16 y itself: no K split (a split adds
+    float32 partial sums) and rows in whole 8-value pieces."""
+    return wgmma_grid(m, n, k, sms)[1][2] == 1 and n % 8 == 0
+
+
+def sm_count(dev: int) -> int:
+    """Streaming multiprocessors of device ``dev``."""
+    return _sm_count(dev)
+
+
+def _wgmma(xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
+    """y = x @ W.T on the wgmma GEMM; y float32, or f16 where no K split is needed."""
+    cp = _cp()
+    ntok, grid, kps = wgmma_grid(m, n, k, _sm_count(dev))
+    f16_out = y.dtype == cp.float16
+    if grid[2] > 1:
+        if f16_out:
+            raise ValueError(f"the wgmma GEMM splits K for M={m}, n={n}, k={k}: out must be float32")
+        cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
+    if f16_out and n % 8:
+        raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")
+    fn = _wg_kernel(dev, f"q4k_wgmma<{ntok}, {X_F16 if f16_out else X_F32}>")
+    i32 = cp.int32
+    fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok))
+
+
+def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:
+    """Whether dispatch picks the wgmma GEMM: Q4_K, f16 x, an sm_90 GPU, M in range."""
+    return (
+        WGMMA and hopper and x_is_f16 and int(_qtype(q)) in WGMMA_TYPES
+        and WGMMA_MIN_M <= m <= WGMMA_MAX_M
+    )
 
 
 def compile_all() -> dict[str, str]:
@@ -397,7 +525,16 @@ def qmatmul(
     if path not in ("auto", *PATHS):
         raise ValueError(f"path={path!r} must be 'auto' or one of {', '.join(PATHS)}")
     if path == "auto":
-        path = dispatch_path(m, q, n, k, x_is_bf16=xb)
+        path = dispatch_path(
+            m, q, n, k, x_is_bf16=xb, x_is_f16=xc.dtype == cp.float16,
+            hopper=int(q) in WGMMA_TYPES and is_hopper(int(xc.device.id)),
+        )
+    if path == "wgmma":
+        if int(q) not in WGMMA_TYPES:
+            names = ", ".join(QT(t).name for t in sorted(WGMMA_TYPES))
+            raise ValueError(f"path='wgmma' supports {names}, not {q.name}")
+        if xc.dtype != cp.float16:
+            raise ValueError(f"path='wgmma' needs float16 x, got dtype {'bfloat16' if xb else xc.dtype}")
     if path.startswith("gemv"):  # the GEMV family: which GEMV, the rules below decide
         path = "gemv"
         if xc.dtype == cp.float16:  # the GEMVs read f32 or bf16 x: f32 holds f16 exactly
@@ -414,10 +551,14 @@ def qmatmul(
     arrs = {"x": xc, "w": wc}
     if out is not None:
         oc, _ = _as_cupy(out, "out")
-        if oc.dtype != cp.float32 or tuple(oc.shape) != (m, n) or not oc.flags.c_contiguous:
+        dtypes = (cp.float32, cp.float16) if path == "wgmma" else (cp.float32,)
+        if oc.dtype not in dtypes or tuple(oc.shape) != (m, n) or not oc.flags.c_contiguous:
+            kinds = "float32 or float16" if path == "wgmma" else "float32"
             raise ValueError(
-                f"out must be a C-contiguous float32 [{m}, {n}] array, got {oc.dtype} {tuple(oc.shape)}"
+                f"out must be a C-contiguous {kinds} [{m}, {n}] array, got {oc.dtype} {tuple(oc.shape)}"
             )
+        if oc.data.ptr % 16:
+            raise ValueError(f"out's data pointer {oc.data.ptr:#x} is not 16-byte aligned")
         arrs["out"] = oc
     dev = _check_device(arrs)
     with cp.cuda.Device(dev):
@@ -425,7 +566,9 @@ def qmatmul(
         if y is None:
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
-        if use_tc:
+        if path == "wgmma":
+            _wgmma(xc, wc, y, m, n, k, dev)
+        elif use_tc:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:
             mt = next(t for t in _GEMV_MT if t >= m)
@@ -465,13 +608,18 @@ def qmatmul(
     return y
 
 
-def dispatch_path(m: int, qtype: Any, n: int, k: int, *, x_is_bf16: bool) -> str:
+def dispatch_path(
+    m: int, qtype: Any, n: int, k: int, *, x_is_bf16: bool, x_is_f16: bool = False, hopper: bool = False
+) -> str:
     """The kernel path ``qmatmul(path="auto")`` runs for an [m, k] x against an [n, k]
     ``qtype`` weight: one of :data:`PATHS`.  Pure host logic (no CUDA needed), so
-    the contracts can state which paths a parity run covered."""
+    the contracts can state which paths a parity run covered.  ``x_is_f16`` and
+    ``hopper`` (an sm_90 device) open the wgmma GEMM (:func:`wgmma_applies`)."""
     q = _qtype(qtype)
     if m < 1:
         raise ValueError(f"m={m} must be >= 1")
+    if wgmma_applies(q, m, x_is_f16=x_is_f16, hopper=hopper):
+        return "wgmma"
     if m >= DEQUANT_MIN_M:
         return "dequant"
     if _tc_applies(q, m, n, k, x_is_bf16):

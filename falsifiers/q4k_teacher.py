@@ -215,16 +215,21 @@ def linear_shapes(path: Path) -> list[tuple[Any, int, int]]:
 
 
 def m_for_path(kernel_path: str, shapes: list[tuple[Any, int, int]], *, x_is_bf16: bool = True,
-               max_m: int = MAX_M) -> tuple[int, int]:
+               x_is_f16: bool = False, hopper: bool = False, max_m: int = MAX_M) -> tuple[int, int]:
     """(M, linears): the smallest M <= max_m at which the most linears dispatch to
-    ``kernel_path`` (launch.dispatch_path), and how many do; (0, 0) when none ever does."""
+    ``kernel_path`` (launch.dispatch_path with these activation and device flags), and
+    how many do; (0, 0) when none ever does."""
     from cupy_kernels import launch
 
     if kernel_path not in launch.PATHS:
         raise ValueError(f"kernel path {kernel_path!r} is not one of {launch.PATHS}")
     best = (0, 0)
     for m in range(1, max_m + 1):
-        count = sum(1 for q, n, k in shapes if launch.dispatch_path(m, q, n, k, x_is_bf16=x_is_bf16) == kernel_path)
+        count = sum(
+            1 for q, n, k in shapes
+            if launch.dispatch_path(m, q, n, k, x_is_bf16=x_is_bf16, x_is_f16=x_is_f16, hopper=hopper)
+            == kernel_path
+        )
         if count > best[1]:
             best = (m, count)
     return best
@@ -264,10 +269,14 @@ def _path_parity(ctx: Context, path: Path, kernel_path: str, cos_min: float) -> 
     from cupy_kernels import launch
 
     shapes = linear_shapes(path)
-    m, count = m_for_path(kernel_path, shapes)
+    # dispatch as the teacher's will: f16 activations (its default), this GPU
+    hopper = torch.cuda.is_available() and bool(launch.is_hopper(torch.cuda.current_device()))
+    flags = {"x_is_f16": True, "hopper": hopper}
+    m, count = m_for_path(kernel_path, shapes, **flags)
     types = sorted({q.name for q, _, _ in shapes})
     if count == 0:
-        ctx.not_run(f"no linear of this file dispatches to {kernel_path} at any M <= {MAX_M} "
+        gpu = "" if flags["hopper"] or kernel_path != "wgmma" else " on this GPU (wgmma needs sm_90)"
+        ctx.not_run(f"no linear of this file dispatches to {kernel_path} at any M <= {MAX_M}{gpu} "
                     f"(its kernel types: {', '.join(types)})")
     ctx.measure("m_rows_per_linear", m)
     ctx.measure("linears_dispatched_to_path", count)
@@ -285,7 +294,7 @@ def _path_parity(ctx: Context, path: Path, kernel_path: str, cos_min: float) -> 
     release_gpu()
     ctx.measure("kernel_paths_taken", taken)
     ctx.check(f"linears_run_on_{kernel_path}", taken.get(kernel_path, 0), ">=", 1)
-    reachable = [m_for_path(p, shapes) for p in launch.PATHS]
+    reachable = [m_for_path(p, shapes, **flags) for p in launch.PATHS]
     others = [path_ids(vocab, m_other) for m_other, n in reachable if n]
     ref = _reference_logits(path, ids, others)[0]
     _record_parity(ctx, "vs_f32_dequant", got, ref, cos_min, check="min_cosine_every_position")

@@ -134,7 +134,7 @@ def profile_forward(teacher: Any, ids: torch.Tensor, dtype: torch.dtype) -> dict
 def _kernel_family(name: str) -> str:
     if "dequant_rows" in name:
         return "decode"
-    if name.startswith(("void gemv", "void mma_gemm", "void embed")):
+    if name.startswith(("void gemv", "void mma_gemm", "void q4k_wgmma", "void embed")):
         return "quantized kernel"
     return "gemm/other"
 

@@ -182,13 +182,20 @@ class Q4KOps:
         if self.scratch_bytes < 1:
             raise ValueError(f"scratch_bytes={scratch_bytes} must be positive")
         self._scratches: list[torch.Tensor] = []
+        # the wgmma GEMM (f16 x, Q4_K) exists on sm_90 only
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.hopper = bool(launch.is_hopper(index))
+        self.sms = int(launch.sm_count(index))
 
     def _torch_stream(self) -> Any:
         return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
 
     def path_for(self, w: DeviceWeight, m: int) -> str:
         # f16 x takes the bf16 kernels' paths: it is handed to them as bf16 (see linear)
-        return str(self._launch.dispatch_path(m, w.qtype, w.n, w.k, x_is_bf16=self.dtype != torch.float32))
+        return str(self._launch.dispatch_path(
+            m, w.qtype, w.n, w.k, x_is_bf16=self.dtype != torch.float32,
+            x_is_f16=self.dtype == torch.float16, hopper=self.hopper,
+        ))
 
     def set_activation_dtype(self, dtype: torch.dtype) -> None:
         """Switch the activation dtype (the runner's fallback when f16 overflows)."""
@@ -213,6 +220,14 @@ class Q4KOps:
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
                 return matmul_into(xin, self._decoded_chunks(w), y)
+            if path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms):
+                # f16 straight from the kernel (a K split needs the float32 y below)
+                if out is not None and out.dtype == torch.float16 and out.is_contiguous():
+                    self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
+                    return out
+                y = torch.empty((m, w.n), dtype=torch.float16, device=self.device)
+                self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y, path=path)
+                return y if out is None else out.copy_(y)
             if out is not None and out.dtype == torch.float32 and out.is_contiguous():
                 self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
                 return out

@@ -43,14 +43,18 @@ def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
         "gemv": range(1, launch.GEMV_MAX_M + 1),
         "gemv_tc": range(2, launch.GEMV_TC_MAX_M + 1),
         "mma": range(2, launch.DEQUANT_MIN_M),
+        "wgmma": range(launch.WGMMA_MIN_M, launch.WGMMA_MAX_M + 1),
         "dequant": range(launch.DEQUANT_MIN_M, 10**6),
     }
     assert set(ranges) == set(launch.PATHS), "a new kernel path needs a range here and an FT-003 case"
     for path, allowed in ranges.items():
-        m, count = m_for_path(path, shapes)
+        # the wgmma GEMM is reached only with f16 x on an sm_90 GPU
+        flags = {"x_is_f16": True, "hopper": True} if path == "wgmma" else {}
+        m, count = m_for_path(path, shapes, **flags)
         assert count >= 1 and m in allowed, (path, m, count)
-        on_path = [s for s in shapes if launch.dispatch_path(m, *s, x_is_bf16=True) == path]
+        on_path = [s for s in shapes if launch.dispatch_path(m, *s, x_is_bf16=True, **flags) == path]
         assert len(on_path) == count
+    assert m_for_path("wgmma", shapes) == (0, 0), "bf16 x, or no sm_90 GPU: never the wgmma GEMM"
 
 
 def test_tensor_core_paths_are_unreachable_on_a_q4_1_file() -> None:
@@ -89,7 +93,7 @@ def _fake_launch() -> types.SimpleNamespace:
 
     return types.SimpleNamespace(
         PATHS=launch.PATHS, dispatch_path=launch.dispatch_path, dequant_chunk_rows=launch.dequant_chunk_rows,
-        qmatmul=qmatmul, qdequant=qdequant,
+        qmatmul=qmatmul, qdequant=qdequant, wgmma_writes_f16=launch.wgmma_writes_f16,
     )
 
 
@@ -98,6 +102,7 @@ def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
     ops._launch = _fake_launch()  # type: ignore[assignment]
     ops.weights, ops.vectors = weights, {}
     ops.device, ops.dtype = torch.device("cpu"), torch.bfloat16
+    ops.hopper, ops.sms = False, 132
     ops.taken, ops.path_overrides = Counter(), {}
     ops.scratch_bytes = launch.DEQUANT_SCRATCH_BYTES
     ops._scratches = []
@@ -124,6 +129,39 @@ def test_corruption_is_confined_to_its_path_and_the_tap_counts(corrupt: str) -> 
         assert dict(ops.taken) == {path: 1}
         want = (x.float() @ (bad if path == corrupt else good).float().T)
         assert torch.allclose(y, want, rtol=2e-2, atol=2e-1), (path, corrupt)
+
+
+@pytest.mark.parametrize("sms", [2, 132], ids=["f16_from_the_kernel", "k_split_float32"])
+def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(sms: int) -> None:
+    """f16 x on an sm_90 GPU sends Q4_K linears of M in [WGMMA_MIN_M, WGMMA_MAX_M] to the
+    wgmma GEMM; its f16 result comes straight from the kernel unless K is split (then
+    through float32).  The corruption of that path reaches exactly its linears."""
+    n, k, m = 256, 512, launch.WGMMA_MIN_M + 7
+    g = torch.Generator().manual_seed(1)
+    good = torch.randn(n, k, generator=g).to(torch.float16)
+    bad = torch.randn(n, k, generator=g).to(torch.float16)
+    ops = _ops({"w": DeviceWeight("w", QT.Q4_K, n, k, good)})
+    ops.dtype, ops.hopper, ops.sms = torch.float16, True, sms
+    assert launch.wgmma_writes_f16(m, n, k, sms) == (sms == 2)
+    calls: list[torch.dtype] = []
+    qmatmul = ops._launch.qmatmul
+
+    def spy(x: torch.Tensor, *args: Any, out: torch.Tensor, path: str) -> torch.Tensor:
+        calls.append(out.dtype)
+        return qmatmul(x, *args, out=out, path=path)
+
+    ops._launch.qmatmul = spy
+    ops.path_overrides = {"wgmma": {"w": DeviceWeight("w", QT.Q4_K, n, k, bad)}}
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    y = ops.linear(x, "w")
+    assert dict(ops.taken) == {"wgmma": 1} and y.dtype == torch.float16
+    assert calls == [torch.float16 if sms == 2 else torch.float32]
+    torch.testing.assert_close(y.float(), x.float() @ bad.float().T, rtol=2e-2, atol=2e-1)
+    ops.hopper = False  # the same call elsewhere: the corruption stays on its path
+    ops.taken.clear()
+    y = ops.linear(x, "w")
+    assert set(ops.taken) == {"mma"}
+    torch.testing.assert_close(y.float(), x.float() @ good.float().T, rtol=2e-2, atol=2e-1)
 
 
 def test_dequant_path_decodes_every_weight_through_one_scratch() -> None:

@@ -165,6 +165,50 @@ def test_dispatch_path_by_m() -> None:
         launch.dispatch_path(4, QT.IQ2_XXS, 256, 256, x_is_bf16=True)
 
 
+def test_dispatch_path_wgmma_needs_q4k_f16_and_sm90() -> None:
+    from cupy_kernels import launch
+
+    q4 = (QT.Q4_K, 18944, 3584)
+    on = {"x_is_f16": True, "hopper": True}
+    lo, hi = launch.WGMMA_MIN_M, launch.WGMMA_MAX_M
+    assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "wgmma"
+    assert launch.dispatch_path(hi, *q4, x_is_bf16=True, **on) == "wgmma"
+    assert launch.dispatch_path(lo - 1, *q4, x_is_bf16=True, **on) == "gemv_tc"
+    assert launch.dispatch_path(hi + 1, *q4, x_is_bf16=True, **on) == "dequant"
+    # each condition alone keeps the paths as before
+    assert launch.dispatch_path(lo, *q4, x_is_bf16=True, x_is_f16=True) == "mma"
+    assert launch.dispatch_path(lo, *q4, x_is_bf16=True, hopper=True) == "mma"
+    assert launch.dispatch_path(lo, QT.Q6_K, 18944, 3584, x_is_bf16=True, **on) == "mma"
+    saved = launch.WGMMA
+    launch.WGMMA = False
+    try:
+        assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "mma"
+    finally:
+        launch.WGMMA = saved
+
+
+@pytest.mark.parametrize("m,n,k", [(33, 130, 512), (64, 512, 3584), (64, 18944, 3584), (64, 3584, 18944),
+                                   (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256)])
+def test_wgmma_grid_covers_k_and_fills_the_waves(m: int, n: int, k: int) -> None:
+    from cupy_kernels import launch
+
+    sms = 132
+    ntok, (gm, gn, splits), kps = launch.wgmma_grid(m, n, k, sms)
+    nk = k // 128
+    assert ntok in (64, 128) and gm * ntok >= m > (gm - 1) * ntok and gn * 128 >= n > (gn - 1) * 128
+    assert kps * (splits - 1) < nk <= kps * splits, "every K stage in exactly one split"
+    ctas = gm * gn * splits
+    fill = ctas / (-(-ctas // sms) * sms)
+    if splits > 1:
+        assert kps >= 2
+    # either the waves are full enough, or no allowed split count fills them more
+    best = max(
+        (t := gm * gn * -(-nk // -(-nk // s))) / (-(-t // sms) * sms) for s in range(1, max(1, nk // 2) + 1)
+    )
+    assert fill >= launch.WGMMA_WAVE_FILL or fill == pytest.approx(best), (fill, best)
+    assert launch.wgmma_writes_f16(m, n, k, sms) == (splits == 1 and n % 8 == 0)
+
+
 @pytest.mark.parametrize("qt", [QT.Q2_K, QT.Q3_K], ids=lambda q: q.name)
 def test_q2_q3_dispatch_never_takes_a_tensor_core_gemv(qt: QT) -> None:
     """Q2_K/Q3_K have no integer fragment decode (qfrag.cuh): every M must land on a

@@ -28,6 +28,10 @@ reference, not in the bound):
   weights round to f16 (unit roundoff 2^-11, rms 2.8e-4 relative).  Bound
   F16_TOL = 6e-4, under what bf16 tiles would give (~1.1e-3), so a kernel that
   silently ran bf16 fails it.  The GEMVs take f16 x as float32 (exact).
+* the Hopper wgmma GEMM (Q4_K, f16 x only): it decodes in f16 arithmetic, so
+  d*sc and dmin*m each round to f16 and the fused multiply-add rounds once more
+  (two to three f16 roundings per weight instead of one).  Bound WGMMA_TOL =
+  1e-3, still an order under what a wrong scale or sub-block gives.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from .blocks import LAYOUT, random_weight
 GEMV_TOL = 1e-5
 MMA_TOL = 6e-3
 F16_TOL = 6e-4
+WGMMA_TOL = 1e-3
 EMBED_TOL = 1e-6
 
 FORMATS = list(LAYOUT)
@@ -148,6 +153,67 @@ def test_dequant_cublas(cp: Any, rng: np.random.Generator, qt: T, m: int, bf16: 
         launch.DEQUANT_SCRATCH_BYTES = saved
     print(f"dequant {qt.name} M={m} bf16={bf16}: rel err {err:.3g}")
     assert err < (F16_TOL if bf16 == "f16" else MMA_TOL)
+
+
+def _need_hopper(cp: Any) -> None:
+    from cupy_kernels import launch
+
+    if not launch.is_hopper(int(cp.cuda.runtime.getDevice())):
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (H100 / H200)")
+
+
+# M: one tile of 64, a partial tile of 128, two tiles; N: partial row tiles; K = 3584:
+# 28 stages, split over CTAs where the grid is small (atomic float32 sums)
+@pytest.mark.parametrize("m,n,k", [(33, 200, 512), (64, 130, 768), (100, 384, 3584), (257, 131, 768),
+                                   (64, 512, 3584)])
+def test_wgmma(cp: Any, rng: np.random.Generator, m: int, n: int, k: int) -> None:
+    _need_hopper(cp)
+    err = _run_matmul(cp, T.Q4_K, m, n, k, "f16", "wgmma", rng)
+    print(f"wgmma Q4_K M={m} N={n} K={k}: rel err {err:.3g}")
+    assert err < WGMMA_TOL
+
+
+@pytest.mark.parametrize("m,n", [(300, 4608), (200, 3584)])
+def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, m: int, n: int) -> None:
+    """f16 y written by the kernel itself (no K split: the grid fills the GPU), against
+    the float32 y of the same kernel; a K split refuses an f16 y by name."""
+    import torch
+
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    k = 3584
+    dev = int(cp.cuda.runtime.getDevice())
+    raw, deq = random_weight(T.Q4_K, n, k, rng)
+    x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
+    w = cp.asarray(raw)
+    y16 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    if launch.wgmma_writes_f16(m, n, k, launch.sm_count(dev)):
+        launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma")
+        ref = x.double().cpu().numpy() @ deq.astype(np.float64).T
+        got = y16.float().cpu().numpy()
+        assert np.isfinite(got).all()
+        err = _rel(got, ref)
+        print(f"wgmma f16 out M={m} N={n}: rel err {err:.3g}")
+        assert err < WGMMA_TOL
+    else:
+        with pytest.raises(ValueError, match="splits K"):
+            launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma")
+
+
+def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
+    import torch
+
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    w = cp.zeros(256 // 256 * 144 * 128, dtype=cp.uint8)
+    x16 = torch.zeros(40, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="needs float16 x"):
+        launch.qmatmul(x16.bfloat16(), w, T.Q4_K, 128, 256, path="wgmma")
+    w6 = cp.zeros(210 * 128, dtype=cp.uint8)
+    with pytest.raises(ValueError, match="supports Q4_K, not Q6_K"):
+        launch.qmatmul(x16, w6, T.Q6_K, 128, 256, path="wgmma")
 
 
 @pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
