@@ -7,7 +7,8 @@ Two kernel families, one launcher each:
   bf16 x up to M = 32, float decode up to M = 8 otherwise), a bf16 / f16
   tensor-core GEMM (weights decoded tile by tile into shared memory) below
   DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
-  (:func:`dispatch_path`).  x may be float32, bfloat16 or float16; the GEMM and
+  (:func:`dispatch_path`); on an sm_90 GPU, Q4_K with f16 x takes the wgmma
+  GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M..WGMMA_MAX_M.  x may be float32, bfloat16 or float16; the GEMM and
   the decode keep f16 x in f16 (the GEMV family takes it as float32).
 * :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
   decode, also used by the teacher, which runs the GEMM through torch).
@@ -137,8 +138,6 @@ _WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
 _WG_ROWS, _WG_KT, _WG_WROW = 128, 128, 80  # as wgmma.cu's WG_* macros
 _WG_MIN_STAGES_PER_SPLIT = 2
 WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_grid)
-
-
 
 
 def _wg_smem(ntok: int) -> int:
@@ -335,9 +334,13 @@ def _wg_kernel(dev: int, name: str) -> Any:
             if not is_hopper(dev):
                 raise CudaUnavailable(f"the wgmma GEMM needs an sm_90 GPU; device {dev} is not")
             names = _wg_names()
-            prog = compiler._NVRTCProgram(
-                (_HERE / "wgmma.cu").read_text(), "wgmma.cu", name_expressions=names, method="cubin"
-            )
+            program = getattr(compiler, "_NVRTCProgram", None)  # CuPy's NVRTC wrapper (private)
+            if program is None:
+                raise CudaUnavailable(
+                    f"CuPy {_cp().__version__} has no cupy.cuda.compiler._NVRTCProgram to compile wgmma.cu "
+                    "for sm_90a; set cupy_kernels.launch.WGMMA = False to use the other paths"
+                )
+            prog = program((_HERE / "wgmma.cu").read_text(), "wgmma.cu", name_expressions=names, method="cubin")
             cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
             mod = function.Module()
             mod.load(cubin)
@@ -487,13 +490,17 @@ def qmatmul(
       float32-decode GEMV up to M = GEMV_MAX_M;
     * "mma": fused kernel, weight tiles decoded to bf16 (f16 for f16 x) in shared
       memory and fed to mma.sync (f32 x rounded to bf16), float32 accumulation;
+    * "wgmma": Q4_K with f16 x on an sm_90 GPU: weights decoded in registers and
+      fed to wgmma, f16 products accumulated in float32; ``out`` may also be a
+      float16 [M, n] array where no K split is needed (:func:`wgmma_writes_f16`);
     * "dequant": rows of W decoded in chunks into a scratch of at most
       DEQUANT_SCRATCH_BYTES (x's dtype; f32 for f32 x) and multiplied by cuBLAS
       (bf16 / f16, or TF32 tensor cores for f32 x), float32 output;
     f16 x on the GEMV family is converted to float32 first (M <= 32: small).
     * "auto": what :func:`dispatch_path` says: gemv for M <= GEMV_MAX_M, dequant
-      for M >= DEQUANT_MIN_M, mma between ("gemv1_tc" and "gemv_tc" name members
-      of the gemv family and are accepted as "gemv").
+      for M >= DEQUANT_MIN_M, mma between, wgmma where :func:`wgmma_applies`
+      ("gemv1_tc" and "gemv_tc" name members of the gemv family and are accepted
+      as "gemv").
     ``x_is_bf16``: x is a CuPy uint16/int16 array holding bf16 bit patterns
     (CuPy has no bfloat16 dtype; torch bf16 tensors are recognised by themselves).
     """
