@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
-from harness.verdict import NotRun, Verdict
+from harness.verdict import NotApplicable, NotRun, Verdict
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le,
@@ -160,6 +160,11 @@ class Context:
 
     def not_run(self, reason: str) -> NoReturn:
         raise NotRun(reason)
+
+    def not_applicable(self, reason: str) -> NoReturn:
+        """NOT RUN because what the item tests does not exist here (the reason says why);
+        unlike a missing requirement, it does not block sign-off."""
+        raise NotApplicable(reason)
 
     @contextlib.contextmanager
     def capture_logs(self) -> Iterator[list[str]]:

@@ -18,7 +18,7 @@ from harness.context import Context
 from harness.contract import FalsificationTest
 from harness.requirements import Missing, check_requirements
 from harness.results import truncate_logs, utc_now
-from harness.verdict import NotRun, Verdict, item_passes
+from harness.verdict import NotApplicable, NotRun, Verdict, item_passes
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
     started, t0 = utc_now(), time.perf_counter()
     ctx: Context | None = None
     tb = ""
+    applicable = True  # False: NOT RUN because what the item tests does not exist here
     verdict: Verdict
     reason: str
     unbound = _unbound_reason(spec)
@@ -197,6 +198,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
                 gc.collect()
             except NotRun as exc:
                 verdict, reason = Verdict.NOT_RUN, str(exc) or "the falsifier reported NOT RUN"
+                applicable = not isinstance(exc, NotApplicable)
             except Exception as exc:
                 verdict, reason, tb = _crash(exc)
                 del exc
@@ -223,6 +225,7 @@ def run_item(spec: ItemSpec, *, run_id: str = "", options: dict[str, Any] | None
         "verdict": str(verdict),
         "passed": passed,
         "reason": reason,
+        "applicable": applicable,
         "thresholds": dict(check.thresholds) if check else {},
         "params": dict(check.params) if check else {},
         "measurements": evidence.get("measurements", {}),

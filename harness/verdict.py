@@ -17,6 +17,13 @@ class NotRun(Exception):
     """Raised (via ``Context.not_run``) when a requirement is missing: never a pass."""
 
 
+class NotApplicable(NotRun):
+    """Raised (via ``Context.not_applicable``) when what the item tests does not exist
+    here: e.g. a kernel path that this GPU never dispatches to.  The item is NOT RUN
+    (nothing was compared) but does not stand in the way of sign-off, since the
+    claim it would test has no instance on this machine."""
+
+
 def item_passes(verdict: Verdict, control: str | None) -> bool | None:
     """How an item counts for sign-off: True pass, False fail, None = did not run.
 

@@ -52,6 +52,10 @@ def t_oom(ctx):
 def t_not_run(ctx):
     ctx.not_run("the widget is not plugged in")
 
+@falsifier("t_moot")
+def t_moot(ctx):
+    ctx.not_applicable("this machine has no widget port at all")
+
 @falsifier("t_no_check")
 def t_no_check(ctx):
     ctx.measure("x", 1)
@@ -204,6 +208,19 @@ def test_signoff_passes_when_everything_is_corroborated(project: pytest.Pytester
     assert "SIGN-OFF READY" in result.stdout.str()
     overall = build_report(project.path / "reports" / "r1" / "results.jsonl").overall
     assert overall["ready"] is True
+
+
+def test_signoff_stays_ready_when_an_item_is_not_applicable_here(project: pytest.Pytester) -> None:
+    write(project, "a.yaml", _contract(
+        _ft("FT-OK", "t_below", controls="[t-bad]", thresholds="{limit: 2.0}") + _ft("FT-MOOT", "t_moot")
+    ))
+    result = project.runpytest("contracts", *PLUGIN_ARGS, "--run-id", "r1", "--signoff")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert "SIGN-OFF READY" in result.stdout.str()
+    moot = results(project)["contracts/a.yaml::FT-MOOT"]
+    assert moot["verdict"] == "NOT RUN" and moot["applicable"] is False
+    assert "no widget port" in moot["reason"]
+    assert results(project)["contracts/a.yaml::FT-OK"]["applicable"] is True
 
 
 GOOD_FT = _ft("FT-OK", "t_below", controls="[t-bad]", thresholds="{limit: 2.0}")

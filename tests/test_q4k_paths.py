@@ -57,6 +57,14 @@ def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
     assert m_for_path("wgmma", shapes) == (0, 0), "bf16 x, or no sm_90 GPU: never the wgmma GEMM"
 
 
+def test_on_sm90_the_dequant_item_sends_every_linear_through_decode_and_cublas() -> None:
+    # with f16 x on an sm_90 GPU, Q4_K linears take the wgmma GEMM up to WGMMA_MAX_M: the
+    # dequant item must look past it, or the path the 512-token shapes run goes unchecked
+    shapes = _shapes("tiny")
+    m, count = m_for_path("dequant", shapes, x_is_f16=True, hopper=True)
+    assert count == len(shapes) and m == launch.WGMMA_MAX_M + 1, (m, count, len(shapes))
+
+
 def test_tensor_core_paths_are_unreachable_on_a_q4_1_file() -> None:
     shapes = _shapes("smollm2-135m")
     assert {q for q, _, _ in shapes} <= {QT.Q4_1, QT.Q8_0}
@@ -242,4 +250,17 @@ def test_unreachable_path_is_not_run_with_the_file_types() -> None:
                   case="gemv_tc", thresholds={"cosine_min": 0.999}, subject_factory=lambda ctx: None)
     _shapes("smollm2-135m")
     with pytest.raises(NotRun, match="Q4_1"):
+        logit_parity(ctx)
+
+
+def test_wgmma_item_off_sm90_is_not_applicable_not_a_missing_requirement() -> None:
+    """Where no linear dispatches to the item's path (here: wgmma without an sm_90 GPU), the
+    item raises NotApplicable: NOT RUN, and no obstacle to sign-off (harness.report)."""
+    from falsifiers.q4k_teacher import logit_parity
+    from harness.verdict import NotApplicable
+
+    ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="tiny",
+                  case="wgmma", thresholds={"cosine_min": 0.999}, subject_factory=lambda ctx: None)
+    _shapes("tiny")
+    with pytest.raises(NotApplicable, match="wgmma needs sm_90"):
         logit_parity(ctx)

@@ -135,3 +135,27 @@ def test_q4k_report_refuses_a_file_that_is_not_a_results_jsonl(tmp_path: Path, c
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "results.jsonl").write_text("\n".join(lines) + "\n")
     assert q4k(["report", str(tmp_path / "k" / "results.jsonl")]) == 0
+
+
+def test_items_not_applicable_here_do_not_block_signoff_but_missing_requirements_do(tmp_path: Path) -> None:
+    """NOT RUN because the tested thing does not exist here (a kernel path this GPU never
+    takes: ``applicable`` false) is shown and counted apart, and the run stays READY;
+    the same item NOT RUN for a missing requirement blocks it."""
+    records = [r for r in _lines(H100_RUN) if r.get("type") in ("header", "result", "footer")]
+    results = [r for r in records if r.get("type") == "result"]
+    item = next(r for r in results if not r.get("control"))
+    item.update(verdict="NOT RUN", reason="no linear of this file dispatches to wgmma on this GPU",
+                applicable=False)
+    built = build_report(_write(tmp_path / "a" / "results.jsonl", records), previous=None)
+    assert built.overall["ready"] is True
+    preds = sum(1 for r in results if not r.get("control"))
+    assert built.overall["headline"][0] == (
+        f"{preds - 1}/{preds} predictions CORROBORATED (1 NOT RUN, not applicable here)")
+    item["applicable"] = True  # a requirement was missing instead
+    built = build_report(_write(tmp_path / "b" / "results.jsonl", records), previous=None)
+    assert built.overall["ready"] is False
+
+
+def test_headline_keeps_plain_not_run_apart_from_not_applicable() -> None:
+    recs = [{"verdict": "CORROBORATED"}, {"verdict": "NOT RUN"}, {"verdict": "NOT RUN", "applicable": False}]
+    assert headline(recs) == ["1/3 predictions CORROBORATED (1 NOT RUN, 1 NOT RUN, not applicable here)"]
