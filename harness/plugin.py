@@ -26,6 +26,7 @@ from harness import bindings, registry
 from harness.contract import ContractError, load_contract
 from harness.results import append_line, environment, new_run_id, utc_now, write_latest
 from harness.runner import ItemSpec, run_item
+from harness.verdict import applicable
 
 
 @dataclass
@@ -311,7 +312,7 @@ class ContractItem(pytest.Item):
         if record["passed"] is None:
             # not applicable here (what it tests does not exist on this machine): a skip
             # even in a sign-off run; the report counts it apart
-            if state.signoff and record.get("applicable", True):
+            if state.signoff and applicable(record):
                 raise _ItemFailed(f"{verdict} fails a sign-off run: {reason}")
             # reported at the contract's line, not at this line of the plugin
             raise pytest.skip.Exception(f"{verdict}: {reason}", _use_item_location=True)

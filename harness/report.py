@@ -23,7 +23,7 @@ from markupsafe import Markup
 
 from harness import charts
 from harness.results import RunData, read_results
-from harness.verdict import Verdict, item_passes
+from harness.verdict import Verdict, applicable, item_passes
 
 UNFINISHED = "UNFINISHED"
 VERDICT_ORDER = [str(v) for v in Verdict] + [UNFINISHED]
@@ -97,7 +97,7 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
         total = sum(counts.values())
         if not total:
             continue
-        moot = sum(1 for r in records if bool(r.get("control")) is control and r.get("applicable") is False)
+        moot = sum(1 for r in records if bool(r.get("control")) is control and not applicable(r))
         rest = []
         for v, n in counts.items():
             if v == str(Verdict.NOT_RUN) and moot:  # apart: these do not block sign-off
@@ -116,7 +116,7 @@ def problem_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         # an item whose subject does not exist here (a kernel path this GPU never takes)
         # is shown NOT RUN but is no obstacle
-        if _passes(r) is not True and r.get("applicable", True) is not False:
+        if _passes(r) is not True and applicable(r):
             grouped.setdefault((str(r.get("verdict")), str(r.get("reason", ""))), []).append(_label(r))
     groups = [{"verdict": v, "reason": reason, "labels": labels} for (v, reason), labels in grouped.items()]
     # failures before items that did not run, then the biggest group first

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Any
 
 
 class Verdict(enum.StrEnum):
@@ -22,6 +24,13 @@ class NotApplicable(NotRun):
     here: e.g. a kernel path that this GPU never dispatches to.  The item is NOT RUN
     (nothing was compared) but does not stand in the way of sign-off, since the
     claim it would test has no instance on this machine."""
+
+
+def applicable(record: Mapping[str, Any]) -> bool:
+    """False only for a result NOT RUN as not applicable here (``NotApplicable``), which
+    does not stand in the way of sign-off; records written before the field existed count
+    as applicable."""
+    return record.get("applicable", True) is not False
 
 
 def item_passes(verdict: Verdict, control: str | None) -> bool | None:
