@@ -153,7 +153,13 @@ def wgmma_grid(m: int, n: int, k: int, sms: int) -> tuple[int, tuple[int, int, i
     short last wave idles most SMs (148 tiles on 132 SMs: two waves, the second
     one 12 % full).  K is split (partial sums atomically added into float32) into
     the fewest splits whose waves are at least WGMMA_WAVE_FILL full, each split
-    keeping >= _WG_MIN_STAGES_PER_SPLIT stages; if none is, the fullest."""
+    keeping >= _WG_MIN_STAGES_PER_SPLIT stages; if none is, the fullest.  Cached:
+    an eager linear asks twice (whether the kernel can write f16, then the launch)."""
+    return _wgmma_grid(m, n, k, sms, WGMMA_WAVE_FILL)
+
+
+@functools.cache
+def _wgmma_grid(m: int, n: int, k: int, sms: int, fill_target: float) -> tuple[int, tuple[int, int, int], int]:
     ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
     tiles = -(-m // ntok) * -(-n // _WG_ROWS)
     nk = k // _WG_KT
@@ -163,7 +169,7 @@ def wgmma_grid(m: int, n: int, k: int, sms: int) -> tuple[int, tuple[int, int, i
         splits = -(-nk // kps)
         ctas = tiles * splits
         fill = ctas / (-(-ctas // sms) * sms)
-        if fill >= WGMMA_WAVE_FILL:
+        if fill >= fill_target:
             best = splits
             break
         if fill > best_fill + 1e-9:
@@ -534,7 +540,7 @@ def qmatmul(
     if path == "auto":
         path = dispatch_path(
             m, q, n, k, x_is_bf16=xb, x_is_f16=xc.dtype == cp.float16,
-            hopper=int(q) in WGMMA_TYPES and is_hopper(int(xc.device.id)),
+            hopper=is_hopper(int(xc.device.id)),
         )
     if path == "wgmma":
         if int(q) not in WGMMA_TYPES:

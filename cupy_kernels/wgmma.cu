@@ -104,8 +104,7 @@ struct WgCfg {
     static constexpr int XSTAGE = 2 * XATOM;                // WG_KT = 128 columns
     static constexpr int STAGE = XSTAGE + WG_ROWS * WG_WROW;
     // as many stages as fit in 227 KiB: the ring is what keeps enough bytes in flight
-    static constexpr int STAGES = NTOK <= 64 ? 8 : 5;
-    static constexpr int SMEM = STAGES * STAGE + 1024;      // + alignment slack
+    static constexpr int STAGES = NTOK <= 64 ? 8 : 5;      // launch._wg_smem: STAGES * STAGE + 1024
 };
 
 // (6-bit scale, 6-bit min) of sub-block s of a Q4_K block, from its 12 scale bytes
@@ -263,13 +262,14 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
     u32 F0[8][4], F1[8][4];
     const int rA = wg * 64 + warp * 16 + g;  // this thread's two weight rows in the CTA tile
     const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0);
+    auto slot = [&](int it) { return (it % C::STAGES) * C::STAGE; };  // byte offset of stage it's slot
 #pragma unroll
     for (int s = 0; s < C::STAGES - 1; ++s) {
-        if (s < n_it) loader.load(sbase + s * C::STAGE, X, W, kt0 + s);
+        if (s < n_it) loader.load(sbase + slot(s), X, W, kt0 + s);
         cp_async_commit();
     }
     auto decode = [&](u32 (&F)[8][4], int it) {
-        const u8* ws = smem + (it % C::STAGES) * C::STAGE + C::XSTAGE;
+        const u8* ws = smem + slot(it) + C::XSTAGE;
         if (((kt0 + it) & 1) == 0)
             decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
         else
@@ -283,7 +283,7 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
         fence_proxy_async();
         __syncthreads();
         const int nx = it + C::STAGES - 1;
-        if (nx < n_it) loader.load(sbase + (nx % C::STAGES) * C::STAGE, X, W, kt0 + nx);
+        if (nx < n_it) loader.load(sbase + slot(nx), X, W, kt0 + nx);
         cp_async_commit();
         if (it + 1 < n_it) decode(Fnext, it + 1);
     };
@@ -291,7 +291,7 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
     fence_proxy_async();
     __syncthreads();
     decode(F0, 0);
-    auto xs = [&](int it) { return sbase + (it % C::STAGES) * C::STAGE; };
+    auto xs = [&](int it) { return sbase + slot(it); };
     int it = 0;
     for (; it + 1 < n_it; it += 2) {
         mma_stage<NTOK>(acc, F0, xs(it));

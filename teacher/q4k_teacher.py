@@ -220,20 +220,15 @@ class Q4KOps:
             if path == "dequant":
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
                 return matmul_into(xin, self._decoded_chunks(w), y)
-            if path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms):
-                # f16 straight from the kernel (a K split needs the float32 y below)
-                if out is not None and out.dtype == torch.float16 and out.is_contiguous():
-                    self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
-                    return out
-                y = torch.empty((m, w.n), dtype=torch.float16, device=self.device)
-                self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y, path=path)
-                return y if out is None else out.copy_(y)
-            if out is not None and out.dtype == torch.float32 and out.is_contiguous():
+            # the kernels write float32, and the wgmma GEMM also f16 where it needs no K split
+            f16 = path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms)
+            kernel_dtype = torch.float16 if f16 else torch.float32
+            if out is not None and out.dtype == kernel_dtype and out.is_contiguous():
                 self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
                 return out
-            y32 = torch.empty((m, w.n), dtype=torch.float32, device=self.device)
-            self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y32, path=path)
-        return y32.to(self.dtype) if out is None else out.copy_(y32)
+            y = torch.empty((m, w.n), dtype=kernel_dtype, device=self.device)
+            self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y, path=path)
+        return y.to(self.dtype) if out is None else out.copy_(y)
 
     def _scratch(self, nbytes: int) -> torch.Tensor:
         """The one decode scratch of every dequant-path linear, eager or graphed: stream
