@@ -8,8 +8,9 @@ Two kernel families, one launcher each:
   tensor-core GEMM (weights decoded tile by tile into shared memory) below
   DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
   (:func:`dispatch_path`); on an sm_90 GPU, Q4_K with f16 x takes the wgmma
-  GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M..WGMMA_MAX_M.  x may be float32, bfloat16 or float16; the GEMM and
-  the decode keep f16 x in f16 (the GEMV family takes it as float32).
+  GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M..WGMMA_MAX_M.
+  x may be float32, bfloat16 or float16; the GEMM and the decode keep f16 x in
+  f16 (the GEMV family takes it as float32).
 * :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
   decode, also used by the teacher, which runs the GEMM through torch).
 * :func:`qembed` -- embedding row gather from a quantized table.
