@@ -279,7 +279,7 @@ def _path_parity(ctx: Context, path: Path, kernel_path: str, cos_min: float) -> 
     if count == 0:
         # the teacher never takes this path for this file on this GPU: nothing to compare,
         # and nothing the claim ("every path it dispatches to") leaves unchecked here
-        gpu = "" if flags["hopper"] or kernel_path != "wgmma" else " on this GPU (wgmma needs sm_90)"
+        gpu = "" if hopper or kernel_path != "wgmma" else " on this GPU (wgmma needs sm_90)"
         ctx.not_applicable(f"no linear of this file dispatches to {kernel_path} at any M <= {MAX_M}{gpu} "
                            f"(its kernel types: {', '.join(types)})")
     ctx.measure("m_rows_per_linear", m)
