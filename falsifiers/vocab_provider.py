@@ -68,7 +68,7 @@ class _SkipsSizeCheck(DequantTeacher):
 
     def __init__(self, teacher: DequantTeacher, target_vocab: int | None) -> None:
         self.cfg, self.ops, self.native_vocab = teacher.cfg, teacher.ops, teacher.native_vocab
-        self.runner = teacher.runner
+        self._runner = teacher.runner
         self._vocab = self.native_vocab if target_vocab is None else target_vocab
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from teacher.config import ModelConfig
 from teacher.forward import matmul_into, matmul_label
 from teacher.provider import effective_vocab
-from teacher.runtime import ForwardRunner
+from teacher.runtime import ForwardRunner, RunnerTeacher
 
 if TYPE_CHECKING:
     from teacher.gguf_file import GGUFModel, TensorRecord
@@ -96,7 +96,7 @@ class DenseOps:
         return int(self._get(name).shape[0])
 
 
-class DequantTeacher:
+class DequantTeacher(RunnerTeacher):
     """Frozen F32 teacher over dense weights; build it with :meth:`from_gguf`."""
 
     def __init__(self, cfg: ModelConfig, ops: DenseOps, target_vocab: int | None = None) -> None:
@@ -109,7 +109,7 @@ class DequantTeacher:
         self.ops = ops
         self.native_vocab = cfg.vocab_size
         self._vocab = effective_vocab(cfg.vocab_size, target_vocab)
-        self.runner = ForwardRunner(cfg, ops, ops.device)
+        self._runner = ForwardRunner(cfg, ops, ops.device)
 
     @classmethod
     def from_gguf(
@@ -166,27 +166,3 @@ class DequantTeacher:
             device,
         )
         return cls(cfg, ops, target_vocab)
-
-    def vocab_size(self) -> int:
-        return self._vocab
-
-    def logits_for_batch(
-        self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16), truncated before any softmax."""
-        return self.runner.batch_logits(input_ids, self._vocab, dtype)
-
-    def logit_chunks(
-        self,
-        input_ids: torch.Tensor | Sequence[Sequence[int]],
-        chunk_tokens: int = 2048,
-        dtype: str | torch.dtype = torch.bfloat16,
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
-        ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
-        return self.runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
-
-    def prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
-        """Queue the forward of a batch now (no host sync); the next logits call for the
-        same ids takes its result (``ForwardRunner.prefetch``)."""
-        self.runner.batch_prefetch(input_ids)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,7 +35,7 @@ from teacher.forward import matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import effective_vocab
 from teacher.quants import dequantize
-from teacher.runtime import ForwardRunner
+from teacher.runtime import ForwardRunner, RunnerTeacher
 
 log = logging.getLogger("teacher.q4k")
 
@@ -271,7 +271,7 @@ class Q4KOps:
         return name in self.weights or name in self.vectors
 
 
-class Q4KTeacher:
+class Q4KTeacher(RunnerTeacher):
     """Frozen GGUF teacher whose weights never leave their quantized blocks on the GPU."""
 
     __slots__ = (
@@ -360,10 +360,7 @@ class Q4KTeacher:
         )
         return obj
 
-    # -- provider boundary ------------------------------------------------
-    def vocab_size(self) -> int:
-        return self._vocab
-
+    # -- provider boundary (vocab_size, logits_for_batch, logit_chunks, prefetch: RunnerTeacher)
     def native_vocab_size(self) -> int:
         return self._native_vocab
 
@@ -372,34 +369,8 @@ class Q4KTeacher:
         return self._ops.dtype
 
     @property
-    def runner(self) -> ForwardRunner:
-        return self._runner
-
-    @property
     def ops(self) -> Q4KOps:
         return self._ops
-
-    def logits_for_batch(
-        self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16) on the teacher's GPU,
-        truncated before any softmax."""
-        return self._runner.batch_logits(input_ids, self._vocab, dtype)
-
-    def logit_chunks(
-        self,
-        input_ids: torch.Tensor | Sequence[Sequence[int]],
-        chunk_tokens: int = 2048,
-        dtype: str | torch.dtype = torch.bfloat16,
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
-        ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
-        return self._runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
-
-    def prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
-        """Queue the forward of a batch now (no host sync); the next logits call for the
-        same ids takes its result (``ForwardRunner.prefetch``)."""
-        self._runner.batch_prefetch(input_ids)
 
     def device_weights(self) -> dict[str, DeviceWeight]:
         return dict(self._ops.weights)

@@ -283,3 +283,43 @@ class ForwardRunner:
         with self._on_device():
             chunks = self.logit_chunks(ids, vocab, logits_dtype(dtype), chunk_tokens)
         return frozen_chunks(chunks)
+
+
+class RunnerTeacher:
+    """The provider boundary of a teacher whose forward a :class:`ForwardRunner` runs.
+
+    Both backends answer it the same way, from their runner (``_runner``) and their
+    effective vocab (``_vocab``, the student's where the teacher's is truncated)."""
+
+    __slots__ = ()
+    _runner: ForwardRunner
+    _vocab: int
+
+    @property
+    def runner(self) -> ForwardRunner:
+        return self._runner
+
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def logits_for_batch(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], dtype: str | torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """[B, T, vocab_size()] logits of ``dtype`` (float32 or bfloat16) on the teacher's
+        device, truncated before any softmax."""
+        return self._runner.batch_logits(input_ids, self._vocab, dtype)
+
+    def logit_chunks(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        chunk_tokens: int = HEAD_CHUNK_ROWS,
+        dtype: str | torch.dtype = torch.bfloat16,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first token row, logits [rows, vocab_size()]) over the B*T tokens in order,
+        ``chunk_tokens`` at a time: [B, T, V] is never held at once."""
+        return self._runner.batch_logit_chunks(input_ids, self._vocab, chunk_tokens, dtype)
+
+    def prefetch(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
+        """Queue the forward of a batch now (no host sync); the next logits call for the
+        same ids takes its result (``ForwardRunner.prefetch``)."""
+        self._runner.batch_prefetch(input_ids)
