@@ -32,3 +32,21 @@ def test_bench_teacher_rows_and_ratios() -> None:
         key = f"{b}x{s}_tokens_per_s_q4k_over_dense"
         assert math.isclose(ratios[key], rows["q4k"][f"{b}x{s}"]["tokens_per_s"]
                             / rows["dense-bf16"][f"{b}x{s}"]["tokens_per_s"])
+
+
+def test_profile_busy_times_come_from_their_own_kind_of_forward() -> None:
+    """The graphed host gap is the graphed wall less the busy time of a profiled *graphed*
+    call: the profiler must see the replayed graph's kernels (busy > 0), a single stream
+    cannot be busy for longer than the call took, and the eager profile's stages cover
+    its busy time."""
+    import torch
+
+    from teacher.bench import BACKENDS, profile_forward
+
+    teacher = BACKENDS["q4k"](resolve_model("tiny"), 0)
+    ids = torch.randint(0, teacher.vocab_size(), (2, 40), generator=torch.Generator().manual_seed(0))
+    prof = profile_forward(teacher, ids, torch.float32)
+    for kind in ("eager", "graph"):
+        busy = prof["gpu_busy_ms"] if kind == "eager" else prof["gpu_busy_graph_ms"]
+        assert 0 < busy <= prof[f"{kind}_wall_ms"] * 1.02, (kind, busy, prof[f"{kind}_wall_ms"])
+    assert sum(prof["gpu_ms_by_stage"].values()) == pytest.approx(prof["gpu_busy_ms"])
