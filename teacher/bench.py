@@ -105,8 +105,10 @@ def profile_forward(teacher: Any, ids: torch.Tensor, dtype: torch.dtype) -> dict
     kernel: weight decode, fused quantized kernels, cuBLAS GEMMs. Host gaps =
     wall time of a forward minus the GPU busy time of that same kind of forward:
     eager against the eager profile, graphed against a profiled graphed call
-    (the two busy times differ by a few percent: comparing a graphed wall with
-    the eager busy time once counted that difference as host gaps)."""
+    (comparing a graphed wall with the eager busy time once counted their
+    difference as host gaps). The profiled replay is not the timed one: on the
+    H200 a 4,096-token replay ran 15-20 % slower under the profiler, and the
+    graphed gap came out negative there."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = teacher.runner
