@@ -333,10 +333,6 @@ def _wg_variants() -> dict[str, int]:
     return {f"q4k_wgmma<{nt}, {out}>": nt for nt in _WG_NTOK for out in (X_F32, X_F16)}
 
 
-def _wg_names() -> list[str]:
-    return list(_wg_variants())
-
-
 _wg_functions: dict[tuple[int, str], Any] = {}
 
 
