@@ -114,6 +114,49 @@ def test_f16_by_default_and_bf16_after_an_overflow(tiny: Any, caplog: pytest.Log
 
 
 
+def test_the_overflow_flag_is_read_without_waiting_for_later_work(tiny: Any) -> None:
+    # the reader waits for the flag's copy behind the forward, not for the head or
+    # anything else queued after it: ~1 s of spinning queued behind it is still running
+    # when it returns, while the control (reading the device flag) waits for it
+    runner = tiny.runner
+    h = runner.run_hidden(_ids(tiny.vocab_size(), (1, 40), seed=12).cuda())
+    read = runner._flag_reader(h)
+    assert read is not None
+    torch.cuda._sleep(2_000_000_000)
+    stream = torch.cuda.current_stream()
+    assert read() is False and not stream.query()
+    flag = runner._overflowed(h)
+    assert flag is not None
+    torch.cuda._sleep(2_000_000_000)
+    assert bool(flag) is False and stream.query()
+
+
+@pytest.mark.parametrize("head_bf16", [True, False])
+def test_the_head_multiplies_in_bf16_under_f16_activations(tiny: Any, reference: Any, head_bf16: bool) -> None:
+    from teacher.forward import HEAD_NAMES
+
+    ops = tiny.ops
+    assert ops.dtype == torch.float16 and ops.head_bf16, "the defaults"
+    seen: list[tuple[str, torch.dtype]] = []
+    decoded = ops._decoded_chunks
+
+    def spy(w: Any, dtype: torch.dtype) -> Any:
+        seen.append((w.name, dtype))
+        return decoded(w, dtype)
+
+    ids = _ids(tiny.vocab_size(), (2, 103), seed=13)  # M = 206: the decode + cuBLAS path
+    ops.head_bf16, ops._decoded_chunks = head_bf16, spy
+    try:
+        got = tiny.logits_for_batch(ids).double()  # eager or captured: the layers run either way
+    finally:
+        ops.head_bf16 = True
+        del ops._decoded_chunks
+    head = {d for n, d in seen if n in HEAD_NAMES}
+    layers = {d for n, d in seen if n not in HEAD_NAMES}
+    assert head == {torch.bfloat16 if head_bf16 else torch.float16} and layers == {torch.float16}
+    cos = torch.nn.functional.cosine_similarity(got, reference.logits_for_batch(ids).double(), dim=-1)
+    assert float(cos.min()) >= 0.999
+
 def test_one_decode_scratch_for_graph_and_head(tiny: Any) -> None:
     # M = 200 rows: every linear and the lm_head take the decode + cuBLAS path, in the
     # graph and eagerly; they share one scratch (two would both count in the peak)
