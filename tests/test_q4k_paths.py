@@ -114,6 +114,7 @@ def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
     ops.taken, ops.path_overrides = Counter(), {}
     ops.scratch_bytes = launch.DEQUANT_SCRATCH_BYTES
     ops._scratches = []
+    ops.head_bf16 = True
     ops._torch_stream = contextlib.nullcontext  # type: ignore[method-assign]
     return ops
 
@@ -186,6 +187,38 @@ def test_dequant_path_decodes_every_weight_through_one_scratch() -> None:
         torch.testing.assert_close(y, x.float() @ w[name].float().T, rtol=2e-2, atol=2e-1)
     # sized at first use for the widest chunk of any weight, never reallocated after
     assert len(ops._scratches) == 1 and ops._scratches[0].numel() == 128 * 256 * 2
+
+
+@pytest.mark.parametrize(("name", "head_bf16", "want"), [
+    ("output.weight", True, torch.bfloat16),
+    ("token_embd.weight", True, torch.bfloat16),  # a tied head
+    ("output.weight", False, torch.float16),  # the switch off: the head as the layers
+    ("blk.0.ffn_up.weight", True, torch.float16),  # a layer's linear stays in f16
+])
+def test_under_f16_activations_only_the_head_decodes_and_multiplies_in_bf16(
+    name: str, head_bf16: bool, want: torch.dtype
+) -> None:
+    n, k, m = 256, 512, 70
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(n, k, generator=g).to(torch.float16)
+    ops = _ops({name: DeviceWeight(name, QT.Q4_K, n, k, w)})
+    ops.dtype, ops.head_bf16 = torch.float16, head_bf16
+    decoded: list[torch.dtype] = []
+    qdequant = ops._launch.qdequant
+
+    def spy(data: torch.Tensor, *args: Any, row0: int, out: torch.Tensor) -> torch.Tensor:
+        decoded.append(out.dtype)
+        return qdequant(data, *args, row0=row0, out=out)
+
+    ops._launch.qdequant = spy
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    y = ops.linear(x, name)
+    assert dict(ops.taken) == {"dequant": 1} and decoded == [want]
+    assert y.dtype == torch.float16  # what the caller gets is still the activations' dtype
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=2e-2, atol=2e-1)
+    logits = torch.empty((m, n), dtype=torch.float32)  # the head into the caller's float32 buffer
+    assert ops.linear(x, name, out=logits) is logits
+    torch.testing.assert_close(logits, x.float() @ w.float().T, rtol=2e-2, atol=2e-1)
 
 
 def test_corrupt_path_control_needs_a_case() -> None:
