@@ -35,10 +35,11 @@ def test_bench_teacher_rows_and_ratios() -> None:
 
 
 def test_profile_busy_times_come_from_their_own_kind_of_forward() -> None:
-    """The graphed host gap is the graphed wall less the busy time of a profiled *graphed*
-    call: the profiler must see the replayed graph's kernels (busy > 0), a single stream
-    cannot be busy for longer than the call took, and the eager profile's stages cover
-    its busy time."""
+    """The graphed host gap is the wall less the busy time of one profiled *graphed* call:
+    the profiler must see the replayed graph's kernels (busy > 0), and a single stream
+    cannot be busy for longer than the call took, so the gap is never negative (it was,
+    at 4,096 tokens, against the unprofiled wall). The eager profile's stages cover its
+    busy time."""
     import torch
 
     from teacher.bench import BACKENDS, profile_forward
@@ -46,7 +47,7 @@ def test_profile_busy_times_come_from_their_own_kind_of_forward() -> None:
     teacher = BACKENDS["q4k"](resolve_model("tiny"), 0)
     ids = torch.randint(0, teacher.vocab_size(), (2, 40), generator=torch.Generator().manual_seed(0))
     prof = profile_forward(teacher, ids, torch.float32)
-    for kind in ("eager", "graph"):
-        busy = prof["gpu_busy_ms"] if kind == "eager" else prof["gpu_busy_graph_ms"]
-        assert 0 < busy <= prof[f"{kind}_wall_ms"] * 1.02, (kind, busy, prof[f"{kind}_wall_ms"])
+    assert 0 < prof["gpu_busy_ms"] <= prof["eager_wall_ms"] * 1.02, prof
+    assert 0 < prof["gpu_busy_graph_ms"] <= prof["graph_wall_profiled_ms"], prof
+    assert prof["host_gap_graph_ms"] == pytest.approx(prof["graph_wall_profiled_ms"] - prof["gpu_busy_graph_ms"])
     assert sum(prof["gpu_ms_by_stage"].values()) == pytest.approx(prof["gpu_busy_ms"])
