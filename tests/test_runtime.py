@@ -286,6 +286,28 @@ def test_profile_split_counts_each_kernel_once_in_its_range() -> None:
     assert split["top_kernels"][0] == {"name": "nvjet_sm90_gemm", "count": 2, "ms": pytest.approx(0.097)}
 
 
+def test_profile_takes_the_last_marked_call_and_only_its_gpu_events() -> None:
+    # the first call under a new profiler pays its start-up: the graphed host gap comes
+    # from the second call's range and the GPU events that start inside it
+    from types import SimpleNamespace
+
+    from teacher.bench import _CALL, _last_call
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name: str, start: float, end: float, device: torch.autograd.DeviceType) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        ev(_CALL, 0.0, 9000.0, cpu), ev("k", 3500.0, 8000.0, cuda),  # first call: 3.5 ms lead
+        ev(_CALL, 10000.0, 15000.0, cpu), ev("k", 10300.0, 12000.0, cuda), ev("k", 12000.0, 14600.0, cuda),
+        ev(_CALL, 10300.0, 14600.0, cuda),  # the range's own span on the GPU timeline: not a kernel
+    ]
+    wall_s, busy_ms = _last_call(SimpleNamespace(events=lambda: events))
+    assert wall_s == pytest.approx(0.005) and busy_ms == pytest.approx(4.3)
+    with pytest.raises(RuntimeError, match="no 'bench:call' range"):
+        _last_call(SimpleNamespace(events=lambda: events[1:2]))
+
 
 def test_f16_overflow_in_logit_chunks_falls_back_before_any_chunk(tiny: DequantTeacher) -> None:
     # the chunked head reads the overflow flag after its first chunk is queued: no f16
