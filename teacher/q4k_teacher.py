@@ -147,8 +147,9 @@ class Q4KOps:
     Activations are ``dtype``: float16 by default (see ``ACTIVATION_DTYPES``),
     bfloat16 or float32. Each linear takes the kernel path ``launch.dispatch_path``
     names for its M: the GEMV / fused kernels write float32, cast to ``dtype``; the
-    large-M path decodes row chunks of W into a bounded scratch of ``dtype`` and
-    multiplies each with torch's cuBLAS GEMM (the GEMM a dense model runs). The
+    large-M path decodes row chunks of W into a bounded scratch of ``dtype`` (bf16
+    for the lm_head under f16 activations, ``head_bf16``) and multiplies each with
+    torch's cuBLAS GEMM (the GEMM a dense model runs). The
     tensor-core GEMVs (M <= 32, K-quants) are bf16 kernels: f16 x reaches them as
     bf16, and the float GEMV as float32. CuPy launches go to torch's current
     stream, so the forward captures into a CUDA graph, and every temporary comes
