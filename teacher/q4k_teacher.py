@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -47,6 +47,7 @@ MIB = float(1 << 20)
 # rerun in bfloat16 (ForwardRunner's fallback), with a warning.
 ACTIVATION_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STAGING_CHUNK = 64 << 20  # bytes per pinned staging buffer (two of them)
+ARENA_ALIGN = 256  # byte alignment of each weight in the one device buffer that holds them all
 
 
 class FrozenTeacherError(RuntimeError):
@@ -118,9 +119,9 @@ class _Uploader:
         self.turn = 0
         self.bytes = 0
 
-    def upload(self, src: np.ndarray) -> Any:
+    def upload(self, src: np.ndarray, dst: Any) -> Any:
+        """Queue src's bytes into ``dst`` (a uint8 device array of src's size); returns dst."""
         cp = self.cp
-        dst = cp.empty(src.size, dtype=cp.uint8)
         for off in range(0, src.size, self.chunk):
             n = min(self.chunk, src.size - off)
             i = self.turn
@@ -420,19 +421,41 @@ def _upload(
     weights: dict[str, DeviceWeight] = {}
     vectors: dict[str, torch.Tensor] = {}
     per_type: dict[str, int] = defaultdict(int)
-    uploader = _Uploader(cp)
+    quantized = [rec for rec in model.tensors.values() if len(rec.shape) == 2 and rec.qtype in supported]
     tdev = torch.device("cuda", device)
-    for name, rec in model.tensors.items():
-        if len(rec.shape) == 2 and rec.qtype in supported:
-            raw = rec.data if transform is None else transform(rec.qtype, rec.data)
-            data = uploader.upload(np.ascontiguousarray(raw).reshape(-1))
-            weights[name] = DeviceWeight(name, rec.qtype, rec.shape[0], rec.shape[1], data)
-            per_type[rec.qtype.name] += rec.nbytes
-        else:
+    for name, rec in model.tensors.items():  # first: a tensor no kernel reads fails before the upload
+        if all(rec is not q for q in quantized):
             vectors[name] = _small_f32(model, rec).to(tdev)
             per_type[f"{rec.qtype.name}->F32 (small)"] += vectors[name].numel() * 4
+    offsets, total = arena_layout([rec.nbytes for rec in quantized])
+    # one allocation for every weight: the driver maps each cudaMalloc in 2 MiB pages, so a
+    # buffer per tensor cost the 7B's 198 weights 0.19 GiB of device memory that no tensor used
+    arena = cp.empty(total, dtype=cp.uint8)
+    uploader = _Uploader(cp)
+    for rec, off in zip(quantized, offsets, strict=True):
+        raw = rec.data if transform is None else transform(rec.qtype, rec.data)
+        src = np.ascontiguousarray(raw).reshape(-1)
+        if src.size != rec.nbytes:
+            raise ValueError(f"{model.path}: transform changed tensor {rec.name} from {rec.nbytes} to {src.size} bytes")
+        data = uploader.upload(src, arena[off : off + rec.nbytes])
+        weights[rec.name] = DeviceWeight(rec.name, rec.qtype, rec.shape[0], rec.shape[1], data)
+        per_type[rec.qtype.name] += rec.nbytes
     uploader.finish()
     return weights, vectors, per_type
+
+
+def arena_layout(sizes: Sequence[int], align: int = ARENA_ALIGN) -> tuple[list[int], int]:
+    """(offset of each of ``sizes`` in one buffer, the buffer's bytes): in order, each
+    offset a multiple of ``align`` (the kernels' 16-byte vector loads need it; 256 is what
+    cudaMalloc itself guarantees)."""
+    offsets, end = [], 0
+    for size in sizes:
+        if size < 0:
+            raise ValueError(f"a tensor of {size} bytes")
+        start = -(-end // align) * align
+        offsets.append(start)
+        end = start + size
+    return offsets, max(end, 1)
 
 
 def _small_f32(model: GGUFModel, rec: TensorRecord) -> torch.Tensor:

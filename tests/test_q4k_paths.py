@@ -9,6 +9,7 @@ what the real kernels would decode from the bytes (here: dense weights).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
 from collections import Counter
 from pathlib import Path
@@ -297,3 +298,25 @@ def test_wgmma_item_off_sm90_is_not_applicable_not_a_missing_requirement() -> No
     _shapes("tiny")
     with pytest.raises(NotApplicable, match="wgmma needs sm_90"):
         logit_parity(ctx)
+
+
+# -- where the weights live ---------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [[144 * 37, 210 * 5, 1, 256, 0, 4096 * 144], [7], []])
+def test_the_weight_arena_packs_every_tensor_aligned_and_apart(sizes: list[int]) -> None:
+    from teacher.q4k_teacher import ARENA_ALIGN, arena_layout
+
+    offsets, total = arena_layout(sizes)
+    assert len(offsets) == len(sizes)
+    assert all(off % ARENA_ALIGN == 0 for off in offsets)
+    spans = list(zip(offsets, [o + s for o, s in zip(offsets, sizes, strict=True)], strict=True))
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))  # in order, no overlap
+    assert total >= max((end for _, end in spans), default=1)
+    # no more padding than the alignment needs: the GPU holds the file's bytes, not a copy per tensor
+    assert total - sum(sizes) < ARENA_ALIGN * max(len(sizes), 1)
+
+
+def test_the_weight_arena_refuses_a_negative_size() -> None:
+    from teacher.q4k_teacher import arena_layout
+
+    with pytest.raises(ValueError, match="-3 bytes"):
+        arena_layout([16, -3])
