@@ -294,9 +294,14 @@ def _module(qt: QT) -> Any:
 
 
 @functools.cache
+def _properties(dev: int) -> dict[str, Any]:
+    """cudaGetDeviceProperties of device ``dev``, read once per process."""
+    return dict(_cp().cuda.runtime.getDeviceProperties(dev))
+
+
 def sm_count(dev: int) -> int:
     """Streaming multiprocessors of device ``dev``."""
-    return int(_cp().cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return int(_properties(dev)["multiProcessorCount"])
 
 
 _functions: dict[tuple[int, int, str], tuple[Any, int]] = {}
@@ -321,10 +326,9 @@ def _kernel(qt: QT, name: str, smem: int = 0, smem_carveout: bool = False) -> An
     return fn
 
 
-@functools.cache
 def is_hopper(dev: int) -> bool:
     """Whether device ``dev`` is sm_90 (H100 / H200): the wgmma GEMM's only target."""
-    props = _cp().cuda.runtime.getDeviceProperties(dev)
+    props = _properties(dev)
     return (int(props["major"]), int(props["minor"])) == (9, 0)
 
 

@@ -132,7 +132,8 @@ def profile_forward(teacher: Any, ids: torch.Tensor, dtype: torch.dtype) -> dict
         runner.graphs = graphs
     split = split_gpu_time(_gpu_events(prof))
     busy_ms = split["gpu_busy_ms"]
-    graph_s, graph_busy_ms = eager_s, busy_ms
+    # without graphs the graphed fields repeat the eager call's
+    graph_s, graph_profiled_s, graph_busy_ms = eager_s, eager_s, busy_ms
     if graphs:
         graph_s = _time_forward(teacher, ids, 5, dtype)  # (captures the shape's graph first)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as gprof:
@@ -142,8 +143,6 @@ def profile_forward(teacher: Any, ids: torch.Tensor, dtype: torch.dtype) -> dict
                     torch.cuda.synchronize()
                 del out
         graph_profiled_s, graph_busy_ms = _last_call(gprof)
-    else:
-        graph_profiled_s = eager_s
     return {
         **split,
         "gpu_busy_graph_ms": graph_busy_ms,
