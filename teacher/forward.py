@@ -30,7 +30,7 @@ the same files, tests/test_forward_parity.py):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,6 @@ from teacher.config import ModelConfig
 # profiler ranges of the forward (the matmuls add "matmul:<path>" and "lm_head")
 STAGES = ("embedding", "norm", "attention", "elementwise")
 HEAD_NAMES = ("output.weight", "token_embd.weight")
-
-
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
 
 
 def matmul_label(name: str, path: str) -> str:
@@ -79,10 +76,9 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """RMSNorm accumulated in float32 (as transformers does for bf16 models); the result
-    in ``dtype`` (default: x's). torch's own rms_norm on the float32 input: one fused
-    kernel on a GPU where the spelled-out form took five."""
-    y = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
-    return y.to(dtype or x.dtype)
+    in ``dtype`` (default: x's)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype or x.dtype)
 
 
 ROPE_FREQS = "rope_freqs.weight"
@@ -111,37 +107,18 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-class Rope(NamedTuple):
-    """RoPE tables in the form one rotation needs: x * cos + swap(x) * sin, [T, rope_dim]."""
-
-    cos: torch.Tensor  # each frequency's cosine on both dims of its pair
-    sin: torch.Tensor  # its sine, negated on the pair's first dim
-    style: str
-
-
-def rope_for(cos: torch.Tensor, sin: torch.Tensor, style: str, dtype: torch.dtype) -> Rope:
-    """Tables of :func:`rope_tables` ([T, rope_dim / 2]) laid out for :func:`apply_rope`,
-    in the activations' dtype (transformers applies them to a bf16 model that way), made
-    once per forward rather than once per layer."""
-    if style == "normal":  # adjacent pairs (2i, 2i + 1)
-        c2 = torch.stack((cos, cos), dim=-1).flatten(-2)
-        s2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
-    else:  # "neox": halves (i, i + d/2)
-        c2, s2 = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-    return Rope(c2.to(dtype), s2.to(dtype), style)
-
-
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """x [B, T, H, D]; rotates the first rope_dim dims of each head: the pair (a, b) of
-    one frequency becomes (a cos - b sin, b cos + a sin), as transformers computes it."""
-    d = rope.cos.shape[-1]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """x [B, T, H, D]; rotates the first 2 * cos.shape[-1] dims of each head."""
+    d = 2 * cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    if rope.style == "normal":
-        swapped = rot.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
-    else:
-        swapped = torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), dim=-1)
-    c, s = rope.cos[None, :, None, :], rope.sin[None, :, None, :]
-    out = torch.addcmul(rot * c, swapped, s)
+    # tables in x's dtype, as transformers applies them to a bf16 model
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    if style == "normal":  # adjacent pairs (2i, 2i + 1)
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:  # "neox": halves (i, i + d/2)
+        x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -160,7 +137,7 @@ def _attention(
     h: torch.Tensor,
     i: int,
     batch: int,
-    rope: Rope,
+    rope: tuple[torch.Tensor, torch.Tensor],
     local_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     p, b, t = f"blk.{i}", batch, h.shape[0] // batch
@@ -172,22 +149,15 @@ def _attention(
             q = rms_norm(q, ops.vector(f"{p}.attn_q_norm.weight"), cfg.norm_eps)
             k = rms_norm(k, ops.vector(f"{p}.attn_k_norm.weight"), cfg.norm_eps)
     with record_function("attention"):
-        q = apply_rope(q, rope).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(k, rope).transpose(1, 2)
+        q = apply_rope(q, *rope, cfg.rope_style).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(k, *rope, cfg.rope_style).transpose(1, 2)
         v = v.transpose(1, 2)
-        gqa = cfg.n_kv_heads != cfg.n_heads  # each KV head serves a group of query heads
+        if cfg.n_kv_heads != cfg.n_heads:  # GQA: each KV head serves a group of query heads
+            k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+            v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
         if local_mask is not None:
-            if gqa:
-                k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-                v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask, scale=cfg.attn_scale)
-        elif gqa and _SDPA_GQA:
-            # the flash kernel reads each KV head for its whole group: no expanded K/V copies
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale, enable_gqa=True)
         else:
-            if gqa:
-                k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-                v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
         o = o.transpose(1, 2).reshape(b * t, cfg.n_heads * cfg.head_dim)
     return ops.linear(o, f"{p}.attn_output.weight")
@@ -236,7 +206,7 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
         x = x.float()
     pos = torch.arange(t, device=x.device)
 
-    ropes: dict[tuple[float, float], Rope] = {}
+    ropes: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
     local_mask = None
     if cfg.sliding_window is not None and cfg.sliding_window < t:
         # True = may attend: causal, and at most sliding_window tokens back (self included)
@@ -246,7 +216,7 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
     for i in range(cfg.n_layers):
         key = (cfg.layer_rope_theta(i), cfg.layer_rope_scale(i))
         if key not in ropes:
-            ropes[key] = rope_for(*rope_tables(cfg, key[0], key[1], pos, factors), cfg.rope_style, ops.dtype)
+            ropes[key] = rope_tables(cfg, key[0], key[1], pos, factors)
         mask = local_mask if cfg.is_sliding(i) else None
 
         with record_function("norm"):
