@@ -146,10 +146,14 @@ _WG_MIN_STAGES_PER_SPLIT = 2
 WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_grid)
 
 
+_WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu)
+
+
 def _wg_smem(ntok: int) -> int:
-    """Dynamic shared memory of q4k_wgmma<ntok, *>: its ring of stages (WgCfg in wgmma.cu)."""
+    """Dynamic shared memory of q4k_wgmma<ntok, *>: its ring of stages (WgCfg in wgmma.cu),
+    1,024 bytes of alignment slack and a full and an empty mbarrier per stage."""
     stages = 8 if ntok <= 64 else 5
-    return stages * (2 * ntok * 128 + _WG_ROWS * _WG_WROW) + 1024
+    return stages * (2 * ntok * 128 + _WG_ROWS * _WG_WROW) + 1024 + 16 * stages
 
 
 def wgmma_grid(m: int, n: int, k: int, sms: int) -> tuple[int, tuple[int, int, int], int]:
@@ -391,7 +395,7 @@ def _wgmma(xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
         raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")
     fn = _wg_kernel(dev, f"q4k_wgmma<{ntok}, {X_F16 if f16_out else X_F32}>")
     i32 = cp.int32
-    fn(grid, (256,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok))
+    fn(grid, (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok))
 
 
 def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:

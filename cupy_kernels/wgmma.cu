@@ -6,13 +6,17 @@
 // 64 x 16 weight tile straight from the quantized bytes into f16 registers and
 // the decoded matrix never exists in memory.  x^T is the B operand, read by the
 // tensor cores from shared memory (128-byte swizzled, K-major).  Both operands
-// stream through a STAGES-deep cp.async ring, half a Q4_K block (128 K values)
-// per stage; the decode of stage s + 1 runs while the 8 wgmmas of stage s are in
-// flight (two register buffers of fragments).
+// stream through a STAGES-deep ring, half a Q4_K block (128 K values) per stage;
+// the decode of stage s + 1 runs while the 8 wgmmas of stage s are in flight (two
+// register buffers of fragments).
 //
-// CTA: two warpgroups (256 threads), 128 weight rows x NTOK tokens; warpgroup wg
-// owns rows 64 wg .. 64 wg + 63.  Grid: (token tiles, weight tiles, K splits);
-// the token tile varies fastest so the CTAs that read one weight tile run
+// CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens.  Warpgroups
+// 0 and 1 decode and multiply (warpgroup wg owns rows 64 wg .. 64 wg + 63);
+// warpgroup 2 only issues the cp.async copies of each stage and signals a full
+// mbarrier per slot, and the MMA warpgroups hand a slot back through an empty
+// mbarrier once its wgmmas are done, so no block-wide barrier runs in the loop.
+// setmaxnreg moves registers from the copying warpgroup to the other two.
+// Grid: (token tiles, weight tiles, K splits); the token tile varies fastest so the CTAs that read one weight tile run
 // together and share it through L2.  With K splits the partial sums are added
 // into a zeroed float32 y (OUT = 0); otherwise y is f32 or f16 (OUT = 2),
 // written through shared memory as 16-byte rows.
@@ -180,118 +184,146 @@ __device__ __forceinline__ void mma_stage(float (&acc)[NTOK / 2], const u32 (&F)
     wgmma_commit();
 }
 
-// The cp.async copies of one stage.  Each thread's pieces are the same in every stage
-// but for the K offset, so their addresses are worked out once: x piece i of thread
-// tid is token row (tid >> 4) + 16 i, 16-byte column piece tid & 15; weight piece i is
-// c = tid + 256 i of the 128 rows x 5 pieces (header, then 4 x 16 quant bytes).
+// mbarriers: the ring's full / empty slots
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra LAB_WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// the barrier completes (for this lane) when every cp.async this lane issued before has landed
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// the copies of one stage, issued by the producer warpgroup's 128 threads: thread p copies x
+// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) and weight pieces p + 128 j
 template <int NTOK>
 struct WgLoader {
     typedef WgCfg<NTOK> C;
-    static constexpr int XN = NTOK / 16;  // x pieces per thread
-    static constexpr int WN = 3;          // weight pieces per thread (640 over 256 threads)
+    static constexpr int XN = NTOK / 8;   // x pieces per thread
+    static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
     const u16* xsrc;
-    long long xstep;                      // 16 token rows
-    u32 xdst, xok, wok;
+    long long xstep;                      // 8 token rows
+    u32 xdst, xok;
     const u8* wsrc[WN];
-    u32 wdst[WN], wq[WN];
+    u32 wdst[WN], wok, wq;
 
     __device__ __forceinline__ WgLoader(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                        int m0, int n0) {
-        const int tid = threadIdx.x;
-        const int r = tid >> 4, cc = tid & 15;
+                                        int m0, int n0, int p) {
+        const int r = p >> 4, cc = p & 15;
         xsrc = X + (long long)(m0 + r) * K + cc * 8;
-        xstep = 16LL * K;
-        xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+        xstep = 8LL * K;
+        xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);  // r + 8 j: same swizzle
         xok = 0;
 #pragma unroll
-        for (int i = 0; i < XN; ++i) xok |= (m0 + r + 16 * i < M) << i;
+        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
         const long long rb = (long long)(K >> 8) * 144;
         wok = 0;
+        wq = 0;
 #pragma unroll
-        for (int i = 0; i < WN; ++i) {
-            const int c = min(tid + 256 * i, WG_ROWS * 5 - 1);
-            const int row = c / 5, p = c - row * 5;
-            wok |= (tid + 256 * i < WG_ROWS * 5 && n0 + row < N) << i;
-            wsrc[i] = W + min(n0 + row, N - 1) * rb + 16 * p;
-            wdst[i] = C::XSTAGE + row * WG_WROW + p * 16;
-            wq[i] = p != 0;
+        for (int j = 0; j < WN; ++j) {
+            const int c = p + 128 * j;
+            const int row = c / 5, q = c - row * 5;
+            wok |= (u32)(n0 + row < N) << j;
+            wq |= (u32)(q != 0) << j;
+            wsrc[j] = W + min(n0 + row, N - 1) * rb + 16 * q;
+            wdst[j] = C::XSTAGE + row * WG_WROW + q * 16;
         }
     }
     __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kt) const {
         const int kcol = kt * WG_KT;
 #pragma unroll
-        for (int i = 0; i < XN; ++i) {
-            const bool ok = (xok >> i) & 1;
-            cp_async16(st + xdst + i * 16 * 128, ok ? xsrc + i * xstep + kcol : X, ok ? 16 : 0);
+        for (int j = 0; j < XN; ++j) {
+            const bool ok = (xok >> j) & 1;
+            cp_async16(st + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
         }
         const int boff = (kt >> 1) * 144, qoff = (kt & 1) * 64;
 #pragma unroll
-        for (int i = 0; i < WN; ++i) {
-            const bool ok = (wok >> i) & 1;
-            if (i < WN - 1 || threadIdx.x + 256 * i < WG_ROWS * 5)
-                cp_async16(st + wdst[i], ok ? wsrc[i] + boff + (wq[i] ? qoff : 0) : W, ok ? 16 : 0);
+        for (int j = 0; j < WN; ++j) {
+            const bool ok = (wok >> j) & 1;
+            cp_async16(st + wdst[j], ok ? wsrc[j] + boff + (((wq >> j) & 1) ? qoff : 0) : W, ok ? 16 : 0);
         }
     }
 };
 
-// OUT: 0 float32 y (atomically added when gridDim.z > 1), 2 f16 y (N % 8 == 0)
 template <int NTOK, int OUT>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(384, 1)
 q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K,
-          int kt_per_split) {
+             int kt_per_split) {
     typedef WgCfg<NTOK> C;
+    constexpr int S = C::STAGES;
     extern __shared__ u8 smem_raw[];
-    // swizzle atoms must be 1024-aligned (an offset, so that the pointer stays a shared one)
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 sbase = smem_addr(smem);
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const u32 bars = sbase + S * C::STAGE;  // full[S], then empty[S]
+    const int tid = threadIdx.x, lane = tid & 31;
     const int m0 = blockIdx.x * NTOK, n0 = blockIdx.y * WG_ROWS;
     const int nk = K / WG_KT;
     const int kt0 = blockIdx.z * kt_per_split;
     const int n_it = min(nk - kt0, kt_per_split);
+    auto slot = [&](int it) { return (it % S) * C::STAGE; };
+    auto full = [&](int it) { return bars + 8 * (it % S); };
+    auto empty = [&](int it) { return bars + 8 * (S + it % S); };
+    if (tid == 0) {
+        for (int s = 0; s < S; ++s) {
+            mbar_init(bars + 8 * s, 128);
+            mbar_init(bars + 8 * (S + s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
 
+    if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0, tid - 256);
+        for (int it = 0; it < n_it; ++it) {
+            if (it >= S) mbar_wait(empty(it), ((it / S) + 1) & 1);
+            loader.load(sbase + slot(it), X, W, kt0 + it);
+            cp_async_arrive(full(it));
+        }
+        cp_async_wait<0>();
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    const int wg = tid >> 7, warp = (tid >> 5) & 3;
+    const int g = lane >> 2, t = lane & 3;
     float acc[NTOK / 2];
 #pragma unroll
     for (int i = 0; i < NTOK / 2; ++i) {
         acc[i] = 0.0f;
         fence_reg(acc[i]);
     }
-    // Stage it's wgmmas run while the fragments of stage it + 1 are decoded into the other
-    // register buffer; the loads run STAGES - 1 stages ahead.
     u32 F0[8][4], F1[8][4];
-    const int rA = wg * 64 + warp * 16 + g;  // this thread's two weight rows in the CTA tile
-    const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0);
-    auto slot = [&](int it) { return (it % C::STAGES) * C::STAGE; };  // byte offset of stage it's slot
-#pragma unroll
-    for (int s = 0; s < C::STAGES - 1; ++s) {
-        if (s < n_it) loader.load(sbase + slot(s), X, W, kt0 + s);
-        cp_async_commit();
-    }
+    const int rA = wg * 64 + warp * 16 + g;
     auto decode = [&](u32 (&F)[8][4], int it) {
+        mbar_wait(full(it), (it / S) & 1);
+        fence_proxy_async();
         const u8* ws = smem + slot(it) + C::XSTAGE;
         if (((kt0 + it) & 1) == 0)
             decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
         else
             decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
     };
-    // after the wgmmas of stage it are queued: stage it - 1's are done (its slot is free),
-    // stage it + 1 has landed; refill the free slot and decode stage it + 1
+    // after stage it's wgmmas are queued: stage it - 1's are done, so its slot goes back
+    // to the producer; then stage it + 1 is decoded under stage it's wgmmas
     auto advance = [&](u32 (&Fnext)[8][4], int it) {
         wgmma_wait<1>();
-        cp_async_wait<C::STAGES - 3>();
-        fence_proxy_async();
-        __syncthreads();
-        const int nx = it + C::STAGES - 1;
-        if (nx < n_it) loader.load(sbase + slot(nx), X, W, kt0 + nx);
-        cp_async_commit();
+        if (it >= 1) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty(it - 1));
+        }
         if (it + 1 < n_it) decode(Fnext, it + 1);
     };
-    cp_async_wait<C::STAGES - 2>();
-    fence_proxy_async();
-    __syncthreads();
-    decode(F0, 0);
     auto xs = [&](int it) { return sbase + slot(it); };
+    decode(F0, 0);
     int it = 0;
     for (; it + 1 < n_it; it += 2) {
         mma_stage<NTOK>(acc, F0, xs(it));
@@ -307,7 +339,6 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
 #pragma unroll
     for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[i]);
 
-    // acc[4 i + v]: weight row rA (+ 8 for v >= 2), token 8 i + 2 t + (v & 1)
     const int nA = n0 + rA;
     if (OUT == 0) {
         float* y = (float*)Y;
@@ -326,19 +357,24 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
             }
     } else {
         // through shared memory (the ring is idle now) as [NTOK][WG_ROWS + 8] f16
+        // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
+        // wgmmas of this kernel: C7514)
         u16 hv[NTOK / 2];
 #pragma unroll
-        for (int i = 0; i < NTOK / 2; ++i)
-            asm volatile("{.reg .f16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t;}" : "=h"(hv[i]) : "f"(acc[i]));
-        cp_async_wait<0>();
-        __syncthreads();
+        for (int i = 0; i < NTOK / 2; i += 2) {
+            u32 pr;
+            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pr) : "f"(acc[i + 1]), "f"(acc[i]));
+            hv[i] = (u16)(pr & 0xFFFF);
+            hv[i + 1] = (u16)(pr >> 16);
+        }
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
         u16* ys = (u16*)smem;
         const int ld = WG_ROWS + 8;
 #pragma unroll
         for (int i = 0; i < NTOK / 8; ++i)
 #pragma unroll
             for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[4 * i + v];
-        __syncthreads();
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
         u16* y = (u16*)Y;
         for (int c = tid; c < NTOK * (WG_ROWS / 8); c += 256) {
             const int tl = c / (WG_ROWS / 8), nc = c % (WG_ROWS / 8);
