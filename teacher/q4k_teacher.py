@@ -117,7 +117,6 @@ class _Uploader:
         self.events = [cp.cuda.Event(), cp.cuda.Event()]
         self.used = [False, False]
         self.turn = 0
-        self.bytes = 0
 
     def upload(self, src: np.ndarray, dst: Any) -> Any:
         """Queue src's bytes into ``dst`` (a uint8 device array of src's size); returns dst."""
@@ -135,7 +134,6 @@ class _Uploader:
             self.events[i].record(self.stream)
             self.used[i] = True
             self.turn = 1 - i
-        self.bytes += src.size
         return dst
 
     def finish(self) -> None:
@@ -421,10 +419,12 @@ def _upload(
     weights: dict[str, DeviceWeight] = {}
     vectors: dict[str, torch.Tensor] = {}
     per_type: dict[str, int] = defaultdict(int)
-    quantized = [rec for rec in model.tensors.values() if len(rec.shape) == 2 and rec.qtype in supported]
+    quantized: list[TensorRecord] = []
     tdev = torch.device("cuda", device)
     for name, rec in model.tensors.items():  # first: a tensor no kernel reads fails before the upload
-        if all(rec is not q for q in quantized):
+        if len(rec.shape) == 2 and rec.qtype in supported:
+            quantized.append(rec)
+        else:
             vectors[name] = _small_f32(model, rec).to(tdev)
             per_type[f"{rec.qtype.name}->F32 (small)"] += vectors[name].numel() * 4
     offsets, total = arena_layout([rec.nbytes for rec in quantized])
