@@ -2,11 +2,12 @@
 
 Both backends run the same forward pass (``teacher.forward``) through the same
 runner (``teacher.runtime``: CUDA graph per shape, chunked lm_head) on the same
-file and the same token batches, in one process, one after the other; only the
-weight operations differ: raw GGUF blocks + CuPy kernels, or every weight
-decoded once to bf16 and multiplied by cuBLAS. With ``--llama-bench PATH``
-llama.cpp's own benchmark runs on the same file in the same run. Ratios are
-computed from numbers measured in this run only.
+file and the same token batches, one after the other, each in a fresh process of
+its own (``--same-process``: both in this one, where the second finds the CUDA
+modules and workspaces the first loaded); only the weight operations differ: raw
+GGUF blocks + CuPy kernels, or every weight decoded once to bf16 and multiplied by
+cuBLAS. With ``--llama-bench PATH`` llama.cpp's own benchmark runs on the same
+file in the same run. Ratios are computed from numbers measured in this run only.
 """
 
 from __future__ import annotations
@@ -271,72 +272,31 @@ def bench_teacher(
     profile: bool = False,
     llama_bench: Path | None = None,
     backends: Sequence[str] = DEFAULT_BACKENDS,
+    isolate: bool = False,
 ) -> dict[str, Any]:
-    from harness.memory import MemorySampler, cupy_pool_bytes, release_gpu, warm_cuda
+    """Time and measure each backend on ``shapes``; with ``isolate`` each backend runs in
+    a fresh process of its own. In one process the backend that runs second finds the
+    CUDA modules, cuBLAS handles and workspaces the first one loaded (about 0.15 GiB on
+    the H200 for the 7B shape), so its working set reads low."""
+    from harness.memory import release_gpu, warm_cuda
 
     if llama_bench is not None:
         _check_executable(llama_bench)  # before minutes of benchmarking, not after
     torch.cuda.set_device(device)
     warm_cuda()
     results: dict[str, Any] = {"model": str(path), "device": torch.cuda.get_device_name(device),
-                               "torch": torch.__version__, "backends": {}}
+                               "torch": torch.__version__, "backends_isolated": isolate, "backends": {}}
     for backend in backends:
-        release_gpu()
-        row: dict[str, Any] = {}
-        with MemorySampler(device=device) as mem:
-            t0 = time.perf_counter()
-            teacher = BACKENDS[backend](path, device)
-            torch.cuda.synchronize()
-            row["load_s"] = time.perf_counter() - t0
-            release_gpu()  # the dense build's transient upload is not part of its working set
-            vocab = teacher.vocab_size()
-            per_shape = []
-            for batch, seq in shapes:
-                # one shape's working set: the graphs of the shapes before it are dropped
-                # (a distillation job runs one shape; the runner would keep up to 8)
-                teacher.runner.drop_graphs()
-                with MemorySampler(device=device) as m32:
-                    ids = torch.randint(0, vocab, (batch, seq),
-                                        generator=torch.Generator().manual_seed(batch * seq))
-                    median = _time_forward(teacher, ids, reps, torch.float32)
-                m32.check_ok()
-                peak = (m32.peak_device - mem.baseline_device) / GIB
-                out = batch * seq * vocab * 4 / GIB
-                row[f"{batch}x{seq}"] = {"median_s": median, "tokens_per_s": batch * seq / median,
-                                         "peak_f32_logits_gib": peak, "working_set_gib": peak - out}
-                per_shape.append(row[f"{batch}x{seq}"])
-            with MemorySampler(device=device) as m16:
-                for batch, seq in shapes:
-                    ids = torch.randint(0, vocab, (batch, seq),
-                                        generator=torch.Generator().manual_seed(batch * seq))
-                    median = _time_forward(teacher, ids, reps, torch.bfloat16)
-                    row[f"{batch}x{seq}"]["bf16_logits_tokens_per_s"] = batch * seq / median
-            if profile:
-                row["profile"] = {}
-                for batch, seq in shapes:
-                    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-                    row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
-            cupy_bytes = cupy_pool_bytes()
-            if hasattr(teacher, "activation_dtype"):  # after the runs: a fallback shows here
-                row["activation_dtype"] = str(teacher.activation_dtype).removeprefix("torch.")
-            del teacher
-        for m in (mem, m16):
-            m.check_ok()
-        out_f32 = max(b * s for b, s in shapes) * vocab * 4
-        row["peak_gpu_gib_above_baseline"] = mem.peak_above_baseline / GIB
-        row["peak_f32_logits_gib"] = max(r["peak_f32_logits_gib"] for r in per_shape)
-        row["peak_bf16_logits_gib"] = (m16.peak_device - mem.baseline_device) / GIB
-        row["largest_f32_output_gib"] = out_f32 / GIB
-        # what the teacher itself holds (weights, activations, one shape's graph, workspace):
-        # per shape, the peak of its float32-logits forwards less the output buffer the
-        # caller owns; the largest over the shapes
-        row["working_set_gib"] = max(r["working_set_gib"] for r in per_shape)
-        row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-        # where the working set lives: torch's cache (activations, graph pools, the
-        # dense weights) and CuPy's pool (the Q4K weights): the rest is contexts/workspaces
-        row["torch_max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
-        row["cupy_pool_gib"] = cupy_bytes / GIB
-        results["backends"][backend] = row
+        args = (backend, path, list(shapes), reps, device, profile)
+        if isolate:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: a forked child would inherit this process's CUDA context
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results["backends"][backend] = pool.submit(_bench_backend, *args, True).result()
+        else:
+            results["backends"][backend] = _bench_backend(*args)
     if llama_bench is not None:
         tokens = sorted({s for b, s in shapes if b == 1})
         try:
@@ -348,6 +308,84 @@ def bench_teacher(
     results["ratios"] = _ratios(results, shapes)
     release_gpu()
     return results
+
+
+def _bench_backend(
+    backend: str, path: Path, shapes: list[tuple[int, int]], reps: int, device: int, profile: bool,
+    fresh_process: bool = False,
+) -> dict[str, Any]:
+    """One backend's row of :func:`bench_teacher`: load, time every shape with float32 and
+    bf16 logits, sample GPU memory (and profile). ``fresh_process``: this is a child of
+    its own (set the device, create the contexts before the baseline)."""
+    from harness.memory import (
+        MemorySampler,
+        cupy_pool_bytes,
+        release_gpu,
+        use_expandable_segments,
+        warm_cuda,
+    )
+
+    if fresh_process:
+        use_expandable_segments()
+        torch.cuda.set_device(device)
+        warm_cuda()
+    release_gpu()
+    row: dict[str, Any] = {}
+    with MemorySampler(device=device) as mem:
+        t0 = time.perf_counter()
+        teacher = BACKENDS[backend](path, device)
+        torch.cuda.synchronize()
+        row["load_s"] = time.perf_counter() - t0
+        release_gpu()  # the dense build's transient upload is not part of its working set
+        vocab = teacher.vocab_size()
+        per_shape = []
+        for batch, seq in shapes:
+            # one shape's working set: the graphs of the shapes before it are dropped
+            # (a distillation job runs one shape; the runner would keep up to 8)
+            teacher.runner.drop_graphs()
+            with MemorySampler(device=device) as m32:
+                ids = torch.randint(0, vocab, (batch, seq),
+                                    generator=torch.Generator().manual_seed(batch * seq))
+                median = _time_forward(teacher, ids, reps, torch.float32)
+            m32.check_ok()
+            peak = (m32.peak_device - mem.baseline_device) / GIB
+            out = batch * seq * vocab * 4 / GIB
+            row[f"{batch}x{seq}"] = {"median_s": median, "tokens_per_s": batch * seq / median,
+                                     "peak_f32_logits_gib": peak, "working_set_gib": peak - out}
+            per_shape.append(row[f"{batch}x{seq}"])
+        with MemorySampler(device=device) as m16:
+            for batch, seq in shapes:
+                ids = torch.randint(0, vocab, (batch, seq),
+                                    generator=torch.Generator().manual_seed(batch * seq))
+                median = _time_forward(teacher, ids, reps, torch.bfloat16)
+                row[f"{batch}x{seq}"]["bf16_logits_tokens_per_s"] = batch * seq / median
+        if profile:
+            row["profile"] = {}
+            for batch, seq in shapes:
+                ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+                row["profile"][f"{batch}x{seq}"] = profile_forward(teacher, ids, torch.float32)
+        cupy_bytes = cupy_pool_bytes()
+        if hasattr(teacher, "activation_dtype"):  # after the runs: a fallback shows here
+            row["activation_dtype"] = str(teacher.activation_dtype).removeprefix("torch.")
+        del teacher
+    for m in (mem, m16):
+        m.check_ok()
+    out_f32 = max(b * s for b, s in shapes) * vocab * 4
+    row["peak_gpu_gib_above_baseline"] = mem.peak_above_baseline / GIB
+    row["peak_f32_logits_gib"] = max(r["peak_f32_logits_gib"] for r in per_shape)
+    row["peak_bf16_logits_gib"] = (m16.peak_device - mem.baseline_device) / GIB
+    row["largest_f32_output_gib"] = out_f32 / GIB
+    # what the teacher itself holds (weights, activations, one shape's graph, workspace):
+    # per shape, the peak of its float32-logits forwards less the output buffer the
+    # caller owns; the largest over the shapes
+    row["working_set_gib"] = max(r["working_set_gib"] for r in per_shape)
+    row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    # where the working set lives: torch's cache (activations, graph pools, the
+    # dense weights) and CuPy's pool (the Q4K weights): the rest is contexts/workspaces
+    row["torch_max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    row["cupy_pool_gib"] = cupy_bytes / GIB
+    row["pid"] = os.getpid()
+    return row
 
 
 def _ratios(results: dict[str, Any], shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
@@ -386,6 +424,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bench", type=Path, default=None, metavar="PATH",
                    help="a llama.cpp llama-bench binary: run it on the same file at the same token "
                         "counts (batch-1 shapes; prompt processing, flash attention on) and print the ratios")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every backend in this process, one after the other, not each in a fresh "
+                        "one: faster to start, but the later backends find the CUDA modules, cuBLAS "
+                        "handles and workspaces of the earlier ones loaded, so their memory reads low "
+                        "(--memory-trace implies it)")
     p.add_argument("--memory-trace", type=Path, default=None, metavar="JSON",
                    help="record torch's allocator over the whole bench and write, to JSON, its allocated and "
                         "reserved peaks with the MiB alive then by call site (one shape and backend per run "
@@ -446,9 +489,12 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model) if Path(args.model).is_file() else resolve_model(args.model)
     from harness.memtrace import traced_to
 
+    # the allocator trace records this process's allocations only
+    isolate = not (args.same_process or args.memory_trace is not None)
     with traced_to(args.memory_trace, device=args.device):
         res = bench_teacher(path, _parse_shapes(args.shapes), args.reps, args.device,
-                            profile=args.profile, llama_bench=args.llama_bench, backends=backends)
+                            profile=args.profile, llama_bench=args.llama_bench, backends=backends,
+                            isolate=isolate)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
     print_results(res)

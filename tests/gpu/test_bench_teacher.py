@@ -34,6 +34,22 @@ def test_bench_teacher_rows_and_ratios() -> None:
                             / rows["dense-bf16"][f"{b}x{s}"]["tokens_per_s"])
 
 
+def test_isolated_backends_each_run_in_a_fresh_process() -> None:
+    """With ``isolate`` no backend inherits another's CUDA modules and workspaces: each row
+    comes from a process of its own, neither this one nor the other backend's."""
+    import os
+
+    from teacher.bench import bench_teacher
+
+    res = bench_teacher(resolve_model("tiny"), [(1, 8)], reps=1, backends=("q4k", "dense-bf16"), isolate=True)
+    assert res["backends_isolated"] is True
+    pids = [row["pid"] for row in res["backends"].values()]
+    assert os.getpid() not in pids and len(set(pids)) == 2, pids
+    for row in res["backends"].values():
+        assert 0 < row["working_set_gib"] < row["peak_f32_logits_gib"], row
+    assert res["ratios"]["working_set_q4k_over_dense"] > 0
+
+
 def test_profile_busy_times_come_from_their_own_kind_of_forward() -> None:
     """The graphed host gap is the wall less the busy time of one profiled *graphed* call:
     the profiler must see the replayed graph's kernels (busy > 0), and a single stream
