@@ -133,12 +133,13 @@ GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by
 # wgmma as its A operand, f16 x from shared memory; sm_90 only, f16 x only.
 WGMMA_TYPES: frozenset[int] = frozenset({int(QT.Q4_K)})
 WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for the bench)
-WGMMA_MIN_M = GEMV_TC_MAX_M + 1  # below: the tensor-core GEMV
-# above: decode + cuBLAS.  H200, Q4_K, f16 x (docs/results/bench-kernels-h200.json),
-# wgmma against decode + cuBLAS on 18944x3584 / 3584x18944 / 152064x3584:
-# M = 64: 48 / 41 / 258 us against 90 / 95 / 723; M = 128: 67 / 56 / 356 against
-# 93 / 98 / 738; M = 256: 117 / 104 / 742 against 100 / 107 / 815 (mixed);
-# M = 512: 196 / 197 / 1499 against 148 / 141 / 1181 (cuBLAS wins from here on).
+# Its range, H200, Q4_K, f16 x, 18944x3584 / 3584x18944 / 152064x3584 summed
+# (docs/results/wgmma-producer-small-m-h200.json, session 11): against the
+# tensor-core GEMV it loses up to M = 8 (271 against 246-264 us) and wins from
+# M = 12 on (272 against 335; M = 32: 293 against 627); against decode + cuBLAS it
+# wins up to M = 128 and loses from M = 256 on (session 8: M = 512 196 / 197 / 1499
+# against 148 / 141 / 1181 us).
+WGMMA_MIN_M = 12
 WGMMA_MAX_M = 128
 _WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
 _WG_ROWS, _WG_KT, _WG_WROW = 128, 128, 80  # as wgmma.cu's WG_* macros

@@ -146,7 +146,8 @@ def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(sms: int) -
     """f16 x on an sm_90 GPU sends Q4_K linears of M in [WGMMA_MIN_M, WGMMA_MAX_M] to the
     wgmma GEMM; its f16 result comes straight from the kernel unless K is split (then
     through float32).  The corruption of that path reaches exactly its linears."""
-    n, k, m = 256, 512, launch.WGMMA_MIN_M + 7
+    # an M the wgmma GEMM takes on sm_90 and the mma GEMM elsewhere (above the GEMVs)
+    n, k, m = 256, 512, max(launch.WGMMA_MIN_M, launch.GEMV_TC_MAX_M + 1) + 7
     g = torch.Generator().manual_seed(1)
     good = torch.randn(n, k, generator=g).to(torch.float16)
     bad = torch.randn(n, k, generator=g).to(torch.float16)

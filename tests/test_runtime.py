@@ -175,14 +175,18 @@ def test_dispatch_path_wgmma_needs_q4k_f16_and_sm90() -> None:
     assert launch.dispatch_path(hi, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(lo - 1, *q4, x_is_bf16=True, **on) == "gemv_tc"
     assert launch.dispatch_path(hi + 1, *q4, x_is_bf16=True, **on) == "dequant"
-    # each condition alone keeps the paths as before
-    assert launch.dispatch_path(lo, *q4, x_is_bf16=True, x_is_f16=True) == "mma"
-    assert launch.dispatch_path(lo, *q4, x_is_bf16=True, hopper=True) == "mma"
-    assert launch.dispatch_path(lo, QT.Q6_K, 18944, 3584, x_is_bf16=True, **on) == "mma"
+    # each condition alone keeps the paths as before: the tensor-core GEMV up to
+    # GEMV_TC_MAX_M (32), the fused mma GEMM above
+    mid = launch.GEMV_TC_MAX_M + 1
+    for m, before in ((lo, "gemv_tc"), (mid, "mma")):
+        assert launch.dispatch_path(m, *q4, x_is_bf16=True, x_is_f16=True) == before
+        assert launch.dispatch_path(m, *q4, x_is_bf16=True, hopper=True) == before
+        assert launch.dispatch_path(m, QT.Q6_K, 18944, 3584, x_is_bf16=True, **on) == before
     saved = launch.WGMMA
     launch.WGMMA = False
     try:
-        assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "mma"
+        assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "gemv_tc"
+        assert launch.dispatch_path(mid, *q4, x_is_bf16=True, **on) == "mma"
     finally:
         launch.WGMMA = saved
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from cupy_kernels import launch
+
 
 def test_bench_kernels_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -21,8 +23,16 @@ def test_bench_kernels_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert {(r["type"], r["M"]) for r in rows} == {(t, m) for t in ("Q4_K", "Q6_K") for m in (1, 8, 16, 32, 64)}
-    # the default x is the teacher's: f16, handed to the GEMVs as bf16 as the teacher does
-    assert {(r["M"], r["x_dtype"]) for r in rows} == {(1, "bf16"), (8, "bf16"), (16, "bf16"), (32, "bf16"), (64, "f16")}
+    # each row ran the path the teacher's dispatch picks (f16 x, this GPU), with the
+    # teacher's x: f16, handed to the GEMVs as bf16 as the teacher does
+    hopper = bool(launch.is_hopper(0))
+    for r in rows:
+        want = launch.dispatch_path(r["M"], GGMLQuantizationType[r["type"]], r["N"], r["K"],
+                                    x_is_bf16=True, x_is_f16=True, hopper=hopper)
+        assert r["path"] == want, r
+        assert r["x_dtype"] == ("bf16" if want.startswith("gemv") else "f16"), r
+    # Q6_K has no wgmma GEMM: its M <= 32 rows stay on the GEMVs on every GPU
+    assert {r["M"] for r in rows if r["type"] == "Q6_K" and r["x_dtype"] == "bf16"} == {1, 8, 16, 32}
     for r in rows:
         values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[r["type"]]]  # gguf: the independent sizes
         wbytes = r["N"] * r["K"] // values * nbytes
