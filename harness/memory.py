@@ -18,6 +18,7 @@ import _thread
 import contextlib
 import gc
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,7 +252,8 @@ class BudgetGuard:
 
     Lets a control such as the F32 path stop as soon as it is over budget instead of
     loading 30 GB for nothing. The interrupt arrives as KeyboardInterrupt in the main
-    thread; ``tripped`` tells it apart from a real Ctrl-C.
+    thread; ``tripped`` tells it apart from a real Ctrl-C. It needs Python's SIGINT
+    handler in place, which ``swallow_guard_interrupt`` sees to.
     """
 
     def __init__(self, budget_bytes: float, enabled: bool = True) -> None:
@@ -289,18 +291,42 @@ def swallow_guard_interrupt(guard: BudgetGuard) -> Iterator[None]:
     The interrupt is asynchronous: the guard can trip as the block ends, and the
     KeyboardInterrupt then arrives a few bytecodes later, after the block (an H200
     sign-off run lost its session that way, inside the sampler's exit). So once the
-    guard has tripped, the pending interrupt is let fire here, inside the except."""
+    guard has tripped, the pending interrupt is let fire here, inside the except.
+
+    ``_thread.interrupt_main`` does nothing while SIGINT is not handled by Python, as
+    in a job a non-interactive shell started in the background (``cmd &``: SIGINT
+    ignored). The block then runs with Python's own SIGINT handler, put back after."""
+    restore = _handle_sigint_in_python()
     try:
         try:
-            yield
-        finally:
-            guard.enabled = False
-        if guard.tripped:
-            for _ in range(100):  # a few eval-loop checks: the pending interrupt fires in one
-                time.sleep(0.001)
-    except KeyboardInterrupt:
-        if not guard.tripped:
-            raise
+            try:
+                yield
+            finally:
+                guard.enabled = False
+            if guard.tripped:
+                for _ in range(100):  # a few eval-loop checks: the pending interrupt fires in one
+                    time.sleep(0.001)
+        except KeyboardInterrupt:
+            if not guard.tripped:
+                raise
+    finally:
+        restore()
+
+
+def _handle_sigint_in_python() -> Callable[[], None]:
+    """Install Python's SIGINT handler where SIGINT is ignored or at its default (main
+    thread only: elsewhere signal handlers cannot be set); returns what undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = signal.getsignal(signal.SIGINT)
+    if before not in (signal.SIG_IGN, signal.SIG_DFL):
+        return lambda: None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def undo() -> None:
+        signal.signal(signal.SIGINT, before)
+
+    return undo
 
 
 def cupy_pool_bytes() -> int:

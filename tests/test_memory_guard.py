@@ -3,6 +3,7 @@ swallowed, even when it arrives after the block; a real Ctrl-C still propagates.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -44,6 +45,27 @@ def test_the_interrupt_ends_the_block() -> None:
             time.sleep(0.01)
         reached_end = True
     assert guard.tripped and not reached_end
+
+
+@pytest.mark.parametrize("start", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+def test_the_interrupt_ends_the_block_where_sigint_was_not_handled_by_python(start: object) -> None:
+    """A job started with `cmd &` by a non-interactive shell begins with SIGINT ignored,
+    where interrupt_main alone does nothing; the guard still ends the block, and the
+    process's SIGINT disposition is as it was afterwards."""
+    before = signal.signal(signal.SIGINT, start)  # type: ignore[arg-type]
+    try:
+        guard = BudgetGuard(budget_bytes=10)
+        reached_end = False
+        with swallow_guard_interrupt(guard):
+            guard.on_sample(0)
+            threading.Timer(0.05, guard.on_sample, args=(100,)).start()
+            for _ in range(400):
+                time.sleep(0.01)
+            reached_end = True
+        assert guard.tripped and not reached_end
+        assert signal.getsignal(signal.SIGINT) == start
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_real_ctrl_c_propagates() -> None:

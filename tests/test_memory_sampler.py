@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import types
@@ -134,11 +135,17 @@ def test_budget_guard_stops_the_main_thread_once_over_budget(monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1 << 30] * 5 + [9 << 30] * 10_000))
     guard = BudgetGuard(budget_bytes=6e9)
     reached_end = False
-    with pytest.raises(KeyboardInterrupt):
-        with MemorySampler(hz=500, on_sample=guard.on_sample):
-            for _ in range(200):  # the "load": interrupted long before it ends
-                time.sleep(0.01)
-            reached_end = True
+    # the bare guard needs Python's SIGINT handler, which a job started with `&` by a
+    # non-interactive shell lacks; swallow_guard_interrupt installs it (test_memory_guard)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with MemorySampler(hz=500, on_sample=guard.on_sample):
+                for _ in range(200):  # the "load": interrupted long before it ends
+                    time.sleep(0.01)
+                reached_end = True
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert guard.tripped and not reached_end
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -338,6 +339,9 @@ def start_run_stuck_in_third_item(
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "contracts", *PLUGIN_ARGS, "--run-id", run_id, "-p", "no:cacheprovider"],
         cwd=project.path, env=env, stdout=output, stderr=subprocess.STDOUT,
+        # SIGINT at its default in the child, as from a terminal, even where this run
+        # inherited it ignored (a job started with `&` by a non-interactive shell)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     jsonl = project.path / "reports" / run_id / "results.jsonl"
     try:
