@@ -288,11 +288,16 @@ def test_unreachable_path_is_not_run_with_the_file_types() -> None:
         logit_parity(ctx)
 
 
-def test_wgmma_item_off_sm90_is_not_applicable_not_a_missing_requirement() -> None:
+def test_wgmma_item_off_sm90_is_not_applicable_not_a_missing_requirement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Where no linear dispatches to the item's path (here: wgmma without an sm_90 GPU), the
     item raises NotApplicable: NOT RUN, and no obstacle to sign-off (harness.report)."""
     from falsifiers.q4k_teacher import logit_parity
     from harness.verdict import NotApplicable
+
+    # any GPU here reads as not sm_90 (on an H100/H200 the item would run for real)
+    monkeypatch.setattr(launch, "is_hopper", lambda dev: False)
 
     ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="tiny",
                   case="wgmma", thresholds={"cosine_min": 0.999}, subject_factory=lambda ctx: None)
