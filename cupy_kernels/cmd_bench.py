@@ -331,28 +331,24 @@ def run_kernels(args: argparse.Namespace) -> int:
                 auto = launch.dispatch_path(m, qt, n, k, x_is_bf16=xbf, x_is_f16=args.x_dtype == "f16",
                                             hopper=hopper)
                 x_f16 = args.x_dtype == "f16" and not auto.startswith("gemv")
-                if x_f16:
-                    xs_t = []
-                    xin: list[Any] = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
-                                      for _ in range(nx)]
-                elif xbf:
-                    xs_t = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nx)]
-                    # bf16 bits as CuPy views, made before graph capture (DLPack
-                    # exchange may synchronise streams, which capture forbids)
-                    xin = [cp.from_dlpack(t.view(torch.int16)) for t in xs_t]
-                else:
-                    xs_t = []
-                    xin = [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
+                # per dtype: (torch tensors kept alive, CuPy views), made before any graph capture
+                inputs: dict[str, tuple[list[Any], list[Any]]] = {}
                 outs_c = [cp.empty((m, n), dtype=cp.float32) for _ in range(2)]
                 variants = _variants(launch, auto, m, qt, args.compare_paths, wgmma=hopper and x_f16)
                 for path, label, overrides in variants:
                     saved = {name: getattr(launch, name) for name in overrides}
                     for name, value in overrides.items():
                         setattr(launch, name, value)
+                    # f16 x as the teacher runs it: handed to the GEMVs as bf16
+                    v_f16 = x_f16 and not path.startswith("gemv")
+                    x_kind = "f16" if v_f16 else "bf16" if xbf else "f32"
+                    if x_kind not in inputs:
+                        inputs[x_kind] = _activations(cp, torch, x_kind, m, k, nx)
+                    xin = inputs[x_kind][1]
 
                     def ql(
                         i: int, xin: Any = xin, outs_c: Any = outs_c, qt: Any = qt, ws: Any = ws,
-                        n: int = n, k: int = k, path: str = path, bits: bool = xbf and not x_f16,
+                        n: int = n, k: int = k, path: str = path, bits: bool = x_kind == "bf16",
                     ) -> None:
                         qmatmul(xin[i % len(xin)], ws[i % len(ws)], qt, n, k, out=outs_c[i % 2],
                                 x_is_bf16=bits, path=path)
@@ -365,7 +361,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                     flops = 2.0 * m * n * k
                     row = {
                         "type": qt.name, "M": m, "N": n, "K": k,
-                        "x_dtype": "f16" if x_f16 else "bf16" if xbf else "f32",
+                        "x_dtype": x_kind,
                         "path": label, "default_path": path == "auto",
                         "median_us": t * 1e6, "tflops": flops / t / 1e12,
                         "weight_GBps": wbytes / t / 1e9, "weight_bytes": wbytes,
@@ -385,7 +381,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                         f"x{row['speedup_vs_torch_bf16']:.2f}",
                         flush=True,
                     )
-                del xs_t, xin, outs_c
+                del inputs, xin, outs_c
             del ws
             cp.get_default_memory_pool().free_all_blocks()
     result = {"env": env, "headline_read_max_m": HEADLINE_READ_MAX_M, "rows": rows}
@@ -394,6 +390,18 @@ def run_kernels(args: argparse.Namespace) -> int:
     print_table(result)
     print(f"wrote {args.out}")
     return 0
+
+
+def _activations(cp: Any, torch: Any, kind: str, m: int, k: int, nx: int) -> tuple[list[Any], list[Any]]:
+    """nx random [m, k] activations of dtype ``kind`` (f16, bf16 or f32) as CuPy arrays, and
+    the torch tensors behind bf16 ones (bf16 is a CuPy int16 view of torch's bits)."""
+    if kind == "f16":
+        return [], [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(nx)]
+    if kind == "bf16":
+        ts = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nx)]
+        # made before graph capture: DLPack exchange may synchronise streams, which capture forbids
+        return ts, [cp.from_dlpack(t.view(torch.int16)) for t in ts]
+    return [], [cp.random.standard_normal((m, k), dtype=cp.float32) for _ in range(nx)]
 
 
 def _variants(
