@@ -7,8 +7,8 @@ Two kernel families, one launcher each:
   bf16 x up to M = 32, float decode up to M = 8 otherwise), a bf16 / f16
   tensor-core GEMM (weights decoded tile by tile into shared memory) below
   DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
-  (:func:`dispatch_path`); on an sm_90 GPU, Q4_K with f16 x takes the wgmma
-  GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M..WGMMA_MAX_M.
+  (:func:`dispatch_path`); on an sm_90 GPU, Q4_K and Q6_K with f16 x take the
+  wgmma GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M[format]..WGMMA_MAX_M.
   x may be float32, bfloat16 or float16; the GEMM and the decode keep f16 x in
   f16 (the GEMV family takes it as float32).
 * :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
@@ -131,18 +131,28 @@ GEMV_TC_WPR: int | None = None  # warps per 16-row tile along K; None: chosen by
 
 # The Hopper fused GEMM (wgmma.cu): weights decoded in registers and fed to
 # wgmma as its A operand, f16 x from shared memory; sm_90 only, f16 x only.
-WGMMA_TYPES: frozenset[int] = frozenset({int(QT.Q4_K)})
 WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for the bench)
-# Its range, H200, Q4_K, f16 x, 18944x3584 / 3584x18944 / 152064x3584 summed
-# (docs/results/wgmma-producer-small-m-h200.json, session 11): against the
-# tensor-core GEMV it loses up to M = 8 (271 against 246-264 us) and wins from
-# M = 12 on (272 against 335; M = 32: 293 against 627); against decode + cuBLAS it
-# wins up to M = 128 and loses from M = 256 on (session 8: M = 512 196 / 197 / 1499
-# against 148 / 141 / 1181 us).
-WGMMA_MIN_M = 12
+# Its range per format, from where it beats the tensor-core GEMV up to WGMMA_MAX_M,
+# H200, f16 x, 18944x3584 / 3584x18944 / 152064x3584 summed.  Q4_K
+# (docs/results/wgmma-producer-small-m-h200.json, session 11): it loses to the GEMV
+# up to M = 8 (271 against 246-264 us) and wins from M = 12 (272 against 335; M = 32:
+# 293 against 627).  Q6_K (wgmma-q6k-h200.json, session 12), whose decode costs about
+# 1.5x Q4_K's per weight: 512 against 352 us at M = 12, 511 against 415 at 16, 513
+# against 535 at 24, 514 against 583 at 32.  Against decode + cuBLAS it wins up to
+# M = 128 and loses from M = 256 on (Q4_K, session 8: M = 512 196 / 197 / 1499 against
+# 148 / 141 / 1181 us; Q6_K, session 12: 812 against 990 us at M = 128, 1548 against
+# 1091 at 256).
+WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 24}
+WGMMA_TYPES: frozenset[int] = frozenset(WGMMA_MIN_M)
 WGMMA_MAX_M = 128
 _WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
-_WG_ROWS, _WG_KT, _WG_WROW = 128, 128, 80  # as wgmma.cu's WG_* macros
+_WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
+# per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
+# per slot, slots in the ring at 64 / at 128 tokens per tile)
+_WG_RING: dict[int, tuple[int, int, tuple[int, int]]] = {
+    int(QT.Q4_K): (128, 80, (8, 5)),
+    int(QT.Q6_K): (256, 240, (3, 2)),
+}
 _WG_MIN_STAGES_PER_SPLIT = 2
 WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_grid)
 
@@ -150,30 +160,35 @@ WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmm
 _WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu)
 
 
-def _wg_smem(ntok: int) -> int:
-    """Dynamic shared memory of q4k_wgmma<ntok, *>: its ring of stages (WgCfg in wgmma.cu),
-    1,024 bytes of alignment slack and a full and an empty mbarrier per stage."""
-    stages = 8 if ntok <= 64 else 5
-    return stages * (2 * ntok * 128 + _WG_ROWS * _WG_WROW) + 1024 + 16 * stages
+def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
+    """Dynamic shared memory of wgmma_gemm<qtype, ntok, *>: its ring of slots (WgCfg in
+    wgmma.cu: x and weight rows per slot), 1,024 bytes of alignment slack and a full and
+    an empty mbarrier per slot."""
+    kslot, wrow, stages_by_ntok = _WG_RING[int(_qtype(qtype))]
+    stages = stages_by_ntok[0] if ntok <= 64 else stages_by_ntok[1]
+    return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 16 * stages
 
 
-def wgmma_grid(m: int, n: int, k: int, sms: int) -> tuple[int, tuple[int, int, int], int]:
-    """(tokens per tile, grid, K stages per split) of the wgmma GEMM.
+def wgmma_grid(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> tuple[int, tuple[int, int, int], int]:
+    """(tokens per tile, grid, ring slots per split) of the wgmma GEMM; a slot is
+    128 K values for Q4_K and 256 for Q6_K.
 
     One CTA fills an SM, so a grid of T tiles runs in ceil(T / sms) waves and a
     short last wave idles most SMs (148 tiles on 132 SMs: two waves, the second
     one 12 % full).  K is split (partial sums atomically added into float32) into
     the fewest splits whose waves are at least WGMMA_WAVE_FILL full, each split
-    keeping >= _WG_MIN_STAGES_PER_SPLIT stages; if none is, the fullest.  Cached:
+    keeping >= _WG_MIN_STAGES_PER_SPLIT slots; if none is, the fullest.  Cached:
     an eager linear asks twice (whether the kernel can write f16, then the launch)."""
-    return _wgmma_grid(m, n, k, sms, WGMMA_WAVE_FILL)
+    return _wgmma_grid(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[int(_qtype(qtype))][0])
 
 
 @functools.cache
-def _wgmma_grid(m: int, n: int, k: int, sms: int, fill_target: float) -> tuple[int, tuple[int, int, int], int]:
+def _wgmma_grid(
+    m: int, n: int, k: int, sms: int, fill_target: float, kslot: int
+) -> tuple[int, tuple[int, int, int], int]:
     ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
     tiles = -(-m // ntok) * -(-n // _WG_ROWS)
-    nk = k // _WG_KT
+    nk = k // kslot
     best, best_fill = 1, 0.0
     for want in range(1, max(1, nk // _WG_MIN_STAGES_PER_SPLIT) + 1):
         kps = -(-nk // want)
@@ -337,9 +352,15 @@ def is_hopper(dev: int) -> bool:
     return (int(props["major"]), int(props["minor"])) == (9, 0)
 
 
-def _wg_variants() -> dict[str, int]:
-    """The compiled wgmma kernels: name -> its token tile."""
-    return {f"q4k_wgmma<{nt}, {out}>": nt for nt in _WG_NTOK for out in (X_F32, X_F16)}
+def _wg_name(qtype: Any, ntok: int, out: int) -> str:
+    return f"wgmma_gemm<{int(_qtype(qtype))}, {ntok}, {out}>"
+
+
+def _wg_variants() -> dict[str, tuple[int, int]]:
+    """The compiled wgmma kernels: name -> (format, token tile)."""
+    return {
+        _wg_name(q, nt, out): (q, nt) for q in sorted(WGMMA_TYPES) for nt in _WG_NTOK for out in (X_F32, X_F16)
+    }
 
 
 _wg_functions: dict[tuple[int, str], Any] = {}
@@ -368,25 +389,25 @@ def _wg_kernel(dev: int, name: str) -> Any:
             cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
             mod = function.Module()
             mod.load(cubin)
-            for nm, ntok in variants.items():
+            for nm, (qt, ntok) in variants.items():
                 fn = mod.get_function(mapping[nm])
                 # a raw Function: its shared-memory limit through the driver
                 # (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8)
-                _cp().cuda.driver.funcSetAttribute(fn.ptr, 8, _wg_smem(ntok))
+                _cp().cuda.driver.funcSetAttribute(fn.ptr, 8, _wg_smem(ntok, qt))
                 _wg_functions[(dev, nm)] = (fn, mod)
     return _wg_functions[(dev, name)][0]
 
 
-def wgmma_writes_f16(m: int, n: int, k: int, sms: int) -> bool:
+def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> bool:
     """Whether the wgmma GEMM can write an f16 y itself: no K split (a split adds
     float32 partial sums) and rows in whole 8-value pieces."""
-    return wgmma_grid(m, n, k, sms)[1][2] == 1 and n % 8 == 0
+    return wgmma_grid(m, n, k, sms, qtype)[1][2] == 1 and n % 8 == 0
 
 
-def _wgmma(xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
+def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
     """y = x @ W.T on the wgmma GEMM; y float32, or f16 where no K split is needed."""
     cp = _cp()
-    ntok, grid, kps = wgmma_grid(m, n, k, sm_count(dev))
+    ntok, grid, kps = wgmma_grid(m, n, k, sm_count(dev), q)
     f16_out = y.dtype == cp.float16
     if grid[2] > 1:
         if f16_out:
@@ -394,16 +415,16 @@ def _wgmma(xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
         cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
     if f16_out and n % 8:
         raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")
-    fn = _wg_kernel(dev, f"q4k_wgmma<{ntok}, {X_F16 if f16_out else X_F32}>")
+    fn = _wg_kernel(dev, _wg_name(q, ntok, X_F16 if f16_out else X_F32))
     i32 = cp.int32
-    fn(grid, (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok))
+    fn(grid, (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok, q))
 
 
 def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:
-    """Whether dispatch picks the wgmma GEMM: Q4_K, f16 x, an sm_90 GPU, M in range."""
+    """Whether dispatch picks the wgmma GEMM: Q4_K or Q6_K, f16 x, an sm_90 GPU, M in range."""
     return (
         WGMMA and hopper and x_is_f16 and int(_qtype(q)) in WGMMA_TYPES
-        and WGMMA_MIN_M <= m <= WGMMA_MAX_M
+        and WGMMA_MIN_M[int(_qtype(q))] <= m <= WGMMA_MAX_M
     )
 
 
@@ -508,7 +529,7 @@ def qmatmul(
       float32-decode GEMV up to M = GEMV_MAX_M;
     * "mma": fused kernel, weight tiles decoded to bf16 (f16 for f16 x) in shared
       memory and fed to mma.sync (f32 x rounded to bf16), float32 accumulation;
-    * "wgmma": Q4_K with f16 x on an sm_90 GPU: weights decoded in registers and
+    * "wgmma": Q4_K or Q6_K with f16 x on an sm_90 GPU: weights decoded in registers and
       fed to wgmma, f16 products accumulated in float32; ``out`` may also be a
       float16 [M, n] array where no K split is needed (:func:`wgmma_writes_f16`);
     * "dequant": rows of W decoded in chunks into a scratch of at most
@@ -592,7 +613,7 @@ def qmatmul(
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
         if path == "wgmma":
-            _wgmma(xc, wc, y, m, n, k, dev)
+            _wgmma(q, xc, wc, y, m, n, k, dev)
         elif use_tc:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:

@@ -1,14 +1,19 @@
-// wgmma.cu: fused Q4_K GEMM on Hopper tensor cores (sm_90a), f16 activations.
+// wgmma.cu: fused Q4_K / Q6_K GEMM on Hopper tensor cores (sm_90a), f16 activations.
 //
-// y[M, N] = x[M, K] . W[N, K]^T with W the raw GGUF Q4_K bytes.  The block is
+// y[M, N] = x[M, K] . W[N, K]^T with W the raw GGUF Q4_K or Q6_K bytes.  The block is
 // computed transposed, y^T = W . x^T, so that the *weights* are wgmma's A
 // operand, which may come from registers: each thread decodes its fragment of a
 // 64 x 16 weight tile straight from the quantized bytes into f16 registers and
 // the decoded matrix never exists in memory.  x^T is the B operand, read by the
 // tensor cores from shared memory (128-byte swizzled, K-major).  Both operands
-// stream through a STAGES-deep ring, half a Q4_K block (128 K values) per stage;
-// the decode of stage s + 1 runs while the 8 wgmmas of stage s are in flight (two
+// stream through a STAGES-deep ring of slots, half a Q4_K block (128 K values) or a
+// whole Q6_K block (256) per slot; the MMA warps work in steps of 128 K values, and
+// the decode of step s + 1 runs while the 8 wgmmas of step s are in flight (two
 // register buffers of fragments).
+//
+// Q6_K blocks are 210 bytes, so a row's block sits at any even offset: the producer
+// copies the 16-byte pieces that cover it (14 at most) and the decode reads the block
+// at its offset within the first piece (2-byte loads only).
 //
 // CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens.  Warpgroups
 // 0 and 1 decode and multiply (warpgroup wg owns rows 64 wg .. 64 wg + 63);
@@ -21,8 +26,9 @@
 // into a zeroed float32 y (OUT = 0); otherwise y is f32 or f16 (OUT = 2),
 // written through shared memory as 16-byte rows.
 //
-// The decode: w = (d sc) q - (dmin m) in f16, one rounding per factor and one
-// for the fused multiply-add (q is exact: 0x6400 | q is the f16 1024 + q).
+// The decode: Q4_K w = (d sc) q - (dmin m) in f16, one rounding per factor and one
+// for the fused multiply-add (q is exact: 0x6400 | q is the f16 1024 + q); Q6_K
+// w = (d sc) (q - 32), one rounding for d sc and one for the product.
 // Compiled by NVRTC for sm_90a only (launch.py); no headers.
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -32,6 +38,10 @@ typedef unsigned long long u64;
 #define WG_ROWS 128          // weight rows per CTA
 #define WG_KT 128            // K values per stage (half a Q4_K block)
 #define WG_WROW 80           // smem bytes per weight row per stage: header 16 + 64 quant bytes
+#define Q6_BYTES 210         // a Q6_K block: ql[128], qh[64], int8 scales[16], f16 d
+#define Q6_WROW 240          // smem bytes per weight row per slot: 14 pieces, padded so 8 rows hit distinct banks
+#define QT_Q4_K 12           // GGML type numbers
+#define QT_Q6_K 14
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
@@ -102,13 +112,18 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const u32 (&a)[4], u64 
         : "memory");
 }
 
-template <int NTOK>
+// the ring of one format: a slot holds SPS steps of 128 K values (x and weights)
+template <int QT, int NTOK>
 struct WgCfg {
     static constexpr int XATOM = NTOK * 128;                // one 64-column swizzle atom of x
-    static constexpr int XSTAGE = 2 * XATOM;                // WG_KT = 128 columns
-    static constexpr int STAGE = XSTAGE + WG_ROWS * WG_WROW;
-    // as many stages as fit in 227 KiB: the ring is what keeps enough bytes in flight
-    static constexpr int STAGES = NTOK <= 64 ? 8 : 5;      // launch._wg_smem: STAGES * STAGE + 1024
+    static constexpr int SPS = QT == QT_Q6_K ? 2 : 1;       // 128-K steps per slot
+    static constexpr int KSLOT = WG_KT * SPS;
+    static constexpr int WROW = QT == QT_Q6_K ? Q6_WROW : WG_WROW;
+    static constexpr int XSLOT = 2 * SPS * XATOM;
+    static constexpr int SLOT = XSLOT + WG_ROWS * WROW;
+    // as many slots as fit in 227 KiB: the ring is what keeps enough bytes in flight
+    // (launch._wg_smem: STAGES * SLOT + 1024 + 16 * STAGES)
+    static constexpr int STAGES = QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : 5);
 };
 
 // (6-bit scale, 6-bit min) of sub-block s of a Q4_K block, from its 12 scale bytes
@@ -174,13 +189,81 @@ __device__ __forceinline__ void decode_stage(u32 (&F)[8][4], const u8* wrA, cons
     }
 }
 
+// ---- Q6_K: value i of half H of a block (i < 128, quarter qd = i / 32, l = i % 32) is
+// (ql[64 H + 32 (qd & 1) + l] >> 4 (qd >> 1)) & 15 | ((qh[32 H + l] >> 2 qd) & 3) << 4, minus 32,
+// times d * scales[8 H + i / 16]
+
+// two Q6_K weights: the low (NIB 0) or high nibbles of two ql bytes and the 2-bit fields QD of
+// two qh bytes -> f16x2 of s2 (q - 32)
+__device__ __forceinline__ u32 dec6(u32 pl, u32 ph, u32 s2, int nib, int qd) {
+    u32 x = __byte_perm(pl, 0, 0x4140);
+    if (nib) x >>= 4;
+    u32 h = __byte_perm(ph, 0, 0x4140);
+    h = qd >= 2 ? h >> (2 * qd - 4) : h << (4 - 2 * qd);  // the field to bits 4-5 of each lane
+    u32 v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(x), "r"(0x000F000Fu), "r"(0x64006400u));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(h), "r"(0x00300030u), "r"(v));
+    u32 q, w;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(q) : "r"(v), "r"(0x64206420u));  // 1024 + 32: q - 32, exact
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(w) : "r"(q), "r"(s2));
+    return w;
+}
+
+// f16x2 (d sc) of the 8 16-value groups of half H of the Q6_K block at b (2-byte aligned)
+template <int H>
+__device__ __forceinline__ void q6_scales(const u8* b, u32 (&s2)[8]) {
+    const float d = f16_to_f32(*(const u16*)(b + 208));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 two = *(const u16*)(b + 192 + 8 * H + 2 * j);
+        s2[2 * j] = f16x2_splat(d * (float)(signed char)(two & 0xFF));
+        s2[2 * j + 1] = f16x2_splat(d * (float)(signed char)(two >> 8));
+    }
+}
+
+// this thread's A fragments of half H of the Q6_K blocks of rows A and B (8 k16 steps)
+template <int H>
+__device__ __forceinline__ void decode_q6(u32 (&F)[8][4], const u8* bA, const u8* bB, int t) {
+    u32 sA[8], sB[8];
+    q6_scales<H>(bA, sA);
+    q6_scales<H>(bB, sB);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // l in 16 hh .. 16 hh + 15: k16 steps 2 qd + hh
+        u32 hA[2], hB[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int off = 128 + 32 * H + 16 * hh + 2 * t + 8 * c;
+            hA[c] = *(const u16*)(bA + off);
+            hB[c] = *(const u16*)(bB + off);
+        }
+#pragma unroll
+        for (int lq = 0; lq < 2; ++lq) {  // qd & 1
+            u32 lA[2], lB[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int off = 64 * H + 32 * lq + 16 * hh + 2 * t + 8 * c;
+                lA[c] = *(const u16*)(bA + off);
+                lB[c] = *(const u16*)(bB + off);
+            }
+#pragma unroll
+            for (int nib = 0; nib < 2; ++nib) {
+                const int qd = 2 * nib + lq, kk = 2 * qd + hh;
+                F[kk][0] = dec6(lA[0], hA[0], sA[kk], nib, qd);
+                F[kk][1] = dec6(lB[0], hB[0], sB[kk], nib, qd);
+                F[kk][2] = dec6(lA[1], hA[1], sA[kk], nib, qd);
+                F[kk][3] = dec6(lB[1], hB[1], sB[kk], nib, qd);
+            }
+        }
+    }
+}
+
 // the 8 wgmmas of one stage as one commit group
 template <int NTOK>
 __device__ __forceinline__ void mma_stage(float (&acc)[NTOK / 2], const u32 (&F)[8][4], u32 xs) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-        wgmma_rs(acc, F[kk], desc_sw128(xs + (kk >> 2) * WgCfg<NTOK>::XATOM + (kk & 3) * 32));
+        wgmma_rs(acc, F[kk], desc_sw128(xs + (kk >> 2) * (NTOK * 128) + (kk & 3) * 32));
     wgmma_commit();
 }
 
@@ -206,7 +289,7 @@ __device__ __forceinline__ void cp_async_arrive(u32 bar) {
 // pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) and weight pieces p + 128 j
 template <int NTOK>
 struct WgLoader {
-    typedef WgCfg<NTOK> C;
+    typedef WgCfg<QT_Q4_K, NTOK> C;
     static constexpr int XN = NTOK / 8;   // x pieces per thread
     static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
     const u16* xsrc;
@@ -234,10 +317,10 @@ struct WgLoader {
             wok |= (u32)(n0 + row < N) << j;
             wq |= (u32)(q != 0) << j;
             wsrc[j] = W + min(n0 + row, N - 1) * rb + 16 * q;
-            wdst[j] = C::XSTAGE + row * WG_WROW + q * 16;
+            wdst[j] = C::XSLOT + row * WG_WROW + q * 16;
         }
     }
-    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kt) const {
+    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kt) const {  // kt: slot
         const int kcol = kt * WG_KT;
 #pragma unroll
         for (int j = 0; j < XN; ++j) {
@@ -253,24 +336,78 @@ struct WgLoader {
     }
 };
 
-template <int NTOK, int OUT>
+// the Q6_K slot's copies: x as in WgLoader, twice (256 columns); for the weights, thread p
+// copies pieces p + 128 j of the 128 rows x 14 pieces that cover each row's block (32-bit
+// offsets from the tile's first row, aligned down to 16 bytes)
+template <int NTOK>
+struct WgLoader6 {
+    typedef WgCfg<QT_Q6_K, NTOK> C;
+    static constexpr int XN = NTOK / 8;   // x pieces per thread per 128 columns
+    static constexpr int WN = 14;
+    const u16* xsrc;
+    long long xstep;
+    u32 xdst, xok;
+    const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
+    u32 tb, rb, nrows;                    // its misalignment, bytes per row, rows in the tile
+
+    __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
+                                         int m0, int n0, int p) {
+        const int r = p >> 4, cc = p & 15;
+        xsrc = X + (long long)(m0 + r) * K + cc * 8;
+        xstep = 8LL * K;
+        xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+        xok = 0;
+#pragma unroll
+        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+        rb = (u32)(K >> 8) * Q6_BYTES;
+        const long long t0 = (long long)n0 * rb;
+        wtile = W + (t0 & ~15LL);
+        tb = (u32)(t0 & 15);
+        nrows = (u32)min(WG_ROWS, N - n0);
+    }
+    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kb, int p) const {  // kb: slot
+#pragma unroll
+        for (int hx = 0; hx < 2; ++hx) {
+            const int kcol = kb * 256 + hx * 128;
+#pragma unroll
+            for (int j = 0; j < XN; ++j) {
+                const bool ok = (xok >> j) & 1;
+                cp_async16(st + hx * 2 * C::XATOM + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
+            }
+        }
+        const u32 kofs = tb + (u32)kb * Q6_BYTES;
+        // not unrolled: unrolled, ptxas kept each piece's slot-invariant offsets in registers
+        // across the slot loop and the kernel spilled ~500 bytes a thread
+#pragma unroll 1
+        for (int j = 0; j < WN; ++j) {
+            const u32 c = p + 128 * j, row = c / WN, piece = c - row * WN;
+            const u32 o = kofs + row * rb;                        // the block's first byte
+            int bytes = (int)(o & 15) + Q6_BYTES - 16 * (int)piece;  // what is left of it
+            bytes = row < nrows ? max(0, min(16, bytes)) : 0;
+            cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, bytes ? wtile + (o & ~15u) + 16 * piece : W, bytes);
+        }
+    }
+};
+
+template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
-q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K,
-             int kt_per_split) {
-    typedef WgCfg<NTOK> C;
-    constexpr int S = C::STAGES;
+wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K,
+           int slots_per_split) {
+    typedef WgCfg<QT, NTOK> C;
+    constexpr int S = C::STAGES, SPS = C::SPS;
     extern __shared__ u8 smem_raw[];
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 sbase = smem_addr(smem);
-    const u32 bars = sbase + S * C::STAGE;  // full[S], then empty[S]
+    const u32 bars = sbase + S * C::SLOT;  // full[S], then empty[S]
     const int tid = threadIdx.x, lane = tid & 31;
     const int m0 = blockIdx.x * NTOK, n0 = blockIdx.y * WG_ROWS;
-    const int nk = K / WG_KT;
-    const int kt0 = blockIdx.z * kt_per_split;
-    const int n_it = min(nk - kt0, kt_per_split);
-    auto slot = [&](int it) { return (it % S) * C::STAGE; };
-    auto full = [&](int it) { return bars + 8 * (it % S); };
-    auto empty = [&](int it) { return bars + 8 * (S + it % S); };
+    const int ks0 = blockIdx.z * slots_per_split;  // first slot (128 or 256 K values) of this split
+    const int n_slots = min(K / C::KSLOT - ks0, slots_per_split);
+    const int n_it = n_slots * SPS;                // 128-K steps
+    // ring position of slot sl
+    auto slot = [&](int sl) { return (sl % S) * C::SLOT; };
+    auto full = [&](int sl) { return bars + 8 * (sl % S); };
+    auto empty = [&](int sl) { return bars + 8 * (S + sl % S); };
     if (tid == 0) {
         for (int s = 0; s < S; ++s) {
             mbar_init(bars + 8 * s, 128);
@@ -282,11 +419,21 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
         asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0, tid - 256);
-        for (int it = 0; it < n_it; ++it) {
-            if (it >= S) mbar_wait(empty(it), ((it / S) + 1) & 1);
-            loader.load(sbase + slot(it), X, W, kt0 + it);
-            cp_async_arrive(full(it));
+        const int p = tid - 256;
+        if constexpr (QT == QT_Q6_K) {
+            const WgLoader6<NTOK> loader(W, X, M, N, K, m0, n0, p);
+            for (int sl = 0; sl < n_slots; ++sl) {
+                if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
+                loader.load(sbase + slot(sl), X, W, ks0 + sl, p);
+                cp_async_arrive(full(sl));
+            }
+        } else {
+            const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0, p);
+            for (int sl = 0; sl < n_slots; ++sl) {
+                if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
+                loader.load(sbase + slot(sl), X, W, ks0 + sl);
+                cp_async_arrive(full(sl));
+            }
         }
         cp_async_wait<0>();
         return;
@@ -303,26 +450,44 @@ q4k_wgmma(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict_
     }
     u32 F0[8][4], F1[8][4];
     const int rA = wg * 64 + warp * 16 + g;
+    // Q6_K: where rows A and B (clamped as the producer clamps them) sit in their byte stream
+    const u32 rb6 = (u32)(K >> 8) * Q6_BYTES;
+    const u32 offA = (u32)min(n0 + rA, N - 1) * rb6, offB = (u32)min(n0 + rA + 8, N - 1) * rb6;
+    // step it is half (ks0 SPS + it) & 1 of its block for both formats (a Q4_K slot is half a block)
     auto decode = [&](u32 (&F)[8][4], int it) {
-        mbar_wait(full(it), (it / S) & 1);
-        fence_proxy_async();
-        const u8* ws = smem + slot(it) + C::XSTAGE;
-        if (((kt0 + it) & 1) == 0)
-            decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
-        else
-            decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+        const int sl = it / SPS;
+        if (it % SPS == 0) {
+            mbar_wait(full(sl), (sl / S) & 1);
+            fence_proxy_async();
+        }
+        const u8* ws = smem + slot(sl) + C::XSLOT;
+        const bool h1 = ((ks0 * SPS + it) & 1) != 0;
+        if constexpr (QT == QT_Q6_K) {
+            const u32 kb = (u32)(ks0 + sl) * Q6_BYTES;  // the block's offset in the row
+            const u8* bA = ws + rA * Q6_WROW + ((offA + kb) & 15);
+            const u8* bB = ws + (rA + 8) * Q6_WROW + ((offB + kb) & 15);
+            if (h1)
+                decode_q6<1>(F, bA, bB, t);
+            else
+                decode_q6<0>(F, bA, bB, t);
+        } else {
+            if (h1)
+                decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+            else
+                decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+        }
     };
-    // after stage it's wgmmas are queued: stage it - 1's are done, so its slot goes back
-    // to the producer; then stage it + 1 is decoded under stage it's wgmmas
+    // after step it's wgmmas are queued: step it - 1's are done, so the slot it ended goes
+    // back to the producer; then step it + 1 is decoded under step it's wgmmas
     auto advance = [&](u32 (&Fnext)[8][4], int it) {
         wgmma_wait<1>();
-        if (it >= 1) {
+        if (it >= 1 && (it - 1) % SPS == SPS - 1) {
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty(it - 1));
+            if (lane == 0) mbar_arrive(empty((it - 1) / SPS));
         }
         if (it + 1 < n_it) decode(Fnext, it + 1);
     };
-    auto xs = [&](int it) { return sbase + slot(it); };
+    auto xs = [&](int it) { return sbase + slot(it / SPS) + (it % SPS) * 2 * C::XATOM; };
     decode(F0, 0);
     int it = 0;
     for (; it + 1 < n_it; it += 2) {

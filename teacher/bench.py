@@ -175,7 +175,7 @@ def _last_call(prof: Any) -> tuple[float, float]:
 def _kernel_family(name: str) -> str:
     if "dequant_rows" in name:
         return "decode"
-    if name.startswith(("void gemv", "void mma_gemm", "void q4k_wgmma", "void embed")):
+    if name.startswith(("void gemv", "void mma_gemm", "void wgmma_gemm", "void embed")):
         return "quantized kernel"
     return "gemm/other"
 

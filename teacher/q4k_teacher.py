@@ -187,7 +187,7 @@ class Q4KOps:
         # FT-Q4K-TEACHER-003 below 0.999 on the 7B shape; nothing runs after the head,
         # and cuBLAS's bf16 GEMM ran 3-5 % faster than its f16 one on the H200.
         self.head_bf16 = True
-        # the wgmma GEMM (f16 x, Q4_K) exists on sm_90 only
+        # the wgmma GEMM (f16 x, Q4_K / Q6_K) exists on sm_90 only
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.hopper = bool(launch.is_hopper(index))
         self.sms = int(launch.sm_count(index))
@@ -227,7 +227,7 @@ class Q4KOps:
                 gemm_dtype = self._gemm_dtype(name)
                 return matmul_into(xin.to(gemm_dtype), self._decoded_chunks(w, gemm_dtype), y)
             # the kernels write float32, and the wgmma GEMM also f16 where it needs no K split
-            f16 = path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms)
+            f16 = path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms, w.qtype)
             kernel_dtype = torch.float16 if f16 else torch.float32
             if out is not None and out.dtype == kernel_dtype and out.is_contiguous():
                 self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)

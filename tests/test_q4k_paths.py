@@ -44,7 +44,7 @@ def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
         "gemv": range(1, launch.GEMV_MAX_M + 1),
         "gemv_tc": range(2, launch.GEMV_TC_MAX_M + 1),
         "mma": range(2, launch.DEQUANT_MIN_M),
-        "wgmma": range(launch.WGMMA_MIN_M, launch.WGMMA_MAX_M + 1),
+        "wgmma": range(min(launch.WGMMA_MIN_M.values()), launch.WGMMA_MAX_M + 1),
         "dequant": range(launch.DEQUANT_MIN_M, 10**6),
     }
     assert set(ranges) == set(launch.PATHS), "a new kernel path needs a range here and an FT-003 case"
@@ -147,7 +147,7 @@ def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(sms: int) -
     wgmma GEMM; its f16 result comes straight from the kernel unless K is split (then
     through float32).  The corruption of that path reaches exactly its linears."""
     # an M the wgmma GEMM takes on sm_90 and the mma GEMM elsewhere (above the GEMVs)
-    n, k, m = 256, 512, max(launch.WGMMA_MIN_M, launch.GEMV_TC_MAX_M + 1) + 7
+    n, k, m = 256, 512, max(launch.WGMMA_MIN_M[int(QT.Q4_K)], launch.GEMV_TC_MAX_M + 1) + 7
     g = torch.Generator().manual_seed(1)
     good = torch.randn(n, k, generator=g).to(torch.float16)
     bad = torch.randn(n, k, generator=g).to(torch.float16)

@@ -165,23 +165,24 @@ def test_dispatch_path_by_m() -> None:
         launch.dispatch_path(4, QT.IQ2_XXS, 256, 256, x_is_bf16=True)
 
 
-def test_dispatch_path_wgmma_needs_q4k_f16_and_sm90() -> None:
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_dispatch_path_wgmma_needs_its_formats_f16_and_sm90(qt: QT) -> None:
     from cupy_kernels import launch
 
-    q4 = (QT.Q4_K, 18944, 3584)
+    q4 = (qt, 18944, 3584)
     on = {"x_is_f16": True, "hopper": True}
-    lo, hi = launch.WGMMA_MIN_M, launch.WGMMA_MAX_M
+    lo, hi = launch.WGMMA_MIN_M[int(qt)], launch.WGMMA_MAX_M
     assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(hi, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(lo - 1, *q4, x_is_bf16=True, **on) == "gemv_tc"
     assert launch.dispatch_path(hi + 1, *q4, x_is_bf16=True, **on) == "dequant"
     # each condition alone keeps the paths as before: the tensor-core GEMV up to
-    # GEMV_TC_MAX_M (32), the fused mma GEMM above
+    # GEMV_TC_MAX_M (32), the fused mma GEMM above; so does a format without a wgmma decode
     mid = launch.GEMV_TC_MAX_M + 1
     for m, before in ((lo, "gemv_tc"), (mid, "mma")):
         assert launch.dispatch_path(m, *q4, x_is_bf16=True, x_is_f16=True) == before
         assert launch.dispatch_path(m, *q4, x_is_bf16=True, hopper=True) == before
-        assert launch.dispatch_path(m, QT.Q6_K, 18944, 3584, x_is_bf16=True, **on) == before
+        assert launch.dispatch_path(m, QT.Q5_K, 18944, 3584, x_is_bf16=True, **on) == before
     saved = launch.WGMMA
     launch.WGMMA = False
     try:
@@ -191,14 +192,15 @@ def test_dispatch_path_wgmma_needs_q4k_f16_and_sm90() -> None:
         launch.WGMMA = saved
 
 
+@pytest.mark.parametrize("qt,kslot", [(QT.Q4_K, 128), (QT.Q6_K, 256)], ids=["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m,n,k", [(33, 130, 512), (64, 512, 3584), (64, 18944, 3584), (64, 3584, 18944),
                                    (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256)])
-def test_wgmma_grid_covers_k_and_fills_the_waves(m: int, n: int, k: int) -> None:
+def test_wgmma_grid_covers_k_and_fills_the_waves(m: int, n: int, k: int, qt: QT, kslot: int) -> None:
     from cupy_kernels import launch
 
     sms = 132
-    ntok, (gm, gn, splits), kps = launch.wgmma_grid(m, n, k, sms)
-    nk = k // 128
+    ntok, (gm, gn, splits), kps = launch.wgmma_grid(m, n, k, sms, qt)
+    nk = k // kslot  # ring slots: half a Q4_K block, a whole Q6_K block
     assert ntok in (64, 128) and gm * ntok >= m > (gm - 1) * ntok and gn * 128 >= n > (gn - 1) * 128
     assert kps * (splits - 1) < nk <= kps * splits, "every K stage in exactly one split"
     ctas = gm * gn * splits
@@ -210,7 +212,23 @@ def test_wgmma_grid_covers_k_and_fills_the_waves(m: int, n: int, k: int) -> None
         (t := gm * gn * -(-nk // -(-nk // s))) / (-(-t // sms) * sms) for s in range(1, max(1, nk // 2) + 1)
     )
     assert fill >= launch.WGMMA_WAVE_FILL or fill == pytest.approx(best), (fill, best)
-    assert launch.wgmma_writes_f16(m, n, k, sms) == (splits == 1 and n % 8 == 0)
+    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (splits == 1 and n % 8 == 0)
+
+
+def test_every_wgmma_variant_fits_the_sm90_shared_memory() -> None:
+    """Each compiled wgmma GEMM asks for its ring's shared memory at launch; past the
+    227 KiB an sm_90 block may have, the launch fails on the GPU only."""
+    from cupy_kernels import launch
+
+    variants = launch._wg_variants()
+    assert {q for q, _ in variants.values()} == set(launch.WGMMA_TYPES)
+    for name, (qt, ntok) in variants.items():
+        smem = launch._wg_smem(ntok, qt)
+        kslot, wrow, _ = launch._WG_RING[qt]
+        # at least two slots (the producer fills one while the other is consumed), and the
+        # f16 epilogue's [ntok][136] tile fits in the ring
+        assert 2 * (kslot * ntok * 2 + 128 * wrow) < smem <= 227 * 1024, (name, smem)
+        assert ntok * 136 * 2 <= smem, name
 
 
 @pytest.mark.parametrize("qt", [QT.Q2_K, QT.Q3_K], ids=lambda q: q.name)

@@ -31,8 +31,11 @@ def test_bench_kernels_json(tmp_path: Path) -> None:
                                     x_is_bf16=True, x_is_f16=True, hopper=hopper)
         assert r["path"] == want, r
         assert r["x_dtype"] == ("bf16" if want.startswith("gemv") else "f16"), r
-    # Q6_K has no wgmma GEMM: its M <= 32 rows stay on the GEMVs on every GPU
-    assert {r["M"] for r in rows if r["type"] == "Q6_K" and r["x_dtype"] == "bf16"} == {1, 8, 16, 32}
+    # both formats run the GEMVs below the wgmma GEMM's range (all of M <= 32 off sm_90)
+    for t in ("Q4_K", "Q6_K"):
+        lo = launch.WGMMA_MIN_M[int(GGMLQuantizationType[t])]
+        gemv_ms = {m for m in (1, 8, 16, 32) if not (hopper and m >= lo)}
+        assert {r["M"] for r in rows if r["type"] == t and r["x_dtype"] == "bf16"} == gemv_ms, t
     for r in rows:
         values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[r["type"]]]  # gguf: the independent sizes
         wbytes = r["N"] * r["K"] // values * nbytes

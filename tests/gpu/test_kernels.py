@@ -28,10 +28,11 @@ reference, not in the bound):
   weights round to f16 (unit roundoff 2^-11, rms 2.8e-4 relative).  Bound
   F16_TOL = 6e-4, under what bf16 tiles would give (~1.1e-3), so a kernel that
   silently ran bf16 fails it.  The GEMVs take f16 x as float32 (exact).
-* the Hopper wgmma GEMM (Q4_K, f16 x only): it decodes in f16 arithmetic, so
-  d*sc and dmin*m each round to f16 and the fused multiply-add rounds once more
-  (two to three f16 roundings per weight instead of one).  Bound WGMMA_TOL =
-  1e-3, still an order under what a wrong scale or sub-block gives.
+* the Hopper wgmma GEMM (Q4_K and Q6_K, f16 x only): it decodes in f16
+  arithmetic, so d*sc (and dmin*m) each round to f16 and the multiply (or fused
+  multiply-add) rounds once more (two to three f16 roundings per weight instead
+  of one).  Bound WGMMA_TOL = 1e-3, still an order under what a wrong scale or
+  sub-block gives.
 """
 
 from __future__ import annotations
@@ -163,18 +164,25 @@ def _need_hopper(cp: Any) -> None:
 
 
 # M: one tile of 64, a partial tile of 128, two tiles; N: partial row tiles; K = 3584:
-# 28 stages, split over CTAs where the grid is small (atomic float32 sums)
+# 28 Q4_K / 14 Q6_K slots, split over CTAs where the grid is small (atomic float32
+# sums).  Q6_K rows of 420 / 630 / 2,940 bytes (K = 512 / 768 / 3584) put the 210-byte
+# blocks at every even offset within their 16-byte pieces.
+WGMMA_FORMATS = [T.Q4_K, T.Q6_K]
+
+
 @pytest.mark.parametrize("m,n,k", [(33, 200, 512), (64, 130, 768), (100, 384, 3584), (257, 131, 768),
-                                   (64, 512, 3584)])
-def test_wgmma(cp: Any, rng: np.random.Generator, m: int, n: int, k: int) -> None:
+                                   (64, 512, 3584), (12, 77, 3584)])
+@pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
+def test_wgmma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int) -> None:
     _need_hopper(cp)
-    err = _run_matmul(cp, T.Q4_K, m, n, k, "f16", "wgmma", rng)
-    print(f"wgmma Q4_K M={m} N={n} K={k}: rel err {err:.3g}")
+    err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)
+    print(f"wgmma {qt.name} M={m} N={n} K={k}: rel err {err:.3g}")
     assert err < WGMMA_TOL
 
 
 @pytest.mark.parametrize("m,n", [(300, 4608), (200, 3584)])
-def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, m: int, n: int) -> None:
+@pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
+def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int) -> None:
     """f16 y written by the kernel itself (no K split: the grid fills the GPU), against
     the float32 y of the same kernel; a K split refuses an f16 y by name."""
     import torch
@@ -184,21 +192,21 @@ def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, m: int, n: int) -> Non
     _need_hopper(cp)
     k = 3584
     dev = int(cp.cuda.runtime.getDevice())
-    raw, deq = random_weight(T.Q4_K, n, k, rng)
+    raw, deq = random_weight(qt, n, k, rng)
     x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
     w = cp.asarray(raw)
     y16 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-    if launch.wgmma_writes_f16(m, n, k, launch.sm_count(dev)):
-        launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma")
+    if launch.wgmma_writes_f16(m, n, k, launch.sm_count(dev), qt):
+        launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
         ref = x.double().cpu().numpy() @ deq.astype(np.float64).T
         got = y16.float().cpu().numpy()
         assert np.isfinite(got).all()
         err = _rel(got, ref)
-        print(f"wgmma f16 out M={m} N={n}: rel err {err:.3g}")
+        print(f"wgmma {qt.name} f16 out M={m} N={n}: rel err {err:.3g}")
         assert err < WGMMA_TOL
     else:
         with pytest.raises(ValueError, match="splits K"):
-            launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma")
+            launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
 
 
 def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
@@ -211,9 +219,9 @@ def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
     x16 = torch.zeros(40, 256, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="needs float16 x"):
         launch.qmatmul(x16.bfloat16(), w, T.Q4_K, 128, 256, path="wgmma")
-    w6 = cp.zeros(210 * 128, dtype=cp.uint8)
-    with pytest.raises(ValueError, match="supports Q4_K, not Q6_K"):
-        launch.qmatmul(x16, w6, T.Q6_K, 128, 256, path="wgmma")
+    w5 = cp.zeros(176 * 128, dtype=cp.uint8)
+    with pytest.raises(ValueError, match="supports Q4_K, Q6_K, not Q5_K"):
+        launch.qmatmul(x16, w5, T.Q5_K, 128, 256, path="wgmma")
 
 
 @pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
