@@ -66,6 +66,17 @@ def test_on_sm90_the_dequant_item_sends_every_linear_through_decode_and_cublas()
     assert count == len(shapes) and m == launch.WGMMA_MAX_M + 1, (m, count, len(shapes))
 
 
+def test_on_sm90_the_wgmma_gemm_takes_the_whole_mma_range_of_q4k_and_q6k() -> None:
+    # so FT-003's mma item is NOT RUN (not applicable) there for a file of only these two
+    # formats; the mma GEMM remains the path of the others (Q5_0, Q8_0, ...) and off sm_90
+    tiny = _shapes("tiny")
+    assert {q for q, _, _ in tiny} == {QT.Q4_K, QT.Q6_K}
+    assert m_for_path("mma", tiny, x_is_f16=True, hopper=True) == (0, 0)
+    assert m_for_path("mma", tiny, x_is_f16=True)[1] == len(tiny)
+    mid = launch.GEMV_TC_MAX_M + 1
+    assert launch.dispatch_path(mid, QT.Q5_K, 1024, 1024, x_is_bf16=True, x_is_f16=True, hopper=True) == "mma"
+
+
 def test_tensor_core_paths_are_unreachable_on_a_q4_1_file() -> None:
     shapes = _shapes("smollm2-135m")
     assert {q for q, _, _ in shapes} <= {QT.Q4_1, QT.Q8_0}
@@ -265,8 +276,13 @@ def cpu_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     (None, 0.0, "FALSIFIED"),  # the forward never ran the path: the item proves nothing
     ("mma", 1.0, "FALSIFIED"),  # wrong logits on the path
 ])
-def test_path_item_flow(cpu_reference: None, ran: str | None, noise: float, expected: str) -> None:
+def test_path_item_flow(
+    cpu_reference: None, ran: str | None, noise: float, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from falsifiers.q4k_teacher import logit_parity
+
+    # dispatch as off sm_90 on any machine: on an H100/H200 the wgmma GEMM takes tiny's mma range
+    monkeypatch.setattr(launch, "is_hopper", lambda dev: False)
 
     ctx = Context(ft_id="FT-Q4K-TEACHER-003", contract_path="c.yaml", subject_name="s", model="tiny",
                   case="mma", thresholds={"cosine_min": 0.999},
