@@ -59,7 +59,7 @@ def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
 
 
 def test_on_sm90_the_dequant_item_sends_every_linear_through_decode_and_cublas() -> None:
-    # with f16 x on an sm_90 GPU, Q4_K linears take the wgmma GEMM up to WGMMA_MAX_M: the
+    # with f16 x on an sm_90 GPU, Q4_K/Q6_K linears take the wgmma GEMM up to WGMMA_MAX_M: the
     # dequant item must look past it, or the path the 512-token shapes run goes unchecked
     shapes = _shapes("tiny")
     m, count = m_for_path("dequant", shapes, x_is_f16=True, hopper=True)
