@@ -348,24 +348,25 @@ struct WgLoader6 {
     long long xstep;
     u32 xdst, xok;
     const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
-    u32 tb, rb, nrows;                    // its misalignment, bytes per row, rows in the tile
+    u32 tb, rb, nrows, p;                 // its misalignment, bytes per row, rows in the tile; thread
 
     __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                         int m0, int n0, int p) {
-        const int r = p >> 4, cc = p & 15;
+                                         int m0, int n0, int p_) {
+        const int r = p_ >> 4, cc = p_ & 15;
         xsrc = X + (long long)(m0 + r) * K + cc * 8;
         xstep = 8LL * K;
         xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
         xok = 0;
 #pragma unroll
         for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+        p = (u32)p_;
         rb = (u32)(K >> 8) * Q6_BYTES;
         const long long t0 = (long long)n0 * rb;
         wtile = W + (t0 & ~15LL);
         tb = (u32)(t0 & 15);
         nrows = (u32)min(WG_ROWS, N - n0);
     }
-    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kb, int p) const {  // kb: slot
+    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kb) const {  // kb: slot
 #pragma unroll
         for (int hx = 0; hx < 2; ++hx) {
             const int kcol = kb * 256 + hx * 128;
@@ -387,6 +388,16 @@ struct WgLoader6 {
             cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, bytes ? wtile + (o & ~15u) + 16 * piece : W, bytes);
         }
     }
+};
+
+// the producer's loader of each format
+template <int QT, int NTOK>
+struct WgLoaderOf {
+    typedef WgLoader<NTOK> T;
+};
+template <int NTOK>
+struct WgLoaderOf<QT_Q6_K, NTOK> {
+    typedef WgLoader6<NTOK> T;
 };
 
 template <int QT, int NTOK, int OUT>
@@ -419,21 +430,11 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
         asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        const int p = tid - 256;
-        if constexpr (QT == QT_Q6_K) {
-            const WgLoader6<NTOK> loader(W, X, M, N, K, m0, n0, p);
-            for (int sl = 0; sl < n_slots; ++sl) {
-                if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
-                loader.load(sbase + slot(sl), X, W, ks0 + sl, p);
-                cp_async_arrive(full(sl));
-            }
-        } else {
-            const WgLoader<NTOK> loader(W, X, M, N, K, m0, n0, p);
-            for (int sl = 0; sl < n_slots; ++sl) {
-                if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
-                loader.load(sbase + slot(sl), X, W, ks0 + sl);
-                cp_async_arrive(full(sl));
-            }
+        const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, m0, n0, tid - 256);
+        for (int sl = 0; sl < n_slots; ++sl) {
+            if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
+            loader.load(sbase + slot(sl), X, W, ks0 + sl);
+            cp_async_arrive(full(sl));
         }
         cp_async_wait<0>();
         return;
