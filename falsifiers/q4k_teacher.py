@@ -429,18 +429,17 @@ def frozen_teacher(ctx: Context) -> None:
         refused, why = True, str(exc).splitlines()[0]
     ctx.expect("backward through the teacher refused", refused, detail=why)
     ctx.note(f"backward attempt: {why}")
-    status, output = typecheck_misuse(type(teacher))
+    cls = type(teacher)
+    del teacher, logits  # the typing half needs only the class
+    release_gpu()
+    status, output = typecheck_misuse(cls)
     ctx.measure("mypy_exit_status", status)
     ctx.note("mypy on training code: " + (output.strip() or "no findings"))
     if status not in (0, 1):
         # exit 2 is mypy failing (a crash, a dependency missing), not a finding about the
         # code: read as "not rejected" it had FALSIFIED the claim on an H200 runner
-        del teacher, logits
-        release_gpu()
         ctx.not_run(f"mypy could not check the misuse code (exit {status}): {output.strip()[-200:]}")
     flagged = {int(n) for n in re.findall(r"misuse\.py:(\d+): error", output)}
     for line, what in MISUSE_LINES.items():
         ctx.expect(f"mypy rejects {what}", line in flagged, detail=output.strip()[-300:])
-    del teacher, logits
-    release_gpu()
 
