@@ -1,0 +1,127 @@
+"""Same-run A/B/C of the wgmma GEMM on an sm_90 GPU, Q4_K and Q6_K, f16 x, on the three
+large 7B shapes at M = $MS (default 12,16,24,32,64,128): the kernel of $WGMMA_OLD_DIR
+(951ed25's wgmma.cu: 3-D grid, K split into kps-slot pieces) launched as 951ed25 did, and
+today's kernel with its K-split plan (launch.WGMMA_STREAM_K = False) and with stream-K
+where the plan picks it. Each timed twice, interleaved, best of two; outputs compared
+with the old kernel's (partial sums are added atomically, in any order). Writes
+$OUT/wgmma-stream-k-ab.json.
+
+    mkdir /tmp/old && git show 951ed25:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
+    git apply docs/experiments/wgmma-stream-k.patch   # launch.wgmma_plan, WGMMA_STREAM_K
+    WGMMA_OLD_DIR=/tmp/old python3 docs/experiments/wgmma_stream_k_ab.py
+
+Session 13's runs: docs/results/wgmma-stream-k-ab-h200.json (and -56-224- for the
+patch with 951ed25's setmaxnreg split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cupy as cp
+from gguf import GGMLQuantizationType as T
+
+from cupy_kernels import launch
+from cupy_kernels.cmd_bench import _median_graph_time, random_weight_gpu
+
+SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
+
+
+def old_grid(m: int, n: int, k: int, sms: int, kslot: int) -> tuple[int, tuple[int, int, int], int]:
+    """951ed25's launch.wgmma_grid: (tokens per tile, (token tiles, weight tiles, splits), slots per split)."""
+    ntok = 64 if m <= 64 else 128
+    tiles = -(-m // ntok) * -(-n // 128)
+    nk = k // kslot
+    best, best_fill = 1, 0.0
+    for want in range(1, max(1, nk // 2) + 1):
+        kps = -(-nk // want)
+        splits = -(-nk // kps)
+        ctas = tiles * splits
+        fill = ctas / (-(-ctas // sms) * sms)
+        if fill >= 0.8:
+            best = splits
+            break
+        if fill > best_fill + 1e-9:
+            best, best_fill = splits, fill
+    kps = -(-nk // best)
+    return ntok, (-(-m // ntok), -(-n // 128), -(-nk // kps)), kps
+
+
+def time_old(old_dir: Path, qt: T, xs: list[Any], ws: list[Any], n: int, k: int) -> tuple[float, Any, Any]:
+    """(median us, output, grid) of the old kernel, launched as 951ed25's launch._wgmma did."""
+    here = launch._HERE
+    launch._HERE = old_dir
+    launch._wg_functions.clear()
+    m = xs[0].shape[0]
+    ntok, grid, kps = old_grid(m, n, k, launch.sm_count(0), 128 if qt == T.Q4_K else 256)
+    name = launch._wg_name(qt, ntok, launch.X_F32)
+    launch._wg_kernel(0, name)
+    fn, module = launch._wg_functions[(0, name)]  # the module stays loaded while run() holds it
+    launch._HERE = here
+    launch._wg_functions.clear()
+    y = cp.zeros((m, n), dtype=cp.float32)
+    i32 = cp.int32
+
+    def run(i: int) -> None:
+        assert module is not None
+        if grid[2] > 1:  # as the old launcher: split K adds into a zeroed y
+            y.fill(0)
+        fn(grid, (384,), (ws[i % len(ws)], xs[i % len(xs)], y, i32(m), i32(n), i32(k), i32(kps)),
+           shared_mem=launch._wg_smem(ntok, qt))
+
+    t, _, _ = _median_graph_time(cp, run, 50)
+    run(0)
+    cp.cuda.runtime.deviceSynchronize()
+    return t * 1e6, y.copy(), {"ntok": ntok, "grid": grid, "kps": kps}
+
+
+def time_kernel(stream_k: bool, qt: T, xs: list[Any], ws: list[Any], n: int, k: int) -> tuple[float, Any, Any]:
+    """(median us of one call, its output, the plan) with stream-K on or off."""
+    launch.WGMMA_STREAM_K = stream_k
+    y = cp.zeros((xs[0].shape[0], n), dtype=cp.float32)
+
+    def run(i: int) -> None:
+        launch.qmatmul(xs[i % len(xs)], ws[i % len(ws)], qt, n, k, out=y, path="wgmma")
+
+    t, _, _ = _median_graph_time(cp, run, 50)
+    run(0)
+    cp.cuda.runtime.deviceSynchronize()
+    return t * 1e6, y.copy(), launch.wgmma_plan(xs[0].shape[0], n, k, launch.sm_count(0), qt)
+
+
+def main() -> None:
+    old_dir = Path(os.environ["WGMMA_OLD_DIR"]).resolve()
+    ms = [int(v) for v in os.environ.get("MS", "12,16,24,32,64,128").split(",")]
+    rows = []
+    cp.random.seed(0)
+    for qt in (T.Q4_K, T.Q6_K):
+        for n, k in SHAPES:
+            ws = [random_weight_gpu(cp, qt, n, k) for _ in range(3 if n * k < 100_000_000 else 1)]
+            for m in ms:
+                xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
+                runs, ys, plans = {}, {}, {}
+                for rnd in ("", "2"):
+                    runs["old" + rnd], ys["old" + rnd], grid = time_old(old_dir, qt, xs, ws, n, k)
+                    for tag, on in (("split", False), ("stream", True)):
+                        runs[tag + rnd], ys[tag], plans[tag] = time_kernel(on, qt, xs, ws, n, k)
+                ref = ys["old"]
+                diff = {tag: float(cp.abs(ref - ys[tag]).max() / (cp.abs(ref).max() + 1e-30)) for tag in ("split", "stream")}
+                best = {tag: min(runs[tag], runs[tag + "2"]) for tag in ("old", "split", "stream")}
+                row = {"type": qt.name, "M": m, "N": n, "K": k, "old_grid": grid,
+                       "plan_split": plans["split"]._asdict(), "plan_stream": plans["stream"]._asdict(),
+                       "old_us": best["old"], "split_us": best["split"], "stream_us": best["stream"],
+                       "runs_us": runs, "max_rel_diff_vs_old": diff}
+                rows.append(row)
+                print(f"{qt.name} M={m:4d} {n}x{k}: old {best['old']:7.1f}  split {best['split']:7.1f} "
+                      f"({plans['split'].ctas} CTAs)  stream {best['stream']:7.1f} ({plans['stream'].ctas}) us  "
+                      f"old/stream x{best['old'] / best['stream']:.3f}  diff {diff['stream']:.2g}", flush=True)
+    launch.WGMMA_STREAM_K = True
+    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-stream-k-ab.json"), "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
