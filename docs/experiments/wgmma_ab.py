@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ from cupy_kernels.cmd_bench import _median_graph_time, random_weight_gpu
 SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
 
 
+def timed(run: Callable[[int], None]) -> float:
+    """Median us of one run(i) (CUDA-graph replays), then one more call to leave its output."""
+    t, _, _ = _median_graph_time(cp, run, 50)
+    run(0)
+    cp.cuda.runtime.deviceSynchronize()
+    return t * 1e6
+
+
+def write_rows(name: str, rows: list[dict[str, Any]]) -> None:
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+
+
 def time_kernel(here: Path, qt: T, xs: list[Any], ws: list[Any], n: int, k: int) -> tuple[float, Any]:
     """(median us of one call, its output) with wgmma.cu compiled from directory ``here``."""
     launch._HERE = here
@@ -36,37 +50,40 @@ def time_kernel(here: Path, qt: T, xs: list[Any], ws: list[Any], n: int, k: int)
         y.fill(0)
         launch.qmatmul(xs[i % len(xs)], ws[i % len(ws)], qt, n, k, out=y, path="wgmma")
 
-    t, _, _ = _median_graph_time(cp, run, 50)
-    run(0)
-    cp.cuda.runtime.deviceSynchronize()
-    return t * 1e6, y.copy()
+    return timed(run), y.copy()
 
 
-def main() -> None:
-    old, new = Path(os.environ["WGMMA_OLD_DIR"]).resolve(), launch._HERE
-    ms = [int(v) for v in os.environ.get("MS", "16,64,128").split(",")]
-    rows = []
+def cases(default_ms: str) -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
+    """(format, N, K, M, weights, f16 activations) of an A/B: both formats, the three
+    shapes, M from $MS; random valid blocks, copies rotated below 100 M weights."""
+    ms = [int(v) for v in os.environ.get("MS", default_ms).split(",")]
     cp.random.seed(0)
     for qt in (T.Q4_K, T.Q6_K):
         for n, k in SHAPES:
             ws = [random_weight_gpu(cp, qt, n, k) for _ in range(3 if n * k < 100_000_000 else 1)]
             for m in ms:
                 xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
-                runs, ys = {}, {}
-                for tag, here in (("old", old), ("new", new), ("old2", old), ("new2", new)):
-                    runs[tag], ys[tag] = time_kernel(here, qt, xs, ws, n, k)
-                ref = ys["old"]
-                diff = float(cp.abs(ref - ys["new"]).max() / (cp.abs(ref).max() + 1e-30))
-                row = {"type": qt.name, "M": m, "N": n, "K": k, "grid": launch.wgmma_grid(m, n, k, launch.sm_count(0), qt),
-                       "old_us": min(runs["old"], runs["old2"]), "new_us": min(runs["new"], runs["new2"]),
-                       "runs_us": runs, "bit_identical": bool(cp.array_equal(ref, ys["new"])), "max_rel_diff": diff}
-                row["new_over_old"] = row["new_us"] / row["old_us"]
-                rows.append(row)
-                print(f"{qt.name} M={m:4d} {n}x{k}: old {row['old_us']:7.1f} new {row['new_us']:7.1f} us  "
-                      f"x{row['old_us'] / row['new_us']:.3f}  identical={row['bit_identical']} diff={diff:.2g}", flush=True)
+                yield qt, n, k, m, ws, xs
+
+
+def main() -> None:
+    old, new = Path(os.environ["WGMMA_OLD_DIR"]).resolve(), launch._HERE
+    rows = []
+    for qt, n, k, m, ws, xs in cases("16,64,128"):
+        runs, ys = {}, {}
+        for tag, here in (("old", old), ("new", new), ("old2", old), ("new2", new)):
+            runs[tag], ys[tag] = time_kernel(here, qt, xs, ws, n, k)
+        ref = ys["old"]
+        diff = float(cp.abs(ref - ys["new"]).max() / (cp.abs(ref).max() + 1e-30))
+        row = {"type": qt.name, "M": m, "N": n, "K": k, "grid": launch.wgmma_grid(m, n, k, launch.sm_count(0), qt),
+               "old_us": min(runs["old"], runs["old2"]), "new_us": min(runs["new"], runs["new2"]),
+               "runs_us": runs, "bit_identical": bool(cp.array_equal(ref, ys["new"])), "max_rel_diff": diff}
+        row["new_over_old"] = row["new_us"] / row["old_us"]
+        rows.append(row)
+        print(f"{qt.name} M={m:4d} {n}x{k}: old {row['old_us']:7.1f} new {row['new_us']:7.1f} us  "
+              f"x{row['old_us'] / row['new_us']:.3f}  identical={row['bit_identical']} diff={diff:.2g}", flush=True)
     launch._HERE = new
-    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-ab.json"), "w") as f:
-        json.dump({"rows": rows}, f, indent=1)
+    write_rows("wgmma-ab.json", rows)
 
 
 if __name__ == "__main__":

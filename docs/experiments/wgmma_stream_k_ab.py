@@ -16,18 +16,15 @@ patch with 951ed25's setmaxnreg split).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import cupy as cp
 from gguf import GGMLQuantizationType as T
+from wgmma_ab import cases, timed, write_rows  # run as a script from this folder
 
 from cupy_kernels import launch
-from cupy_kernels.cmd_bench import _median_graph_time, random_weight_gpu
-
-SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
 
 
 def old_grid(m: int, n: int, k: int, sms: int, kslot: int) -> tuple[int, tuple[int, int, int], int]:
@@ -72,10 +69,7 @@ def time_old(old_dir: Path, qt: T, xs: list[Any], ws: list[Any], n: int, k: int)
         fn(grid, (384,), (ws[i % len(ws)], xs[i % len(xs)], y, i32(m), i32(n), i32(k), i32(kps)),
            shared_mem=launch._wg_smem(ntok, qt))
 
-    t, _, _ = _median_graph_time(cp, run, 50)
-    run(0)
-    cp.cuda.runtime.deviceSynchronize()
-    return t * 1e6, y.copy(), {"ntok": ntok, "grid": grid, "kps": kps}
+    return timed(run), y.copy(), {"ntok": ntok, "grid": grid, "kps": kps}
 
 
 def time_kernel(stream_k: bool, qt: T, xs: list[Any], ws: list[Any], n: int, k: int) -> tuple[float, Any, Any]:
@@ -86,41 +80,31 @@ def time_kernel(stream_k: bool, qt: T, xs: list[Any], ws: list[Any], n: int, k: 
     def run(i: int) -> None:
         launch.qmatmul(xs[i % len(xs)], ws[i % len(ws)], qt, n, k, out=y, path="wgmma")
 
-    t, _, _ = _median_graph_time(cp, run, 50)
-    run(0)
-    cp.cuda.runtime.deviceSynchronize()
-    return t * 1e6, y.copy(), launch.wgmma_plan(xs[0].shape[0], n, k, launch.sm_count(0), qt)
+    return timed(run), y.copy(), launch.wgmma_plan(xs[0].shape[0], n, k, launch.sm_count(0), qt)
 
 
 def main() -> None:
     old_dir = Path(os.environ["WGMMA_OLD_DIR"]).resolve()
-    ms = [int(v) for v in os.environ.get("MS", "12,16,24,32,64,128").split(",")]
     rows = []
-    cp.random.seed(0)
-    for qt in (T.Q4_K, T.Q6_K):
-        for n, k in SHAPES:
-            ws = [random_weight_gpu(cp, qt, n, k) for _ in range(3 if n * k < 100_000_000 else 1)]
-            for m in ms:
-                xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
-                runs, ys, plans = {}, {}, {}
-                for rnd in ("", "2"):
-                    runs["old" + rnd], ys["old" + rnd], grid = time_old(old_dir, qt, xs, ws, n, k)
-                    for tag, on in (("split", False), ("stream", True)):
-                        runs[tag + rnd], ys[tag], plans[tag] = time_kernel(on, qt, xs, ws, n, k)
-                ref = ys["old"]
-                diff = {tag: float(cp.abs(ref - ys[tag]).max() / (cp.abs(ref).max() + 1e-30)) for tag in ("split", "stream")}
-                best = {tag: min(runs[tag], runs[tag + "2"]) for tag in ("old", "split", "stream")}
-                row = {"type": qt.name, "M": m, "N": n, "K": k, "old_grid": grid,
-                       "plan_split": plans["split"]._asdict(), "plan_stream": plans["stream"]._asdict(),
-                       "old_us": best["old"], "split_us": best["split"], "stream_us": best["stream"],
-                       "runs_us": runs, "max_rel_diff_vs_old": diff}
-                rows.append(row)
-                print(f"{qt.name} M={m:4d} {n}x{k}: old {best['old']:7.1f}  split {best['split']:7.1f} "
-                      f"({plans['split'].ctas} CTAs)  stream {best['stream']:7.1f} ({plans['stream'].ctas}) us  "
-                      f"old/stream x{best['old'] / best['stream']:.3f}  diff {diff['stream']:.2g}", flush=True)
+    for qt, n, k, m, ws, xs in cases("12,16,24,32,64,128"):
+        runs, ys, plans = {}, {}, {}
+        for rnd in ("", "2"):
+            runs["old" + rnd], ys["old" + rnd], grid = time_old(old_dir, qt, xs, ws, n, k)
+            for tag, on in (("split", False), ("stream", True)):
+                runs[tag + rnd], ys[tag], plans[tag] = time_kernel(on, qt, xs, ws, n, k)
+        ref = ys["old"]
+        diff = {tag: float(cp.abs(ref - ys[tag]).max() / (cp.abs(ref).max() + 1e-30)) for tag in ("split", "stream")}
+        best = {tag: min(runs[tag], runs[tag + "2"]) for tag in ("old", "split", "stream")}
+        row = {"type": qt.name, "M": m, "N": n, "K": k, "old_grid": grid,
+               "plan_split": plans["split"]._asdict(), "plan_stream": plans["stream"]._asdict(),
+               "old_us": best["old"], "split_us": best["split"], "stream_us": best["stream"],
+               "runs_us": runs, "max_rel_diff_vs_old": diff}
+        rows.append(row)
+        print(f"{qt.name} M={m:4d} {n}x{k}: old {best['old']:7.1f}  split {best['split']:7.1f} "
+              f"({plans['split'].ctas} CTAs)  stream {best['stream']:7.1f} ({plans['stream'].ctas}) us  "
+              f"old/stream x{best['old'] / best['stream']:.3f}  diff {diff['stream']:.2g}", flush=True)
     launch.WGMMA_STREAM_K = True
-    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-stream-k-ab.json"), "w") as f:
-        json.dump({"rows": rows}, f, indent=1)
+    write_rows("wgmma-stream-k-ab.json", rows)
 
 
 if __name__ == "__main__":
