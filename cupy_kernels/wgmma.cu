@@ -285,28 +285,47 @@ __device__ __forceinline__ void cp_async_arrive(u32 bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-// the copies of one stage, issued by the producer warpgroup's 128 threads: thread p copies x
-// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) and weight pieces p + 128 j
+// 128 columns of the x tile, copied by the producer warpgroup's 128 threads: thread p copies
+// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) into two swizzle atoms
 template <int NTOK>
-struct WgLoader {
-    typedef WgCfg<QT_Q4_K, NTOK> C;
+struct WgXLoader {
     static constexpr int XN = NTOK / 8;   // x pieces per thread
-    static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
+    static constexpr int XATOM = NTOK * 128;
     const u16* xsrc;
     long long xstep;                      // 8 token rows
     u32 xdst, xok;
+
+    __device__ __forceinline__ WgXLoader(const u16* __restrict__ X, int M, int K, int m0, int p) {
+        const int r = p >> 4, cc = p & 15;
+        xsrc = X + (long long)(m0 + r) * K + cc * 8;
+        xstep = 8LL * K;
+        xdst = (cc >> 3) * XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);  // r + 8 j: same swizzle
+        xok = 0;
+#pragma unroll
+        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+    }
+    // columns kcol .. kcol + 127 to the two atoms at st
+    __device__ __forceinline__ void load(u32 st, const u16* X, int kcol) const {
+#pragma unroll
+        for (int j = 0; j < XN; ++j) {
+            const bool ok = (xok >> j) & 1;
+            cp_async16(st + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
+        }
+    }
+};
+
+// the copies of one Q4_K slot: x (WgXLoader) and weight pieces p + 128 j
+template <int NTOK>
+struct WgLoader {
+    typedef WgCfg<QT_Q4_K, NTOK> C;
+    static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
+    WgXLoader<NTOK> x;
     const u8* wsrc[WN];
     u32 wdst[WN], wok, wq;
 
     __device__ __forceinline__ WgLoader(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                        int m0, int n0, int p) {
-        const int r = p >> 4, cc = p & 15;
-        xsrc = X + (long long)(m0 + r) * K + cc * 8;
-        xstep = 8LL * K;
-        xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);  // r + 8 j: same swizzle
-        xok = 0;
-#pragma unroll
-        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+                                        int m0, int n0, int p)
+        : x(X, M, K, m0, p) {
         const long long rb = (long long)(K >> 8) * 144;
         wok = 0;
         wq = 0;
@@ -321,12 +340,7 @@ struct WgLoader {
         }
     }
     __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kt) const {  // kt: slot
-        const int kcol = kt * WG_KT;
-#pragma unroll
-        for (int j = 0; j < XN; ++j) {
-            const bool ok = (xok >> j) & 1;
-            cp_async16(st + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
-        }
+        x.load(st, X, kt * WG_KT);
         const int boff = (kt >> 1) * 144, qoff = (kt & 1) * 64;
 #pragma unroll
         for (int j = 0; j < WN; ++j) {
@@ -336,29 +350,20 @@ struct WgLoader {
     }
 };
 
-// the Q6_K slot's copies: x as in WgLoader, twice (256 columns); for the weights, thread p
+// the Q6_K slot's copies: x (WgXLoader) twice (256 columns); for the weights, thread p
 // copies pieces p + 128 j of the 128 rows x 14 pieces that cover each row's block (32-bit
 // offsets from the tile's first row, aligned down to 16 bytes)
 template <int NTOK>
 struct WgLoader6 {
     typedef WgCfg<QT_Q6_K, NTOK> C;
-    static constexpr int XN = NTOK / 8;   // x pieces per thread per 128 columns
     static constexpr int WN = 14;
-    const u16* xsrc;
-    long long xstep;
-    u32 xdst, xok;
+    WgXLoader<NTOK> x;
     const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
     u32 tb, rb, nrows, p;                 // its misalignment, bytes per row, rows in the tile; thread
 
     __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                         int m0, int n0, int p_) {
-        const int r = p_ >> 4, cc = p_ & 15;
-        xsrc = X + (long long)(m0 + r) * K + cc * 8;
-        xstep = 8LL * K;
-        xdst = (cc >> 3) * C::XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
-        xok = 0;
-#pragma unroll
-        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+                                         int m0, int n0, int p_)
+        : x(X, M, K, m0, p_) {
         p = (u32)p_;
         rb = (u32)(K >> 8) * Q6_BYTES;
         const long long t0 = (long long)n0 * rb;
@@ -368,14 +373,7 @@ struct WgLoader6 {
     }
     __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kb) const {  // kb: slot
 #pragma unroll
-        for (int hx = 0; hx < 2; ++hx) {
-            const int kcol = kb * 256 + hx * 128;
-#pragma unroll
-            for (int j = 0; j < XN; ++j) {
-                const bool ok = (xok >> j) & 1;
-                cp_async16(st + hx * 2 * C::XATOM + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
-            }
-        }
+        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, X, kb * 256 + hx * 128);
         const u32 kofs = tb + (u32)kb * Q6_BYTES;
         // not unrolled: unrolled, ptxas kept each piece's slot-invariant offsets in registers
         // across the slot loop and the kernel spilled ~500 bytes a thread
