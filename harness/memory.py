@@ -296,8 +296,7 @@ def swallow_guard_interrupt(guard: BudgetGuard) -> Iterator[None]:
     ``_thread.interrupt_main`` does nothing while SIGINT is not handled by Python, as
     in a job a non-interactive shell started in the background (``cmd &``: SIGINT
     ignored). The block then runs with Python's own SIGINT handler, put back after."""
-    restore = _handle_sigint_in_python()
-    try:
+    with _sigint_handled_by_python():
         try:
             try:
                 yield
@@ -309,24 +308,21 @@ def swallow_guard_interrupt(guard: BudgetGuard) -> Iterator[None]:
         except KeyboardInterrupt:
             if not guard.tripped:
                 raise
-    finally:
-        restore()
 
 
-def _handle_sigint_in_python() -> Callable[[], None]:
-    """Install Python's SIGINT handler where SIGINT is ignored or at its default (main
-    thread only: elsewhere signal handlers cannot be set); returns what undoes it."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+@contextlib.contextmanager
+def _sigint_handled_by_python() -> Iterator[None]:
+    """Python's SIGINT handler for the block where SIGINT is ignored or at its default
+    (main thread only: elsewhere signal handlers cannot be set), put back after."""
     before = signal.getsignal(signal.SIGINT)
-    if before not in (signal.SIG_IGN, signal.SIG_DFL):
-        return lambda: None
+    if threading.current_thread() is not threading.main_thread() or before not in (signal.SIG_IGN, signal.SIG_DFL):
+        yield
+        return
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def undo() -> None:
+    try:
+        yield
+    finally:
         signal.signal(signal.SIGINT, before)
-
-    return undo
 
 
 def cupy_pool_bytes() -> int:
