@@ -5,8 +5,9 @@ where K is not split; split K adds partial sums atomically, in any order). Write
 $OUT/wgmma-ab.json. Session 13 ran it on the patch next to it
 (docs/results/wgmma-producer-scales-ab-h200.json):
 
+    git worktree add /tmp/w 951ed25 && cd /tmp/w   # the patch is against 951ed25
     mkdir /tmp/old && git show HEAD:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
-    git apply docs/experiments/wgmma-producer-scales.patch
+    git apply /path/to/this/repo/docs/experiments/wgmma-producer-scales.patch
     WGMMA_OLD_DIR=/tmp/old python3 docs/experiments/wgmma_ab.py
 """
 

@@ -6,8 +6,9 @@ where the plan picks it. Each timed twice, interleaved, best of two; outputs com
 with the old kernel's (partial sums are added atomically, in any order). Writes
 $OUT/wgmma-stream-k-ab.json.
 
+    git worktree add /tmp/w 951ed25 && cd /tmp/w   # the patch is against 951ed25
     mkdir /tmp/old && git show 951ed25:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
-    git apply docs/experiments/wgmma-stream-k.patch   # launch.wgmma_plan, WGMMA_STREAM_K
+    git apply /path/to/this/repo/docs/experiments/wgmma-stream-k.patch   # launch.wgmma_plan, WGMMA_STREAM_K
     WGMMA_OLD_DIR=/tmp/old python3 docs/experiments/wgmma_stream_k_ab.py
 
 Session 13's runs: docs/results/wgmma-stream-k-ab-h200.json (and -56-224- for the
