@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -154,7 +154,16 @@ _WG_RING: dict[int, tuple[int, int, tuple[int, int]]] = {
     int(QT.Q6_K): (256, 240, (3, 2)),
 }
 _WG_MIN_STAGES_PER_SPLIT = 2
-WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_grid)
+WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_plan)
+# Stream-K (wgmma_plan): where the K-split grid loads the SMs unevenly, one CTA per SM
+# runs an equal share of the (tile, ring slot) units instead.  Cost model in ring-slot
+# times: waves x (slots per CTA + WG_CTA_SLOTS), the per-CTA cost (ring fill, epilogue)
+# fitted to session 13's timings (docs/results/wgmma-producer-scales-ab-h200.json: 9 waves
+# of 28 slots took 208 us on the lm_head shape, 4 waves of 10 took 40 us on 18944x3584, so
+# a CTA costs ~3.8 slot times besides its slots); taken when it predicts this fraction or less.
+WGMMA_STREAM_K = True
+WG_CTA_SLOTS = 4
+WG_STREAM_K_GAIN = 0.9
 
 
 _WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu)
@@ -169,26 +178,54 @@ def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
     return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 16 * stages
 
 
-def wgmma_grid(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> tuple[int, tuple[int, int, int], int]:
-    """(tokens per tile, grid, ring slots per split) of the wgmma GEMM; a slot is
-    128 K values for Q4_K and 256 for Q6_K.
+class WgPlan(NamedTuple):
+    """How the wgmma GEMM spreads its work: ``tiles`` (ntok-token x 128-row tiles) of
+    ``slots`` ring slots each (128 K values for Q4_K, 256 for Q6_K) over ``ctas`` CTAs;
+    CTA b runs the units :meth:`cta_units` gives it, tile by tile (wgmma.cu's WgWork)."""
+
+    ntok: int
+    tiles: int
+    slots: int
+    ctas: int
+
+    def cta_units(self, b: int) -> tuple[int, int]:
+        """Units [u, u1) of CTA b among the U = tiles x slots, as WgWork splits them: with
+        U = q ctas + r, the first r CTAs run q + 1 units and the others q."""
+        q, r = divmod(self.tiles * self.slots, self.ctas)
+        u = b * q + min(b, r)
+        return u, u + q + (1 if b < r else 0)
+
+    @property
+    def whole_tiles(self) -> bool:
+        """Each CTA one whole tile: no partial sums, so y may be f16 and need not be zeroed."""
+        return self.ctas == self.tiles
+
+
+def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan:
+    """The wgmma GEMM's tile size and CTA count.
 
     One CTA fills an SM, so a grid of T tiles runs in ceil(T / sms) waves and a
     short last wave idles most SMs (148 tiles on 132 SMs: two waves, the second
-    one 12 % full).  K is split (partial sums atomically added into float32) into
-    the fewest splits whose waves are at least WGMMA_WAVE_FILL full, each split
-    keeping >= _WG_MIN_STAGES_PER_SPLIT slots; if none is, the fullest.  Cached:
-    an eager linear asks twice (whether the kernel can write f16, then the launch)."""
-    return _wgmma_grid(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[int(_qtype(qtype))][0])
+    one 12 % full).  K is split into the fewest splits whose waves are at least
+    WGMMA_WAVE_FILL full, each split keeping >= _WG_MIN_STAGES_PER_SPLIT slots; if
+    none is, the fullest.  Where K had to be split, stream-K (one CTA per SM, each
+    an equal run of units across tiles) replaces the split grid when the cost
+    model predicts WG_STREAM_K_GAIN or less of its time.  Cached: an eager linear
+    asks twice (whether the kernel can write f16, then the launch)."""
+    kslot = _WG_RING[int(_qtype(qtype))][0]
+    gain = WG_STREAM_K_GAIN if WGMMA_STREAM_K else 0.0
+    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, kslot, gain, WG_CTA_SLOTS)
 
 
 @functools.cache
-def _wgmma_grid(
-    m: int, n: int, k: int, sms: int, fill_target: float, kslot: int
-) -> tuple[int, tuple[int, int, int], int]:
+def _wgmma_plan(
+    m: int, n: int, k: int, sms: int, fill_target: float, kslot: int, gain: float, cta_slots: int
+) -> WgPlan:
     ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
     tiles = -(-m // ntok) * -(-n // _WG_ROWS)
     nk = k // kslot
+    if tiles * nk >= 2**31:  # WgWork counts units in 32 bits
+        raise ValueError(f"the wgmma GEMM counts its work in 32 bits: M={m}, n={n}, k={k} is too large")
     best, best_fill = 1, 0.0
     for want in range(1, max(1, nk // _WG_MIN_STAGES_PER_SPLIT) + 1):
         kps = -(-nk // want)
@@ -200,8 +237,17 @@ def _wgmma_grid(
             break
         if fill > best_fill + 1e-9:
             best, best_fill = splits, fill
-    kps = -(-nk // best)
-    return ntok, (-(-m // ntok), -(-n // _WG_ROWS), -(-nk // kps)), kps
+    ctas = tiles * best
+    if best > 1:
+        units = tiles * nk
+
+        def cost(c: int) -> int:
+            return -(-c // sms) * (-(-units // c) + cta_slots)
+
+        even = min(sms, units // _WG_MIN_STAGES_PER_SPLIT)
+        if even >= 1 and cost(even) <= gain * cost(ctas):
+            ctas = even
+    return WgPlan(ntok, tiles, nk, ctas)
 
 
 def _gemm_smem(q: QT) -> int:
@@ -399,25 +445,25 @@ def _wg_kernel(dev: int, name: str) -> Any:
 
 
 def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> bool:
-    """Whether the wgmma GEMM can write an f16 y itself: no K split (a split adds
-    float32 partial sums) and rows in whole 8-value pieces."""
-    return wgmma_grid(m, n, k, sms, qtype)[1][2] == 1 and n % 8 == 0
+    """Whether the wgmma GEMM can write an f16 y itself: one whole tile per CTA (split
+    work adds float32 partial sums) and rows in whole 8-value pieces."""
+    return wgmma_plan(m, n, k, sms, qtype).whole_tiles and n % 8 == 0
 
 
 def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
-    """y = x @ W.T on the wgmma GEMM; y float32, or f16 where no K split is needed."""
+    """y = x @ W.T on the wgmma GEMM; y float32, or f16 where each CTA runs one whole tile."""
     cp = _cp()
-    ntok, grid, kps = wgmma_grid(m, n, k, sm_count(dev), q)
+    plan = wgmma_plan(m, n, k, sm_count(dev), q)
     f16_out = y.dtype == cp.float16
-    if grid[2] > 1:
+    if not plan.whole_tiles:
         if f16_out:
-            raise ValueError(f"the wgmma GEMM splits K for M={m}, n={n}, k={k}: out must be float32")
+            raise ValueError(f"the wgmma GEMM splits its tiles for M={m}, n={n}, k={k}: out must be float32")
         cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
     if f16_out and n % 8:
         raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")
-    fn = _wg_kernel(dev, _wg_name(q, ntok, X_F16 if f16_out else X_F32))
+    fn = _wg_kernel(dev, _wg_name(q, plan.ntok, X_F16 if f16_out else X_F32))
     i32 = cp.int32
-    fn(grid, (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k), i32(kps)), shared_mem=_wg_smem(ntok, q))
+    fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k)), shared_mem=_wg_smem(plan.ntok, q))
 
 
 def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:

@@ -21,10 +21,11 @@
 // mbarrier per slot, and the MMA warpgroups hand a slot back through an empty
 // mbarrier once its wgmmas are done, so no block-wide barrier runs in the loop.
 // setmaxnreg moves registers from the copying warpgroup to the other two.
-// Grid: (token tiles, weight tiles, K splits); the token tile varies fastest so the CTAs that read one weight tile run
-// together and share it through L2.  With K splits the partial sums are added
-// into a zeroed float32 y (OUT = 0); otherwise y is f32 or f16 (OUT = 2),
-// written through shared memory as 16-byte rows.
+// Grid: one dimension; each CTA runs an equal share of the GEMM's (tile, ring slot) units
+// in tile order (WgWork below: one whole tile each, K splits, or stream-K), the token tile
+// varying fastest so the CTAs that read one weight tile run together and share it through
+// L2.  A CTA's partial tiles add their sums into a zeroed float32 y (OUT = 0); with one
+// whole tile per CTA y is f32 or f16 (OUT = 2), written through shared memory as 16-byte rows.
 //
 // The decode: Q4_K w = (d sc) q - (dmin m) in f16, one rounding per factor and one
 // for the fused multiply-add (q is exact: 0x6400 | q is the f16 1024 + q); Q6_K
@@ -46,8 +47,11 @@ typedef unsigned long long u64;
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {  // the rest zero-filled
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -285,105 +289,109 @@ __device__ __forceinline__ void cp_async_arrive(u32 bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// The producer warpgroup is on the kernel's critical path: it shares each scheduler with two
+// MMA warps, so every instruction it spends per slot delays the ring (session 14's ncu: the
+// MMA warps waited on full slots 14x as long when the loop grew from ~185 to ~250 instructions
+// a slot).  So the loaders keep per-thread pointers that only move by a per-slot offset, and
+// copy rows past M or N as nothing (x) or as the last row (weights) without zero-fill: their
+// products only reach columns of y that are never written.
+
 // 128 columns of the x tile, copied by the producer warpgroup's 128 threads: thread p copies
-// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) into two swizzle atoms
+// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) into two swizzle atoms;
+// token rows >= M are not copied (they feed only the tile's padding columns)
 template <int NTOK>
 struct WgXLoader {
     static constexpr int XN = NTOK / 8;   // x pieces per thread
     static constexpr int XATOM = NTOK * 128;
-    const u16* xsrc;
-    long long xstep;                      // 8 token rows
-    u32 xdst, xok;
+    const u8* xsrc;                       // piece 0 at column 0
+    u32 xstep, xdst;                      // bytes from piece j to j + 1 (8 token rows); smem offset
+    int nx;                               // pieces with a token row < M: rows grow with j, so j < nx
 
     __device__ __forceinline__ WgXLoader(const u16* __restrict__ X, int M, int K, int m0, int p) {
         const int r = p >> 4, cc = p & 15;
-        xsrc = X + (long long)(m0 + r) * K + cc * 8;
-        xstep = 8LL * K;
+        xsrc = (const u8*)(X + (long long)(m0 + r) * K + cc * 8);
+        xstep = 16u * (u32)K;
         xdst = (cc >> 3) * XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);  // r + 8 j: same swizzle
-        xok = 0;
-#pragma unroll
-        for (int j = 0; j < XN; ++j) xok |= (u32)(m0 + r + 8 * j < M) << j;
+        nx = min(XN, max(0, (M - m0 - r + 7) >> 3));
     }
     // columns kcol .. kcol + 127 to the two atoms at st
-    __device__ __forceinline__ void load(u32 st, const u16* X, int kcol) const {
+    __device__ __forceinline__ void load(u32 st, int kcol) const {
+        const u8* s = xsrc + 2 * kcol;
 #pragma unroll
-        for (int j = 0; j < XN; ++j) {
-            const bool ok = (xok >> j) & 1;
-            cp_async16(st + xdst + j * 8 * 128, ok ? xsrc + j * xstep + kcol : X, ok ? 16 : 0);
-        }
+        for (int j = 0; j < XN; ++j)
+            if (j < nx) cp_async16(st + xdst + j * 8 * 128, s + j * xstep);
     }
 };
 
-// the copies of one Q4_K slot: x (WgXLoader) and weight pieces p + 128 j
+// the copies of one Q4_K slot: x (WgXLoader) and weight pieces p + 128 j; piece c = 5 row + q
+// is the row's header (q = 0) or quant bytes 16 (q - 1) .. of the half block, and lands at
+// row * WG_WROW + 16 q = 16 c
 template <int NTOK>
 struct WgLoader {
     typedef WgCfg<QT_Q4_K, NTOK> C;
     static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
     WgXLoader<NTOK> x;
-    const u8* wsrc[WN];
-    u32 wdst[WN], wok, wq;
+    const u8* wsrc[WN];                   // piece j in the row's first block (rows >= N: row N - 1)
+    u32 wh[WN], wdst;                     // 64 for quant pieces (they move with the half), 0 for headers
 
     __device__ __forceinline__ WgLoader(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
                                         int m0, int n0, int p)
         : x(X, M, K, m0, p) {
         const long long rb = (long long)(K >> 8) * 144;
-        wok = 0;
-        wq = 0;
 #pragma unroll
         for (int j = 0; j < WN; ++j) {
-            const int c = p + 128 * j;
-            const int row = c / 5, q = c - row * 5;
-            wok |= (u32)(n0 + row < N) << j;
-            wq |= (u32)(q != 0) << j;
+            const int c = p + 128 * j, row = c / 5, q = c - row * 5;
             wsrc[j] = W + min(n0 + row, N - 1) * rb + 16 * q;
-            wdst[j] = C::XSLOT + row * WG_WROW + q * 16;
+            wh[j] = q ? 64u : 0u;
         }
+        wdst = C::XSLOT + 16 * p;
     }
-    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kt) const {  // kt: slot
-        x.load(st, X, kt * WG_KT);
-        const int boff = (kt >> 1) * 144, qoff = (kt & 1) * 64;
+    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row
+        x.load(st, kt * WG_KT);
+        const u32 boff = (u32)(kt >> 1) * 144, half = (u32)(kt & 1);
 #pragma unroll
-        for (int j = 0; j < WN; ++j) {
-            const bool ok = (wok >> j) & 1;
-            cp_async16(st + wdst[j], ok ? wsrc[j] + boff + (((wq >> j) & 1) ? qoff : 0) : W, ok ? 16 : 0);
-        }
+        for (int j = 0; j < WN; ++j) cp_async16(st + wdst + 2048 * j, wsrc[j] + (boff + half * wh[j]));
     }
 };
 
 // the Q6_K slot's copies: x (WgXLoader) twice (256 columns); for the weights, thread p
 // copies pieces p + 128 j of the 128 rows x 14 pieces that cover each row's block (32-bit
-// offsets from the tile's first row, aligned down to 16 bytes)
+// offsets from the tile's first row, aligned down to 16 bytes; rows >= N copy row N - 1)
 template <int NTOK>
 struct WgLoader6 {
     typedef WgCfg<QT_Q6_K, NTOK> C;
     static constexpr int WN = 14;
     WgXLoader<NTOK> x;
     const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
-    u32 tb, rb, nrows, p;                 // its misalignment, bytes per row, rows in the tile; thread
+    u32 tb, rb, last, row0, piece0;       // its misalignment, bytes per row, last row; piece p's place
 
     __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                         int m0, int n0, int p_)
-        : x(X, M, K, m0, p_) {
-        p = (u32)p_;
+                                         int m0, int n0, int p)
+        : x(X, M, K, m0, p) {
         rb = (u32)(K >> 8) * Q6_BYTES;
         const long long t0 = (long long)n0 * rb;
         wtile = W + (t0 & ~15LL);
         tb = (u32)(t0 & 15);
-        nrows = (u32)min(WG_ROWS, N - n0);
+        last = (u32)min(WG_ROWS, N - n0) - 1;
+        row0 = (u32)p / WN;
+        piece0 = (u32)p - row0 * WN;
     }
-    __device__ __forceinline__ void load(u32 st, const u16* X, const u8* W, int kb) const {  // kb: slot
+    __device__ __forceinline__ void load(u32 st, int kb) const {  // kb: slot (block) in the row
 #pragma unroll
-        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, X, kb * 256 + hx * 128);
+        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
         const u32 kofs = tb + (u32)kb * Q6_BYTES;
+        u32 row = row0, piece = piece0;
         // not unrolled: unrolled, ptxas kept each piece's slot-invariant offsets in registers
         // across the slot loop and the kernel spilled ~500 bytes a thread
 #pragma unroll 1
         for (int j = 0; j < WN; ++j) {
-            const u32 c = p + 128 * j, row = c / WN, piece = c - row * WN;
-            const u32 o = kofs + row * rb;                        // the block's first byte
-            int bytes = (int)(o & 15) + Q6_BYTES - 16 * (int)piece;  // what is left of it
-            bytes = row < nrows ? max(0, min(16, bytes)) : 0;
-            cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, bytes ? wtile + (o & ~15u) + 16 * piece : W, bytes);
+            const u32 o = kofs + min(row, last) * rb;  // the block's first byte
+            // what is left of the block from this piece on: 2..16 bytes for the last piece
+            const int bytes = min(16, (int)(o & 15) + Q6_BYTES - 16 * (int)piece);
+            cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, wtile + (o & ~15u) + 16 * piece, bytes);
+            piece += 128 % WN;                    // piece p + 128 (j + 1): 9 rows and 2 pieces on
+            row += 128 / WN + (piece >= WN);
+            if (piece >= WN) piece -= WN;
         }
     }
 };
@@ -398,10 +406,44 @@ struct WgLoaderOf<QT_Q6_K, NTOK> {
     typedef WgLoader6<NTOK> T;
 };
 
+// The work of a GEMM is U = tiles x slots units (tile t: token tile t % MT, weight tile t / MT,
+// so the CTAs that share a weight tile run together; unit t slots + j: the tile's ring slot j).
+// With U = q G + r (G = gridDim.x), CTA b runs the q + (b < r) units from b q + min(b, r), in
+// order (32-bit arithmetic: a 64-bit division at each CTA's start delayed its first copies); a
+// run of slots of one tile is a *segment*.  G = tiles gives each CTA one whole tile, G = tiles x
+// splits splits K, and G = the SM count spreads the units evenly over the SMs whatever the tile
+// count (stream-K).
+// The ring runs on across a CTA's segments; a segment that is not a whole tile adds its
+// partial sums atomically into a zeroed float32 y.
+struct WgSegment {
+    int m0, n0, s0, n;  // token and weight row of the tile, first slot, slots
+};
+template <int NTOK>
+struct WgWork {
+    int u, u1, mt, slots;  // units fit in 31 bits (launch.wgmma_plan checks)
+    __device__ __forceinline__ WgWork(int M, int K, int N, int kslot) {
+        mt = (M + NTOK - 1) / NTOK;
+        slots = K / kslot;
+        const u32 units = (u32)(mt * ((N + WG_ROWS - 1) / WG_ROWS) * slots), g = gridDim.x, b = blockIdx.x;
+        const u32 q = units / g, r = units - q * g;
+        u = (int)(b * q + min(b, r));
+        u1 = u + (int)q + (b < r ? 1 : 0);
+    }
+    __device__ __forceinline__ bool next(WgSegment& sg) {
+        if (u >= u1) return false;
+        const int tile = u / slots;
+        sg.s0 = u - tile * slots;
+        sg.n = min(slots - sg.s0, u1 - u);
+        sg.m0 = (tile % mt) * NTOK;
+        sg.n0 = (tile / mt) * WG_ROWS;
+        u += sg.n;
+        return true;
+    }
+};
+
 template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
-wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K,
-           int slots_per_split) {
+wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K) {
     typedef WgCfg<QT, NTOK> C;
     constexpr int S = C::STAGES, SPS = C::SPS;
     extern __shared__ u8 smem_raw[];
@@ -409,11 +451,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
     const u32 sbase = smem_addr(smem);
     const u32 bars = sbase + S * C::SLOT;  // full[S], then empty[S]
     const int tid = threadIdx.x, lane = tid & 31;
-    const int m0 = blockIdx.x * NTOK, n0 = blockIdx.y * WG_ROWS;
-    const int ks0 = blockIdx.z * slots_per_split;  // first slot (128 or 256 K values) of this split
-    const int n_slots = min(K / C::KSLOT - ks0, slots_per_split);
-    const int n_it = n_slots * SPS;                // 128-K steps
-    // ring position of slot sl
+    // ring position of the CTA's sl-th slot (counted over all its segments)
     auto slot = [&](int sl) { return (sl % S) * C::SLOT; };
     auto full = [&](int sl) { return bars + 8 * (sl % S); };
     auto empty = [&](int sl) { return bars + 8 * (S + sl % S); };
@@ -425,14 +463,23 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+    WgWork<NTOK> work(M, K, N, C::KSLOT);
+    WgSegment sg;
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
+        // launched at 168 registers a thread: (168 - 56) x 128 freed here is exactly what the
+        // MMA warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them)
         asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, m0, n0, tid - 256);
-        for (int sl = 0; sl < n_slots; ++sl) {
-            if (sl >= S) mbar_wait(empty(sl), ((sl / S) + 1) & 1);
-            loader.load(sbase + slot(sl), X, W, ks0 + sl);
-            cp_async_arrive(full(sl));
+        // ring slot ri of round r: the producer waits for round r - 1's to come back (parity (r - 1) & 1)
+        int ri = 0, round = 0;
+        while (work.next(sg)) {
+            const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
+            for (int j = 0; j < sg.n; ++j) {
+                if (round) mbar_wait(bars + 8 * (S + ri), (round - 1) & 1);
+                loader.load(sbase + ri * C::SLOT, sg.s0 + j);
+                cp_async_arrive(bars + 8 * ri);
+                if (++ri == S) ri = 0, ++round;
+            }
         }
         cp_async_wait<0>();
         return;
@@ -441,109 +488,122 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int wg = tid >> 7, warp = (tid >> 5) & 3;
     const int g = lane >> 2, t = lane & 3;
-    float acc[NTOK / 2];
-#pragma unroll
-    for (int i = 0; i < NTOK / 2; ++i) {
-        acc[i] = 0.0f;
-        fence_reg(acc[i]);
-    }
-    u32 F0[8][4], F1[8][4];
     const int rA = wg * 64 + warp * 16 + g;
-    // Q6_K: where rows A and B (clamped as the producer clamps them) sit in their byte stream
     const u32 rb6 = (u32)(K >> 8) * Q6_BYTES;
-    const u32 offA = (u32)min(n0 + rA, N - 1) * rb6, offB = (u32)min(n0 + rA + 8, N - 1) * rb6;
-    // step it is half (ks0 SPS + it) & 1 of its block for both formats (a Q4_K slot is half a block)
-    auto decode = [&](u32 (&F)[8][4], int it) {
-        const int sl = it / SPS;
-        if (it % SPS == 0) {
-            mbar_wait(full(sl), (sl / S) & 1);
-            fence_proxy_async();
-        }
-        const u8* ws = smem + slot(sl) + C::XSLOT;
-        const bool h1 = ((ks0 * SPS + it) & 1) != 0;
-        if constexpr (QT == QT_Q6_K) {
-            const u32 kb = (u32)(ks0 + sl) * Q6_BYTES;  // the block's offset in the row
-            const u8* bA = ws + rA * Q6_WROW + ((offA + kb) & 15);
-            const u8* bB = ws + (rA + 8) * Q6_WROW + ((offB + kb) & 15);
-            if (h1)
-                decode_q6<1>(F, bA, bB, t);
-            else
-                decode_q6<0>(F, bA, bB, t);
-        } else {
-            if (h1)
-                decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
-            else
-                decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
-        }
-    };
-    // after step it's wgmmas are queued: step it - 1's are done, so the slot it ended goes
-    // back to the producer; then step it + 1 is decoded under step it's wgmmas
-    auto advance = [&](u32 (&Fnext)[8][4], int it) {
-        wgmma_wait<1>();
-        if (it >= 1 && (it - 1) % SPS == SPS - 1) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty((it - 1) / SPS));
-        }
-        if (it + 1 < n_it) decode(Fnext, it + 1);
-    };
-    auto xs = [&](int it) { return sbase + slot(it / SPS) + (it % SPS) * 2 * C::XATOM; };
-    decode(F0, 0);
-    int it = 0;
-    for (; it + 1 < n_it; it += 2) {
-        mma_stage<NTOK>(acc, F0, xs(it));
-        advance(F1, it);
-        mma_stage<NTOK>(acc, F1, xs(it + 1));
-        advance(F0, it + 1);
-    }
-    if (it < n_it) {
-        mma_stage<NTOK>(acc, F0, xs(it));
-        advance(F1, it);
-    }
-    wgmma_wait<0>();
+    for (int base = 0; work.next(sg); base += sg.n) {
+        const int m0 = sg.m0, n0 = sg.n0, ks0 = sg.s0, n_it = sg.n * SPS;  // 128-K steps
+        float acc[NTOK / 2];
 #pragma unroll
-    for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[i]);
-
-    const int nA = n0 + rA;
-    if (OUT == 0) {
-        float* y = (float*)Y;
-        const bool split = gridDim.z > 1;
-#pragma unroll
-        for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                if (tok < M && n < N) {
-                    if (split)
-                        atomicAdd(y + (long long)tok * N + n, acc[4 * i + v]);
-                    else
-                        y[(long long)tok * N + n] = acc[4 * i + v];
-                }
+        for (int i = 0; i < NTOK / 2; ++i) {
+            acc[i] = 0.0f;
+            fence_reg(acc[i]);
+        }
+        u32 F0[8][4], F1[8][4];
+        // Q6_K: where rows A and B (clamped as the producer clamps them) sit in their byte stream
+        const u32 offA = (u32)min(n0 + rA, N - 1) * rb6, offB = (u32)min(n0 + rA + 8, N - 1) * rb6;
+        // step it is half (ks0 SPS + it) & 1 of its block for both formats (a Q4_K slot is half a block)
+        auto decode = [&](u32 (&F)[8][4], int it) {
+            const int sl = base + it / SPS;
+            if (it % SPS == 0) {
+                mbar_wait(full(sl), (sl / S) & 1);
+                fence_proxy_async();
             }
-    } else {
-        // through shared memory (the ring is idle now) as [NTOK][WG_ROWS + 8] f16
-        // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
-        // wgmmas of this kernel: C7514)
-        u16 hv[NTOK / 2];
-#pragma unroll
-        for (int i = 0; i < NTOK / 2; i += 2) {
-            u32 pr;
-            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pr) : "f"(acc[i + 1]), "f"(acc[i]));
-            hv[i] = (u16)(pr & 0xFFFF);
-            hv[i + 1] = (u16)(pr >> 16);
+            const u8* ws = smem + slot(sl) + C::XSLOT;
+            const bool h1 = ((ks0 * SPS + it) & 1) != 0;
+            if constexpr (QT == QT_Q6_K) {
+                const u32 kb = (u32)(ks0 + it / SPS) * Q6_BYTES;  // the block's offset in the row
+                const u8* bA = ws + rA * Q6_WROW + ((offA + kb) & 15);
+                const u8* bB = ws + (rA + 8) * Q6_WROW + ((offB + kb) & 15);
+                if (h1)
+                    decode_q6<1>(F, bA, bB, t);
+                else
+                    decode_q6<0>(F, bA, bB, t);
+            } else {
+                if (h1)
+                    decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+                else
+                    decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+            }
+        };
+        // the slot of step it goes back to the producer (its last step's wgmmas are done)
+        auto release = [&](int it) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty(base + it / SPS));
+        };
+        // after step it's wgmmas are queued: step it - 1's are done, so the slot it ended goes
+        // back to the producer; then step it + 1 is decoded under step it's wgmmas
+        auto advance = [&](u32 (&Fnext)[8][4], int it) {
+            wgmma_wait<1>();
+            if (it >= 1 && (it - 1) % SPS == SPS - 1) release(it - 1);
+            if (it + 1 < n_it) decode(Fnext, it + 1);
+        };
+        auto xs = [&](int it) { return sbase + slot(base + it / SPS) + (it % SPS) * 2 * C::XATOM; };
+        decode(F0, 0);
+        int it = 0;
+        for (; it + 1 < n_it; it += 2) {
+            mma_stage<NTOK>(acc, F0, xs(it));
+            advance(F1, it);
+            mma_stage<NTOK>(acc, F1, xs(it + 1));
+            advance(F0, it + 1);
         }
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
-        u16* ys = (u16*)smem;
-        const int ld = WG_ROWS + 8;
-#pragma unroll
-        for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[4 * i + v];
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
-        u16* y = (u16*)Y;
-        for (int c = tid; c < NTOK * (WG_ROWS / 8); c += 256) {
-            const int tl = c / (WG_ROWS / 8), nc = c % (WG_ROWS / 8);
-            const int tok = m0 + tl, n = n0 + nc * 8;
-            if (tok < M && n < N) *(uint4*)(y + (long long)tok * N + n) = *(const uint4*)(ys + tl * ld + nc * 8);
+        if (it < n_it) {
+            mma_stage<NTOK>(acc, F0, xs(it));
+            advance(F1, it);
         }
-    }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[i]);
+        release(n_it - 1);  // the segment's last slot: the producer may be filling the ring for the next
+
+        const int nA = n0 + rA;
+        if (OUT == 0) {
+            float* y = (float*)Y;
+            // a partial tile adds to what other CTAs add to the same y; two loops, as a choice per
+            // store put a branch around each one (session 14's ncu: 2.3x the epilogue's instructions)
+            if (sg.n != work.slots) {
+#pragma unroll
+                for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+                        if (tok < M && n < N) atomicAdd(y + (long long)tok * N + n, acc[4 * i + v]);
+                    }
+            } else {
+#pragma unroll
+                for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+                        if (tok < M && n < N) y[(long long)tok * N + n] = acc[4 * i + v];
+                    }
+            }
+        } else {
+            // through shared memory (the ring is idle now: f16 y is only launched with one whole
+            // tile per CTA, so this is the CTA's only segment) as [NTOK][WG_ROWS + 8] f16
+            // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
+            // wgmmas of this kernel: C7514)
+            u16 hv[NTOK / 2];
+#pragma unroll
+            for (int i = 0; i < NTOK / 2; i += 2) {
+                u32 pr;
+                asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pr) : "f"(acc[i + 1]), "f"(acc[i]));
+                hv[i] = (u16)(pr & 0xFFFF);
+                hv[i + 1] = (u16)(pr >> 16);
+            }
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
+            u16* ys = (u16*)smem;
+            const int ld = WG_ROWS + 8;
+#pragma unroll
+            for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[4 * i + v];
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+            u16* y = (u16*)Y;
+            for (int c = tid; c < NTOK * (WG_ROWS / 8); c += 256) {
+                const int tl = c / (WG_ROWS / 8), nc = c % (WG_ROWS / 8);
+                const int tok = m0 + tl, n = n0 + nc * 8;
+                if (tok < M && n < N) *(uint4*)(y + (long long)tok * N + n) = *(const uint4*)(ys + tl * ld + nc * 8);
+            }
+        }
+    }  // segments
 }

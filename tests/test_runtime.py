@@ -5,6 +5,7 @@ and the host-side kernel dispatch rules (no CUDA needed for any of these)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -192,27 +193,81 @@ def test_dispatch_path_wgmma_needs_its_formats_f16_and_sm90(qt: QT) -> None:
         launch.WGMMA = saved
 
 
+def _wg_segments(plan: Any, b: int) -> list[tuple[int, int, int]]:
+    """(tile, first slot, slots) of CTA b's segments, as wgmma.cu's WgWork walks them."""
+    u, u1 = plan.cta_units(b)
+    out = []
+    while u < u1:
+        tile, s0 = divmod(u, plan.slots)
+        n = min(plan.slots - s0, u1 - u)
+        out.append((tile, s0, n))
+        u += n
+    return out
+
+
 @pytest.mark.parametrize("qt,kslot", [(QT.Q4_K, 128), (QT.Q6_K, 256)], ids=["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m,n,k", [(33, 130, 512), (64, 512, 3584), (64, 18944, 3584), (64, 3584, 18944),
-                                   (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256)])
-def test_wgmma_grid_covers_k_and_fills_the_waves(m: int, n: int, k: int, qt: QT, kslot: int) -> None:
+                                   (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256), (16, 3584, 3584)])
+def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
+    m: int, n: int, k: int, qt: QT, kslot: int
+) -> None:
     from cupy_kernels import launch
 
     sms = 132
-    ntok, (gm, gn, splits), kps = launch.wgmma_grid(m, n, k, sms, qt)
-    nk = k // kslot  # ring slots: half a Q4_K block, a whole Q6_K block
-    assert ntok in (64, 128) and gm * ntok >= m > (gm - 1) * ntok and gn * 128 >= n > (gn - 1) * 128
-    assert kps * (splits - 1) < nk <= kps * splits, "every K stage in exactly one split"
-    ctas = gm * gn * splits
-    fill = ctas / (-(-ctas // sms) * sms)
-    if splits > 1:
-        assert kps >= 2
-    # either the waves are full enough, or no allowed split count fills them more
+    plan = launch.wgmma_plan(m, n, k, sms, qt)
+    mt, nt = -(-m // plan.ntok), -(-n // 128)
+    assert plan.ntok in (64, 128) and plan.tiles == mt * nt and plan.slots == k // kslot
+    assert plan.ntok * (mt - 1) < m and (plan.ntok == 64) == (m <= 64)
+    # every (tile, slot) unit in exactly one CTA's segments; a segment stays in its tile
+    seen = [[0] * plan.slots for _ in range(plan.tiles)]
+    for b in range(plan.ctas):
+        for tile, s0, cnt in _wg_segments(plan, b):
+            assert 0 <= s0 and s0 + cnt <= plan.slots and cnt >= 1
+            for s in range(s0, s0 + cnt):
+                seen[tile][s] += 1
+    assert all(c == 1 for row in seen for c in row)
+    per_cta = [sum(c for _, _, c in _wg_segments(plan, b)) for b in range(plan.ctas)]
+    assert max(per_cta) - min(per_cta) <= 1, "units spread evenly"
+    # one whole tile per CTA, or work split so the waves are full / the SMs evenly loaded
+    if plan.whole_tiles:
+        assert all(_wg_segments(plan, b) == [(b, 0, plan.slots)] for b in range(plan.ctas))
+    else:
+        assert min(per_cta) >= 2 or plan.tiles * plan.slots < 2 * plan.ctas
+    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (plan.whole_tiles and n % 8 == 0)
+    # with stream-K off the plan is the K-split grid: tiles x splits CTAs, the last wave
+    # at least WGMMA_WAVE_FILL full unless no split count fills it more
+    saved = launch.WGMMA_STREAM_K
+    launch.WGMMA_STREAM_K = False
+    try:
+        split = launch.wgmma_plan(m, n, k, sms, qt)
+    finally:
+        launch.WGMMA_STREAM_K = saved
+    assert split.ctas % split.tiles == 0
+    nk, splits = plan.slots, split.ctas // split.tiles
+    fill = split.ctas / (-(-split.ctas // sms) * sms)
     best = max(
-        (t := gm * gn * -(-nk // -(-nk // s))) / (-(-t // sms) * sms) for s in range(1, max(1, nk // 2) + 1)
+        (t := split.tiles * -(-nk // -(-nk // s))) / (-(-t // sms) * sms) for s in range(1, max(1, nk // 2) + 1)
     )
     assert fill >= launch.WGMMA_WAVE_FILL or fill == pytest.approx(best), (fill, best)
-    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (splits == 1 and n % 8 == 0)
+    if plan.ctas != split.ctas:  # stream-K: one CTA per SM, and predicted cheaper by the margin
+        assert splits > 1 and plan.ctas == min(sms, plan.tiles * plan.slots // 2)
+
+        def cost(c: int) -> int:
+            return -(-c // sms) * (-(-(plan.tiles * plan.slots) // c) + launch.WG_CTA_SLOTS)
+
+        assert cost(plan.ctas) <= launch.WG_STREAM_K_GAIN * cost(split.ctas)
+
+
+def test_wgmma_plan_takes_stream_k_where_the_split_grid_is_uneven() -> None:
+    """Session 13's shapes: 148 tiles of 28 slots split 3 ways is 444 CTAs in 4 waves, 40
+    slots on the busiest SM against 31.4 spread evenly; the lm_head's 1,188 whole tiles
+    fill 9 waves and stay whole (f16 out)."""
+    from cupy_kernels import launch
+
+    assert launch.wgmma_plan(64, 18944, 3584, 132).ctas == 132
+    assert launch.wgmma_plan(16, 3584, 18944, 132).ctas == 132
+    head = launch.wgmma_plan(64, 152064, 3584, 132)
+    assert head.whole_tiles and head.ctas == 1188
 
 
 def test_every_wgmma_variant_fits_the_sm90_shared_memory() -> None:

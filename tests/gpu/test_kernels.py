@@ -205,8 +205,29 @@ def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int)
         print(f"wgmma {qt.name} f16 out M={m} N={n}: rel err {err:.3g}")
         assert err < WGMMA_TOL
     else:
-        with pytest.raises(ValueError, match="splits K"):
+        with pytest.raises(ValueError, match="splits its tiles"):
             launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
+
+
+@pytest.mark.parametrize("m,n,k", [(100, 384, 3584), (64, 512, 3584), (64, 1000, 3584)])
+@pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
+def test_wgmma_stream_k(
+    cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream-K as if the GPU had 7 SMs: 7 CTAs, each an equal run of (tile, ring slot)
+    units, so runs start and end inside tiles and cross from one tile to the next, the
+    ring running on across them; every partial tile adds its sums atomically."""
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    monkeypatch.setattr(launch, "sm_count", lambda dev: 7)
+    monkeypatch.setattr(launch, "WG_STREAM_K_GAIN", 100.0)  # take it wherever K would be split
+    plan = launch.wgmma_plan(m, n, k, 7, qt)
+    runs = [plan.cta_units(b) for b in range(plan.ctas)]
+    assert plan.ctas == 7 and any(u // plan.slots != (u1 - 1) // plan.slots for u, u1 in runs), plan  # crosses tiles
+    err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)
+    print(f"wgmma stream-K {qt.name} M={m} N={n} K={k} {plan}: rel err {err:.3g}")
+    assert err < WGMMA_TOL
 
 
 def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
