@@ -254,11 +254,22 @@ def random_weight_gpu(cp: Any, qtype: Any, n: int, k: int) -> Any:
         if name == "F16":
             return v.astype(cp.float16).view(cp.uint8)
         return (v.view(cp.uint32) >> 16).astype(cp.uint16).view(cp.uint8)
-    raw = cp.random.randint(0, 256, size=nblocks * nb, dtype=cp.uint8)
+    raw = cp.empty(nblocks * nb, dtype=cp.uint8)
     blocks = raw.reshape(nblocks, nb)
+    # in pieces: drawn in one call, the 152064 x 3584 shape's 2.1 M blocks gave non-finite
+    # products in ~57 % of the output columns, as if the scales had stayed random bytes (session
+    # 14, H200, CuPy 14.2); in pieces of 2^20 blocks, none.  The check below makes it an error.
+    step = 1 << 20
+    for b0 in range(0, nblocks, step):
+        part = cp.random.randint(0, 256, size=(min(step, nblocks - b0), nb), dtype=cp.uint8)
+        for off in _F16_FIELDS[name]:
+            s = cp.random.uniform(-0.02, 0.02, part.shape[0]).astype(cp.float16)
+            part[:, off : off + 2] = s.view(cp.uint8).reshape(-1, 2)
+        blocks[b0 : b0 + part.shape[0]] = part
     for off in _F16_FIELDS[name]:
-        s = cp.random.uniform(-0.02, 0.02, nblocks).astype(cp.float16)
-        blocks[:, off : off + 2] = s.view(cp.uint8).reshape(nblocks, 2)
+        bad = int((~cp.isfinite(blocks[:, off : off + 2].copy().view(cp.float16))).sum())
+        if bad:
+            raise RuntimeError(f"random {name} weights [{n}, {k}]: {bad} non-finite f16 fields at block offset {off}")
     return raw
 
 
