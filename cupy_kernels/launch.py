@@ -137,12 +137,13 @@ WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for th
 # (docs/results/wgmma-producer-small-m-h200.json, session 11): it loses to the GEMV
 # up to M = 8 (271 against 246-264 us) and wins from M = 12 (272 against 335; M = 32:
 # 293 against 627).  Q6_K (wgmma-q6k-h200.json, session 12), whose decode costs about
-# 1.5x Q4_K's per weight: 512 against 352 us at M = 12, 511 against 415 at 16, 513
-# against 535 at 24, 514 against 583 at 32.  Against decode + cuBLAS it wins up to
+# 1.5x Q4_K's per weight: the GEMV took 352 us at M = 12 and 415 at 16; session 14's
+# kernel (lean producer, stream-K) takes 307 at M = 16, flat in M up to 64 (it was 511),
+# so Q6_K starts at 12 too.  Against decode + cuBLAS it wins up to
 # M = 128 and loses from M = 256 on (Q4_K, session 8: M = 512 196 / 197 / 1499 against
 # 148 / 141 / 1181 us; Q6_K, session 12: 812 against 990 us at M = 128, 1548 against
 # 1091 at 256).
-WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 24}
+WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 12}
 WGMMA_TYPES: frozenset[int] = frozenset(WGMMA_MIN_M)
 WGMMA_MAX_M = 128
 _WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
