@@ -8,7 +8,7 @@ $OUT/wgmma-ab.json. Session 13 ran it on the patch next to it
     git worktree add /tmp/w 951ed25 && cd /tmp/w   # the patch is against 951ed25
     mkdir /tmp/old && git show HEAD:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     git apply /path/to/this/repo/docs/experiments/wgmma-producer-scales.patch
-    WGMMA_OLD_DIR=/tmp/old python3 docs/experiments/wgmma_ab.py
+    PYTHONPATH=/tmp/w WGMMA_OLD_DIR=/tmp/old python3 /path/to/this/repo/docs/experiments/wgmma_ab.py
 """
 
 from __future__ import annotations

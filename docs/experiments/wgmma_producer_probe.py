@@ -10,9 +10,11 @@ large 7B shapes at M = 16 and 64, random blocks drawn in pieces (see cmd_bench's
 random_weight_gpu), each timed as CUDA-graph replays twice, interleaved, best of two; outputs
 compared with the variant named first.
 
-    python3 wgmma_producer_probe.py time   # -> $OUT/probe.json
-    NCU_QT=14 NCU_NKM=18944,3584,64 NCU_MODE=stream ncu --clock-control none --set full \
-        -k regex:wgmma_gemm -o prof python3 wgmma_producer_probe.py ncu   # one launch per variant
+    mkdir /tmp/v && git show 951ed25:cupy_kernels/wgmma.cu > /tmp/v/old.cu
+    git show 0d68471:cupy_kernels/wgmma.cu > /tmp/v/sk3_56.cu
+    VARIANT_DIR=/tmp/v VARIANTS=old,sk3_56 python3 wgmma_producer_probe.py time   # -> $OUT/probe.json
+    VARIANT_DIR=/tmp/v NCU_QT=14 NCU_NKM=18944,3584,64 NCU_MODE=stream ncu --clock-control none \
+        --set full -k regex:wgmma_gemm -o prof python3 wgmma_producer_probe.py ncu   # one launch each
 
 Session 14's variants ($VARIANTS, in this order): old = `git show 951ed25:cupy_kernels/wgmma.cu`;
 head = 60d6d43's; sk = 951ed25 + wgmma-stream-k.patch; headlean / sklean = those with the x copies
@@ -58,22 +60,24 @@ def build(v):
     return mod, fns, kps
 
 
-def old_grid(m, n, k, kslot):
-    tiles = -(-m // 64) * -(-n // 128)
+def old_grid(m: int, n: int, k: int, sms: int, kslot: int) -> tuple[int, tuple[int, int, int], int]:
+    """951ed25's launch.wgmma_grid: (tokens per tile, (token tiles, weight tiles, splits), slots per split)."""
+    ntok = 64 if m <= 64 else 128
+    tiles = -(-m // ntok) * -(-n // 128)
     nk = k // kslot
     best, best_fill = 1, 0.0
     for want in range(1, max(1, nk // 2) + 1):
         kps = -(-nk // want)
         splits = -(-nk // kps)
         ctas = tiles * splits
-        fill = ctas / (-(-ctas // SMS) * SMS)
+        fill = ctas / (-(-ctas // sms) * sms)
         if fill >= 0.8:
             best = splits
             break
         if fill > best_fill + 1e-9:
             best, best_fill = splits, fill
     kps = -(-nk // best)
-    return (-(-m // 64), -(-n // 128), -(-nk // kps)), kps, tiles, nk
+    return ntok, (-(-m // ntok), -(-n // 128), -(-nk // kps)), kps
 
 
 def weights(qt, n, k):
@@ -99,7 +103,8 @@ def launcher(kern, qt, mode, m, n, k, w, x, y):
     """run(i) for variant kern = (mod, fns, kps) in mode 'grid' (kps kernels), 'split', 'stream'."""
     _, fns, kps_kernel = kern
     fn = fns[qt]
-    grid, kps, tiles, nk = old_grid(m, n, k, RING[qt][0])
+    _, grid, kps = old_grid(m, n, k, SMS, RING[qt][0])  # M <= 64 here: 64-token tiles
+    tiles, nk = grid[0] * grid[1], k // RING[qt][0]
     i32 = cp.int32
     if kps_kernel:
         g, args_tail, zero = grid, (i32(kps),), grid[2] > 1

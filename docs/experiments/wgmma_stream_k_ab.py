@@ -9,7 +9,7 @@ $OUT/wgmma-stream-k-ab.json.
     git worktree add /tmp/w 951ed25 && cd /tmp/w   # the patch is against 951ed25
     mkdir /tmp/old && git show 951ed25:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     git apply /path/to/this/repo/docs/experiments/wgmma-stream-k.patch   # launch.wgmma_plan, WGMMA_STREAM_K
-    WGMMA_OLD_DIR=/tmp/old python3 docs/experiments/wgmma_stream_k_ab.py
+    PYTHONPATH=/tmp/w WGMMA_OLD_DIR=/tmp/old python3 /path/to/this/repo/docs/experiments/wgmma_stream_k_ab.py
 
 Session 13's runs: docs/results/wgmma-stream-k-ab-h200.json (and -56-224- for the
 patch with 951ed25's setmaxnreg split).
@@ -24,28 +24,9 @@ from typing import Any
 import cupy as cp
 from gguf import GGMLQuantizationType as T
 from wgmma_ab import cases, timed, write_rows  # run as a script from this folder
+from wgmma_producer_probe import old_grid
 
 from cupy_kernels import launch
-
-
-def old_grid(m: int, n: int, k: int, sms: int, kslot: int) -> tuple[int, tuple[int, int, int], int]:
-    """951ed25's launch.wgmma_grid: (tokens per tile, (token tiles, weight tiles, splits), slots per split)."""
-    ntok = 64 if m <= 64 else 128
-    tiles = -(-m // ntok) * -(-n // 128)
-    nk = k // kslot
-    best, best_fill = 1, 0.0
-    for want in range(1, max(1, nk // 2) + 1):
-        kps = -(-nk // want)
-        splits = -(-nk // kps)
-        ctas = tiles * splits
-        fill = ctas / (-(-ctas // sms) * sms)
-        if fill >= 0.8:
-            best = splits
-            break
-        if fill > best_fill + 1e-9:
-            best, best_fill = splits, fill
-    kps = -(-nk // best)
-    return ntok, (-(-m // ntok), -(-n // 128), -(-nk // kps)), kps
 
 
 def time_old(old_dir: Path, qt: T, xs: list[Any], ws: list[Any], n: int, k: int) -> tuple[float, Any, Any]:
