@@ -100,7 +100,9 @@ def weights(qt, n, k):
 
 
 def launcher(kern, qt, mode, m, n, k, w, x, y):
-    """run(i) for variant kern = (mod, fns, kps) in mode 'grid' (kps kernels), 'split', 'stream'."""
+    """run(i) for variant kern = (mod, fns, kps) in mode 'grid' (kps kernels), 'split', 'stream',
+    or 'persist' (one CTA per SM whatever the plan: whole-tile grids keep their ring running
+    across tiles; y zeroed unless every CTA's run is whole tiles)."""
     _, fns, kps_kernel = kern
     fn = fns[qt]
     _, grid, kps = old_grid(m, n, k, SMS, RING[qt][0])  # M <= 64 here: 64-token tiles
@@ -110,9 +112,10 @@ def launcher(kern, qt, mode, m, n, k, w, x, y):
         g, args_tail, zero = grid, (i32(kps),), grid[2] > 1
     else:
         ctas = tiles * grid[2] if mode == "split" else min(SMS, tiles * nk // 2)
-        if grid[2] == 1:
+        if grid[2] == 1 and mode != "persist":
             ctas = tiles
-        g, args_tail, zero = (ctas, 1, 1), (), ctas != tiles
+        whole = ctas == tiles or ((tiles * nk) % ctas == 0 and (tiles * nk // ctas) % nk == 0)
+        g, args_tail, zero = (ctas, 1, 1), (), not whole
 
     def run(i=0):
         if zero:
@@ -144,7 +147,9 @@ def gtime(run, reps):
     return float(np.median(ts))
 
 
-SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
+SHAPES = [tuple(int(v) for v in nk.split("x")) for nk in
+          os.environ.get("SHAPES", "18944x3584,3584x18944,152064x3584").split(",")]
+MODES = os.environ.get("MODES", "split,stream").split(",")
 
 
 def main_time():
@@ -160,7 +165,7 @@ def main_time():
                 res, outs, grids = {}, {}, {}
                 for _round in range(2):
                     for v in VARIANTS:
-                        modes = ["grid"] if kerns[v][2] else ["split", "stream"]
+                        modes = ["grid"] if kerns[v][2] else MODES
                         for mode in modes:
                             tag = f"{v}:{mode}"
                             y = cp.zeros((m, n), dtype=cp.float32)
