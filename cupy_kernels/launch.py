@@ -578,7 +578,7 @@ def qmatmul(
       memory and fed to mma.sync (f32 x rounded to bf16), float32 accumulation;
     * "wgmma": Q4_K or Q6_K with f16 x on an sm_90 GPU: weights decoded in registers and
       fed to wgmma, f16 products accumulated in float32; ``out`` may also be a
-      float16 [M, n] array where no K split is needed (:func:`wgmma_writes_f16`);
+      float16 [M, n] array where each CTA runs one whole tile (:func:`wgmma_writes_f16`);
     * "dequant": rows of W decoded in chunks into a scratch of at most
       DEQUANT_SCRATCH_BYTES (x's dtype; f32 for f32 x) and multiplied by cuBLAS
       (bf16 / f16, or TF32 tensor cores for f32 x), float32 output;

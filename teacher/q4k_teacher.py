@@ -226,7 +226,7 @@ class Q4KOps:
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
                 gemm_dtype = self._gemm_dtype(name)
                 return matmul_into(xin.to(gemm_dtype), self._decoded_chunks(w, gemm_dtype), y)
-            # the kernels write float32, and the wgmma GEMM also f16 where it needs no K split
+            # the kernels write float32, and the wgmma GEMM also f16 where each CTA runs one whole tile
             f16 = path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms, w.qtype)
             kernel_dtype = torch.float16 if f16 else torch.float32
             if out is not None and out.dtype == kernel_dtype and out.is_contiguous():
