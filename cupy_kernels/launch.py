@@ -165,6 +165,11 @@ WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmm
 WGMMA_STREAM_K = True
 WG_CTA_SLOTS = 4
 WG_STREAM_K_GAIN = 0.9
+# A grid of whole tiles (no K split) at least this many waves long runs on one CTA per SM
+# instead, each CTA's ring running on across its tiles: every CTA but the first wave's paid
+# a ring fill from DRAM before its first wgmma (session 14, NOTES.md v16: 0.92-0.95x the
+# time on the 152064 x 3584 lm_head shape, 9 waves).  0 turns it off.
+WG_PERSIST_WAVES = 2
 
 
 _WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu)
@@ -197,9 +202,16 @@ class WgPlan(NamedTuple):
         return u, u + q + (1 if b < r else 0)
 
     @property
-    def whole_tiles(self) -> bool:
-        """Each CTA one whole tile: no partial sums, so y may be f16 and need not be zeroed."""
+    def one_tile_each(self) -> bool:
+        """Each CTA one whole tile: the only grid whose epilogue may go through the ring's
+        shared memory, so the only one that writes an f16 y."""
         return self.ctas == self.tiles
+
+    @property
+    def whole_tiles(self) -> bool:
+        """Every CTA runs whole tiles only: no partial sums, so y need not be zeroed."""
+        q, r = divmod(self.tiles * self.slots, self.ctas)
+        return self.one_tile_each or (r == 0 and q % self.slots == 0)
 
 
 def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan:
@@ -211,16 +223,18 @@ def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan
     WGMMA_WAVE_FILL full, each split keeping >= _WG_MIN_STAGES_PER_SPLIT slots; if
     none is, the fullest.  Where K had to be split, stream-K (one CTA per SM, each
     an equal run of units across tiles) replaces the split grid when the cost
-    model predicts WG_STREAM_K_GAIN or less of its time.  Cached: an eager linear
-    asks twice (whether the kernel can write f16, then the launch)."""
+    model predicts WG_STREAM_K_GAIN or less of its time.  Where K is not split and
+    the tiles fill WG_PERSIST_WAVES waves or more, one CTA per SM runs them.  Cached:
+    an eager linear asks twice (whether the kernel can write f16, then the launch)."""
     kslot = _WG_RING[int(_qtype(qtype))][0]
     gain = WG_STREAM_K_GAIN if WGMMA_STREAM_K else 0.0
-    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, kslot, gain, WG_CTA_SLOTS)
+    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, kslot, gain, WG_CTA_SLOTS, WG_PERSIST_WAVES)
 
 
 @functools.cache
 def _wgmma_plan(
-    m: int, n: int, k: int, sms: int, fill_target: float, kslot: int, gain: float, cta_slots: int
+    m: int, n: int, k: int, sms: int, fill_target: float, kslot: int, gain: float, cta_slots: int,
+    persist_waves: int,
 ) -> WgPlan:
     ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
     tiles = -(-m // ntok) * -(-n // _WG_ROWS)
@@ -248,6 +262,8 @@ def _wgmma_plan(
         even = min(sms, units // _WG_MIN_STAGES_PER_SPLIT)
         if even >= 1 and cost(even) <= gain * cost(ctas):
             ctas = even
+    elif persist_waves and tiles >= persist_waves * sms:
+        ctas = sms
     return WgPlan(ntok, tiles, nk, ctas)
 
 
@@ -446,9 +462,9 @@ def _wg_kernel(dev: int, name: str) -> Any:
 
 
 def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> bool:
-    """Whether the wgmma GEMM can write an f16 y itself: one whole tile per CTA (split
-    work adds float32 partial sums) and rows in whole 8-value pieces."""
-    return wgmma_plan(m, n, k, sms, qtype).whole_tiles and n % 8 == 0
+    """Whether the wgmma GEMM can write an f16 y itself: one whole tile per CTA (its f16
+    epilogue goes through the ring's shared memory) and rows in whole 8-value pieces."""
+    return wgmma_plan(m, n, k, sms, qtype).one_tile_each and n % 8 == 0
 
 
 def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
@@ -456,9 +472,11 @@ def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) ->
     cp = _cp()
     plan = wgmma_plan(m, n, k, sm_count(dev), q)
     f16_out = y.dtype == cp.float16
+    if f16_out and not plan.one_tile_each:
+        raise ValueError(
+            f"the wgmma GEMM runs M={m}, n={n}, k={k} as {plan.tiles} tiles on {plan.ctas} CTAs: out must be float32"
+        )
     if not plan.whole_tiles:
-        if f16_out:
-            raise ValueError(f"the wgmma GEMM splits its tiles for M={m}, n={n}, k={k}: out must be float32")
         cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
     if f16_out and n % 8:
         raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")

@@ -228,20 +228,25 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
     assert all(c == 1 for row in seen for c in row)
     per_cta = [sum(c for _, _, c in _wg_segments(plan, b)) for b in range(plan.ctas)]
     assert max(per_cta) - min(per_cta) <= 1, "units spread evenly"
-    # one whole tile per CTA, or work split so the waves are full / the SMs evenly loaded
-    if plan.whole_tiles:
-        assert all(_wg_segments(plan, b) == [(b, 0, plan.slots)] for b in range(plan.ctas))
+    # one whole tile per CTA, whole tiles per CTA, or work split so the waves are full /
+    # the SMs evenly loaded
+    segments = [_wg_segments(plan, b) for b in range(plan.ctas)]
+    if plan.one_tile_each:
+        assert all(sg == [(b, 0, plan.slots)] for b, sg in enumerate(segments))
+    elif plan.whole_tiles:
+        assert all(s0 == 0 and cnt == plan.slots for sg in segments for _, s0, cnt in sg)
     else:
         assert min(per_cta) >= 2 or plan.tiles * plan.slots < 2 * plan.ctas
-    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (plan.whole_tiles and n % 8 == 0)
-    # with stream-K off the plan is the K-split grid: tiles x splits CTAs, the last wave
-    # at least WGMMA_WAVE_FILL full unless no split count fills it more
-    saved = launch.WGMMA_STREAM_K
-    launch.WGMMA_STREAM_K = False
+        assert any(cnt != plan.slots for sg in segments for _, _, cnt in sg), "some tile is split"
+    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (plan.one_tile_each and n % 8 == 0)
+    # with stream-K and persistence off the plan is the K-split grid: tiles x splits CTAs,
+    # the last wave at least WGMMA_WAVE_FILL full unless no split count fills it more
+    saved = launch.WGMMA_STREAM_K, launch.WG_PERSIST_WAVES
+    launch.WGMMA_STREAM_K, launch.WG_PERSIST_WAVES = False, 0
     try:
         split = launch.wgmma_plan(m, n, k, sms, qt)
     finally:
-        launch.WGMMA_STREAM_K = saved
+        launch.WGMMA_STREAM_K, launch.WG_PERSIST_WAVES = saved
     assert split.ctas % split.tiles == 0
     nk, splits = plan.slots, split.ctas // split.tiles
     fill = split.ctas / (-(-split.ctas // sms) * sms)
@@ -249,7 +254,9 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
         (t := split.tiles * -(-nk // -(-nk // s))) / (-(-t // sms) * sms) for s in range(1, max(1, nk // 2) + 1)
     )
     assert fill >= launch.WGMMA_WAVE_FILL or fill == pytest.approx(best), (fill, best)
-    if plan.ctas != split.ctas:  # stream-K: one CTA per SM, and predicted cheaper by the margin
+    if plan.ctas != split.ctas and splits == 1:  # whole tiles on one CTA per SM: many waves
+        assert plan.ctas == sms and plan.tiles >= launch.WG_PERSIST_WAVES * sms
+    elif plan.ctas != split.ctas:  # stream-K: one CTA per SM, and predicted cheaper by the margin
         assert splits > 1 and plan.ctas == min(sms, plan.tiles * plan.slots // 2)
 
         def cost(c: int) -> int:
@@ -261,13 +268,16 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
 def test_wgmma_plan_takes_stream_k_where_the_split_grid_is_uneven() -> None:
     """Session 13's shapes: 148 tiles of 28 slots split 3 ways is 444 CTAs in 4 waves, 40
     slots on the busiest SM against 31.4 spread evenly; the lm_head's 1,188 whole tiles
-    fill 9 waves and stay whole (f16 out)."""
+    fill 9 waves and run 9 to a CTA, one CTA per SM (float32 out)."""
     from cupy_kernels import launch
 
     assert launch.wgmma_plan(64, 18944, 3584, 132).ctas == 132
     assert launch.wgmma_plan(16, 3584, 18944, 132).ctas == 132
     head = launch.wgmma_plan(64, 152064, 3584, 132)
-    assert head.whole_tiles and head.ctas == 1188
+    assert head.ctas == 132 and head.whole_tiles and not head.one_tile_each
+    assert not launch.wgmma_writes_f16(64, 152064, 3584, 132)
+    few = launch.wgmma_plan(64, 128 * 240, 3584, 132)  # 240 tiles: two waves, the second 82 % full
+    assert few.one_tile_each and launch.wgmma_writes_f16(64, 128 * 240, 3584, 132)
 
 
 def test_every_wgmma_variant_fits_the_sm90_shared_memory() -> None:

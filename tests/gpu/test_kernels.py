@@ -205,7 +205,7 @@ def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int)
         print(f"wgmma {qt.name} f16 out M={m} N={n}: rel err {err:.3g}")
         assert err < WGMMA_TOL
     else:
-        with pytest.raises(ValueError, match="splits its tiles"):
+        with pytest.raises(ValueError, match="out must be float32"):
             launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
 
 
@@ -227,6 +227,26 @@ def test_wgmma_stream_k(
     assert plan.ctas == 7 and any(u // plan.slots != (u1 - 1) // plan.slots for u, u1 in runs), plan  # crosses tiles
     err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)
     print(f"wgmma stream-K {qt.name} M={m} N={n} K={k} {plan}: rel err {err:.3g}")
+    assert err < WGMMA_TOL
+
+
+@pytest.mark.parametrize("n,whole", [(128 * 14, True), (128 * 15, False)])
+@pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
+def test_wgmma_one_cta_per_sm_on_many_tiles(
+    cp: Any, rng: np.random.Generator, qt: T, n: int, whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole-tile grids of two waves or more, as if the GPU had 7 SMs: 7 CTAs, each running
+    its tiles with the ring going on across them; 14 tiles give each CTA two whole tiles
+    (plain stores, y not zeroed), 15 split some tiles between CTAs (atomics, y zeroed)."""
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    monkeypatch.setattr(launch, "sm_count", lambda dev: 7)
+    m, k = 64, 3584
+    plan = launch.wgmma_plan(m, n, k, 7, qt)
+    assert plan.ctas == 7 and plan.tiles == n // 128 and plan.whole_tiles == whole and not plan.one_tile_each
+    err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)
+    print(f"wgmma one CTA per SM {qt.name} M={m} N={n} K={k} {plan}: rel err {err:.3g}")
     assert err < WGMMA_TOL
 
 
