@@ -3,7 +3,8 @@ the working tree's, on the three large 7B shapes, formats $TYPES (default Q4_K,Q
 (default 16,64), f16 x, through the dispatch's plan. Each version is compiled once; each case
 is timed four times, interleaved (old, new, old, new), best of two; the outputs are compared
 (bit for bit where every CTA runs whole tiles; stream-K adds partial sums atomically, in any
-order). Writes $OUT/wgmma-ab.json. Session 15 (the Q6_K quads sharing their scales):
+order). Writes $OUT/wgmma-ab.json. ``compare`` takes any number of versions
+(wgmma_q6k_ablation.py). Session 15 (the Q6_K quads sharing their scales):
 
     mkdir /tmp/old && git show HEAD~1:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     PYTHONPATH=$PWD WGMMA_OLD_DIR=/tmp/old TYPES=Q6_K python3 docs/experiments/wgmma_ab.py
@@ -71,27 +72,38 @@ def cases() -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
                 yield qt, n, k, m, ws, xs
 
 
-def main() -> None:
-    new_dir = launch._HERE
-    versions = {"old": compiled(Path(os.environ["WGMMA_OLD_DIR"]).resolve()), "new": compiled(new_dir)}
+def compare(dirs: dict[str, Path], out_name: str) -> list[dict[str, Any]]:
+    """Time every version (name -> directory of its wgmma.cu) on every case, interleaved
+    twice, best of two; outputs compared with the first version's."""
+    tree = launch._HERE
+    versions = {name: compiled(d.resolve()) for name, d in dirs.items()}
+    launch._HERE = tree
+    names = list(versions)
     rows = []
     for qt, n, k, m, ws, xs in cases():
-        runs, ys = {}, {}
-        for tag in ("old", "new", "old2", "new2"):
-            runs[tag], ys[tag] = time_version(versions[tag.rstrip("2")], qt, xs, ws, n, k)
-        ref = ys["old"]
-        diff = float(cp.abs(ref - ys["new"]).max() / (cp.abs(ref).max() + 1e-30))
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        ys: dict[str, Any] = {}
+        for _ in range(2):
+            for name in names:
+                t, ys[name] = time_version(versions[name], qt, xs, ws, n, k)
+                runs[name].append(t)
+        ref = ys[names[0]]
         plan = launch.wgmma_plan(m, n, k, launch.sm_count(cp.cuda.Device().id), qt)
-        row = {"type": qt.name, "M": m, "N": n, "K": k, "plan": plan._asdict(),
-               "old_us": min(runs["old"], runs["old2"]), "new_us": min(runs["new"], runs["new2"]),
-               "runs_us": runs, "bit_identical": bool(cp.array_equal(ref, ys["new"])), "max_rel_diff": diff}
-        row["old_over_new"] = row["old_us"] / row["new_us"]
+        row: dict[str, Any] = {"type": qt.name, "M": m, "N": n, "K": k, "plan": plan._asdict(), "runs_us": runs}
+        for name in names:
+            row[f"{name}_us"] = min(runs[name])
+            row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max() / (cp.abs(ref).max() + 1e-30))
+            row[f"{name}_bit_identical"] = bool(cp.array_equal(ref, ys[name]))
         rows.append(row)
-        print(f"{qt.name} M={m:4d} {n}x{k}: old {row['old_us']:7.1f} new {row['new_us']:7.1f} us  "
-              f"x{row['old_over_new']:.3f}  identical={row['bit_identical']} diff={diff:.2g}", flush=True)
-    launch._HERE = new_dir
-    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-ab.json"), "w") as f:
-        json.dump({"rows": rows}, f, indent=1)
+        print(f"{qt.name} M={m:4d} {n}x{k}: " + "  ".join(f"{name} {row[name + '_us']:7.1f}" for name in names)
+              + " us", flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), out_name), "w") as f:
+        json.dump({"versions": {name: str(d) for name, d in dirs.items()}, "rows": rows}, f, indent=1)
+    return rows
+
+
+def main() -> None:
+    compare({"old": Path(os.environ["WGMMA_OLD_DIR"]), "new": launch._HERE}, "wgmma-ab.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Where the Q6_K wgmma GEMM's time goes: the tree's wgmma.cu against text ablations of its
+decode, timed in one run on an sm_90 GPU (session 15, NOTES.md v17). The ablated kernels
+compute wrong values on purpose; only their time counts.
+
+- ``noscales``: the 16 scales of a step are constants (no loads, I2F, FMUL, F2FP);
+- ``mindecode``: each fragment is one LOP3 of its loaded bytes (loads and scales kept);
+- ``bare``: both (the loads, the ring and the wgmmas remain).
+
+Offline (nvcc 13.0, sm_90a) their main loops run 306, 240 and 146 instructions per 128-K
+step, against 390 for the tree's. Run from the repository root:
+
+    PYTHONPATH=$PWD TYPES=Q6_K python3 docs/experiments/wgmma_q6k_ablation.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wgmma_ab import compare
+
+from cupy_kernels import launch
+
+SCALES = """    const float d = f16_to_f32(*(const u16*)(b + 208));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 two = *(const u16*)(b + 192 + 8 * H + 2 * j);
+        s2[2 * j] = f16x2_splat(d * (float)(signed char)(two & 0xFF));
+        s2[2 * j + 1] = f16x2_splat(d * (float)(signed char)(two >> 8));
+    }"""
+NO_SCALES = """#pragma unroll
+    for (int j = 0; j < 8; ++j) s2[j] = 0x3C003C00u + (u32)j;  // ablation: no scale work"""
+DEC6 = "__device__ __forceinline__ u32 dec6(u32 pl, u32 ph, u32 s2, int nib, int qd) {"
+MIN_DEC6 = DEC6 + """
+    if (true) {  // ablation: one instruction per fragment, the loads and scales kept
+        u32 v;
+        asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(pl), "r"(ph), "r"(s2 ^ (u32)(nib * 4 + qd)));
+        return v;
+    }"""
+
+
+def variants(src: str) -> dict[str, str]:
+    for text in (SCALES, DEC6):
+        if text not in src:
+            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the ablations")
+    return {
+        "tree": src,
+        "noscales": src.replace(SCALES, NO_SCALES),
+        "mindecode": src.replace(DEC6, MIN_DEC6),
+        "bare": src.replace(SCALES, NO_SCALES).replace(DEC6, MIN_DEC6),
+    }
+
+
+def main() -> None:
+    src = (launch._HERE / "wgmma.cu").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {}
+        for name, text in variants(src).items():
+            d = Path(tmp) / name
+            d.mkdir()
+            (d / "wgmma.cu").write_text(text)
+            dirs[name] = d
+        compare(dirs, "wgmma-q6k-ablation.json")
+
+
+if __name__ == "__main__":
+    main()
