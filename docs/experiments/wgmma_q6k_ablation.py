@@ -4,16 +4,21 @@ compute wrong values on purpose; only their time counts.
 
 - ``noscales``: the 16 scales of a step are constants (no loads, I2F, FMUL, F2FP);
 - ``mindecode``: each fragment is one LOP3 of its loaded bytes (loads and scales kept);
-- ``bare``: both (the loads, the ring and the wgmmas remain).
+- ``bare``: both (the loads, the ring and the wgmmas remain);
+- ``nox`` / ``bare_nox``: the tree's kernel / ``bare`` with no x copies at all (the wgmmas
+  read whatever the ring holds): what the x tile, re-read by every CTA for each 128 weight
+  rows, costs. This one touches Q4_K's kernel too.
 
 Offline (nvcc 13.0, sm_90a) their main loops run 306, 240 and 146 instructions per 128-K
-step, against 390 for the tree's. Run from the repository root:
+step, against 390 for the tree's. Run from the repository root ($VARIANTS: a comma list of
+the names below, default all):
 
     PYTHONPATH=$PWD TYPES=Q6_K python3 docs/experiments/wgmma_q6k_ablation.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +38,8 @@ SCALES = """    const float d = f16_to_f32(*(const u16*)(b + 208));
     }"""
 NO_SCALES = """#pragma unroll
     for (int j = 0; j < 8; ++j) s2[j] = 0x3C003C00u + (u32)j;  // ablation: no scale work"""
+XCOPY = "            if (j < nx) cp_async16(st + xdst + j * 8 * 128, s + j * xstep);"
+NO_XCOPY = "            (void)s;  // ablation: no x copies"
 DEC6 = "__device__ __forceinline__ u32 dec6(u32 pl, u32 ph, u32 s2, int nib, int qd) {"
 MIN_DEC6 = DEC6 + """
     if (true) {  // ablation: one instruction per fragment, the loads and scales kept
@@ -43,7 +50,7 @@ MIN_DEC6 = DEC6 + """
 
 
 def variants(src: str) -> dict[str, str]:
-    for text in (SCALES, DEC6):
+    for text in (SCALES, DEC6, XCOPY):
         if text not in src:
             raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the ablations")
     return {
@@ -51,6 +58,8 @@ def variants(src: str) -> dict[str, str]:
         "noscales": src.replace(SCALES, NO_SCALES),
         "mindecode": src.replace(DEC6, MIN_DEC6),
         "bare": src.replace(SCALES, NO_SCALES).replace(DEC6, MIN_DEC6),
+        "nox": src.replace(XCOPY, NO_XCOPY),
+        "bare_nox": src.replace(SCALES, NO_SCALES).replace(DEC6, MIN_DEC6).replace(XCOPY, NO_XCOPY),
     }
 
 
@@ -58,7 +67,10 @@ def main() -> None:
     src = (launch._HERE / "wgmma.cu").read_text()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
+        wanted = os.environ.get("VARIANTS")
         for name, text in variants(src).items():
+            if wanted and name != "tree" and name not in wanted.split(","):
+                continue
             d = Path(tmp) / name
             d.mkdir()
             (d / "wgmma.cu").write_text(text)
