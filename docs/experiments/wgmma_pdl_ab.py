@@ -1,0 +1,218 @@
+"""Programmatic dependent launch (PDL) for the wgmma GEMM: does it take off part of the fixed
+cost per launch that session 15's fit found (5-9 us of a 30-40 us launch at M <= 64)?
+Session 16, NOTES.md v18.
+
+With PDL (``cuLaunchKernelEx`` with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+a kernel may start while the one before it in the stream is still running, once every CTA
+of that one has executed ``griddepcontrol.launch_dependents`` (or exited).
+``griddepcontrol.wait`` then blocks until the previous grid has completed and its writes
+are visible. Whatever comes before the wait overlaps the previous kernel's tail.
+Versions, timed in one run, interleaved, through the dispatch's plan (text patches of the
+tree's wgmma.cu; the tree's kernel is untouched):
+
+- ``tree``: as landed (plain launch; a memset zeroes y before stream-K plans);
+- ``pdl``: every CTA triggers its dependents at its start. The producer waits before its
+  first copy: the prologue (barrier init, setmaxnreg, the work split) overlaps;
+- ``pdl_pre``: the producer also issues the weight copies of its first ring slots before
+  the wait (the weights do not depend on the previous kernel; x and y do);
+- ``pdl_pre_zk``: ``pdl_pre`` with y zeroed by a kernel that triggers at once, instead of
+  the memset (a memset node breaks the programmatic edge; this matters on stream-K plans).
+
+The outputs are compared with ``tree``'s (bit for bit on whole-tile plans). In the bench
+every launch writes the same y, so a wait placed too late would show as wrong values.
+
+    PYTHONPATH=$PWD [VARIANTS=pdl_pre,...] [TYPES=Q6_K] [MS=64] python3 docs/experiments/wgmma_pdl_ab.py
+
+writes $OUT/wgmma-pdl-ab.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cupy as cp
+from wgmma_ab import cases, compiled, time_version
+
+from cupy_kernels import launch
+
+TRIGGER_AT = "    if (tid == 0) {\n        for (int s = 0; s < S; ++s) {"
+TRIGGER = '    asm volatile("griddepcontrol.launch_dependents;\\n" ::: "memory");\n' + TRIGGER_AT
+PRODUCER_LOOP = """        int ri = 0, round = 0;
+        while (work.next(sg)) {
+            const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
+            for (int j = 0; j < sg.n; ++j) {"""
+WAIT = """        int ri = 0, round = 0;
+        asm volatile("griddepcontrol.wait;\\n" ::: "memory");  // x and y belong to the previous kernel
+        while (work.next(sg)) {
+            const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
+            for (int j = 0; j < sg.n; ++j) {"""
+PREFETCH = """        int ri = 0, round = 0;
+        bool first = true;
+        while (work.next(sg)) {
+            const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
+            int j0 = 0;
+            if (first) {  // the first slots' weights before the wait: they do not depend on the previous kernel
+                first = false;
+                const int pre = min(sg.n, S);
+                for (int j = 0; j < pre; ++j) loader.load_w(sbase + j * C::SLOT, sg.s0 + j);
+                asm volatile("griddepcontrol.wait;\\n" ::: "memory");
+                for (; j0 < pre; ++j0) {
+                    loader.load_x(sbase + ri * C::SLOT, sg.s0 + j0);
+                    cp_async_arrive(bars + 8 * ri);
+                    if (++ri == S) ri = 0, ++round;
+                }
+            }
+            for (int j = j0; j < sg.n; ++j) {"""
+# the loaders' two halves (their load() is kept as it is)
+Q4_LOAD = "    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row"
+Q4_SPLIT = """    __device__ __forceinline__ void load_x(u32 st, int kt) const { x.load(st, kt * WG_KT); }
+    __device__ __forceinline__ void load_w(u32 st, int kt) const {
+        const u32 boff = (u32)(kt >> 1) * 144, half = (u32)(kt & 1);
+#pragma unroll
+        for (int j = 0; j < WN; ++j) cp_async16(st + wdst + 2048 * j, wsrc[j] + (boff + half * wh[j]));
+    }
+""" + Q4_LOAD
+Q6_LOAD = "    __device__ __forceinline__ void load(u32 st, int kb) const {  // kb: slot (block) in the row"
+Q6_SPLIT = """    __device__ __forceinline__ void load_x(u32 st, int kb) const {
+#pragma unroll
+        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
+    }
+    __device__ __forceinline__ void load_w(u32 st, int kb) const {
+        const u32 kofs = tb + (u32)kb * Q6_BYTES;
+        u32 row = row0, piece = piece0;
+#pragma unroll 1
+        for (int j = 0; j < WN; ++j) {
+            const u32 o = kofs + min(row, last) * rb;
+            const int bytes = min(16, (int)(o & 15) + Q6_BYTES - 16 * (int)piece);
+            cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, wtile + (o & ~15u) + 16 * piece, bytes);
+            piece += 128 % WN;
+            row += 128 / WN + (piece >= WN);
+            if (piece >= WN) piece -= WN;
+        }
+    }
+""" + Q6_LOAD
+
+ZERO_SRC = r"""
+extern "C" __global__ void zero_f32(float* __restrict__ y, long long n) {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the previous kernel may still read y
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = 0.0f;
+}
+"""
+
+
+def variants(src: str) -> dict[str, str]:
+    for text in (TRIGGER_AT, PRODUCER_LOOP, Q4_LOAD, Q6_LOAD):
+        if text not in src:
+            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the patches")
+    base = src.replace(TRIGGER_AT, TRIGGER).replace(Q4_LOAD, Q4_SPLIT).replace(Q6_LOAD, Q6_SPLIT)
+    pre = base.replace(PRODUCER_LOOP, PREFETCH)
+    return {"tree": src, "pdl": base.replace(PRODUCER_LOOP, WAIT), "pdl_pre": pre, "pdl_pre_zk": pre}
+
+
+# -- cuLaunchKernelEx through ctypes (CuPy has no launch attributes) -------------------------------
+
+class _Attr(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _Config(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint),
+                ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_Attr)), ("n_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+_cuda = ctypes.CDLL("libcuda.so.1")
+_cuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                   ctypes.c_void_p]
+
+
+def launch_pdl(fn_ptr: int, grid: int, block: int, smem: int, args: list[Any]) -> None:
+    """Launch a kernel on the current stream with the programmatic-serialization attribute."""
+    attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    cfg = _Config(grid, 1, 1, block, 1, 1, smem, cp.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+    holders = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_void_p(a) for a in args]
+    params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+    rc = _cuda.cuLaunchKernelEx(ctypes.byref(cfg), fn_ptr, params, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {rc}")
+
+
+def pdl_wgmma(zero_kernel: Any | None) -> Any:
+    """launch._wgmma with the wgmma launch made with PDL; y zeroed by ``zero_kernel`` (itself
+    launched with PDL) instead of a memset where it is given."""
+    def run(q: Any, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
+        plan = launch.wgmma_plan(m, n, k, launch.sm_count(dev), q)
+        if not plan.whole_tiles:
+            if zero_kernel is None:
+                cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
+            else:
+                launch_pdl(zero_kernel.kernel.ptr, 264, 256, 0, [y.data.ptr, ctypes.c_longlong(y.size)])
+        f16_out = y.dtype == cp.float16
+        fn = launch._wg_kernel(dev, launch._wg_name(q, plan.ntok, launch.X_F16 if f16_out else launch.X_F32))
+        launch_pdl(fn.ptr, plan.ctas, launch._WG_THREADS, launch._wg_smem(plan.ntok, q),
+                   [wc.data.ptr, xc.data.ptr, y.data.ptr, ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k)])
+    return run
+
+
+def main() -> None:
+    import json
+    import os
+
+    src = (launch._HERE / "wgmma.cu").read_text()
+    zero = cp.RawKernel(ZERO_SRC, "zero_f32")
+    tree_launch = launch._wgmma
+    launchers = {"tree": tree_launch, "pdl": pdl_wgmma(None), "pdl_pre": pdl_wgmma(None),
+                 "pdl_pre_zk": pdl_wgmma(zero)}
+    wanted = os.environ.get("VARIANTS")  # a comma list; "tree" always runs
+    with tempfile.TemporaryDirectory() as tmp:
+        funcs = {}
+        here = launch._HERE
+        for name, text in variants(src).items():
+            if wanted and name != "tree" and name not in wanted.split(","):
+                continue
+            d = Path(tmp) / name
+            d.mkdir()
+            (d / "wgmma.cu").write_text(text)
+            funcs[name] = compiled(d)
+        launch._HERE = here
+    names = list(funcs)
+    rows = []
+    for qt, n, k, m, ws, xs in cases():
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        ys: dict[str, Any] = {}
+        for _ in range(2):
+            for name in names:
+                launch._wgmma = launchers[name]
+                try:
+                    t, ys[name] = time_version(funcs[name], qt, xs, ws, n, k)
+                finally:
+                    launch._wgmma = tree_launch
+                runs[name].append(t)
+        ref = ys["tree"]
+        plan = launch.wgmma_plan(m, n, k, launch.sm_count(cp.cuda.Device().id), qt)
+        row: dict[str, Any] = {"type": qt.name, "M": m, "N": n, "K": k, "plan": plan._asdict(), "runs_us": runs}
+        for name in names:
+            row[f"{name}_us"] = min(runs[name])
+            row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max() / (cp.abs(ref).max() + 1e-30))
+            row[f"{name}_bit_identical"] = bool(cp.array_equal(ref, ys[name]))
+        rows.append(row)
+        print(f"{qt.name} M={m:4d} {n}x{k} ({plan.ctas} CTAs): "
+              + "  ".join(f"{nm} {row[nm + '_us']:7.1f} ({row[nm + '_max_rel_diff']:.0e})" for nm in names)
+              + " us", flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-pdl-ab.json"), "w") as f:
+        json.dump({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
