@@ -3,8 +3,9 @@ the working tree's, on the three large 7B shapes, formats $TYPES (default Q4_K,Q
 (default 16,64), f16 x, through the dispatch's plan. Each version is compiled once; each case
 is timed four times, interleaved (old, new, old, new), best of two; the outputs are compared
 (bit for bit where every CTA runs whole tiles; stream-K adds partial sums atomically, in any
-order). Writes $OUT/wgmma-ab.json. ``compare`` takes any number of versions
-(wgmma_q6k_ablation.py). Session 15 (the Q6_K quads sharing their scales):
+order). Writes $OUT/wgmma-ab.json. ``compare`` takes any number of versions, and
+``compare_sources`` versions given as texts (wgmma_q6k_ablation.py, wgmma_pdl_ab.py; $VARIANTS
+keeps some of them). Session 15 (the Q6_K quads sharing their scales):
 
     mkdir /tmp/old && git show HEAD~1:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     PYTHONPATH=$PWD WGMMA_OLD_DIR=/tmp/old TYPES=Q6_K python3 docs/experiments/wgmma_ab.py
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,10 +74,13 @@ def cases() -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
                 yield qt, n, k, m, ws, xs
 
 
-def compare(dirs: dict[str, Path], out_name: str) -> list[dict[str, Any]]:
+def compare(
+    dirs: dict[str, Path], out_name: str, launchers: dict[str, Callable[..., None]] | None = None
+) -> list[dict[str, Any]]:
     """Time every version (name -> directory of its wgmma.cu) on every case, interleaved
-    twice, best of two; outputs compared with the first version's."""
-    tree = launch._HERE
+    twice, best of two; outputs compared with the first version's. ``launchers``: a version's
+    stand-in for ``launch._wgmma`` (how its kernel is launched), where it has one."""
+    tree, tree_launch = launch._HERE, launch._wgmma
     versions = {name: compiled(d.resolve()) for name, d in dirs.items()}
     launch._HERE = tree
     names = list(versions)
@@ -85,7 +90,11 @@ def compare(dirs: dict[str, Path], out_name: str) -> list[dict[str, Any]]:
         ys: dict[str, Any] = {}
         for _ in range(2):
             for name in names:
-                t, ys[name] = time_version(versions[name], qt, xs, ws, n, k)
+                launch._wgmma = (launchers or {}).get(name, tree_launch)
+                try:
+                    t, ys[name] = time_version(versions[name], qt, xs, ws, n, k)
+                finally:
+                    launch._wgmma = tree_launch
                 runs[name].append(t)
         ref = ys[names[0]]
         plan = launch.wgmma_plan(m, n, k, launch.sm_count(cp.cuda.Device().id), qt)
@@ -98,8 +107,28 @@ def compare(dirs: dict[str, Path], out_name: str) -> list[dict[str, Any]]:
         print(f"{qt.name} M={m:4d} {n}x{k}: " + "  ".join(f"{name} {row[name + '_us']:7.1f}" for name in names)
               + " us", flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), out_name), "w") as f:
-        json.dump({"versions": {name: str(d) for name, d in dirs.items()}, "rows": rows}, f, indent=1)
+        json.dump({"device": cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode(),
+                   "versions": list(dirs), "rows": rows}, f, indent=1)
     return rows
+
+
+def compare_sources(
+    sources: dict[str, str], out_name: str, launchers: dict[str, Callable[..., None]] | None = None
+) -> list[dict[str, Any]]:
+    """``compare`` over versions given as wgmma.cu texts (the first one is the reference);
+    $VARIANTS, a comma list of names, keeps only those besides the first."""
+    wanted = os.environ.get("VARIANTS")
+    first = next(iter(sources))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {}
+        for name, text in sources.items():
+            if wanted and name != first and name not in wanted.split(","):
+                continue
+            d = Path(tmp) / name
+            d.mkdir()
+            (d / "wgmma.cu").write_text(text)
+            dirs[name] = d
+        return compare(dirs, out_name, launchers)
 
 
 def main() -> None:

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy as cp
-from wgmma_ab import cases, compiled, time_version
+from wgmma_ab import compare_sources
 
 from cupy_kernels import launch
 
@@ -166,53 +165,9 @@ def pdl_wgmma(zero_kernel: Any | None) -> Any:
 
 
 def main() -> None:
-    import json
-    import os
-
-    src = (launch._HERE / "wgmma.cu").read_text()
-    zero = cp.RawKernel(ZERO_SRC, "zero_f32")
-    tree_launch = launch._wgmma
-    launchers = {"tree": tree_launch, "pdl": pdl_wgmma(None), "pdl_pre": pdl_wgmma(None),
-                 "pdl_pre_zk": pdl_wgmma(zero)}
-    wanted = os.environ.get("VARIANTS")  # a comma list; "tree" always runs
-    with tempfile.TemporaryDirectory() as tmp:
-        funcs = {}
-        here = launch._HERE
-        for name, text in variants(src).items():
-            if wanted and name != "tree" and name not in wanted.split(","):
-                continue
-            d = Path(tmp) / name
-            d.mkdir()
-            (d / "wgmma.cu").write_text(text)
-            funcs[name] = compiled(d)
-        launch._HERE = here
-    names = list(funcs)
-    rows = []
-    for qt, n, k, m, ws, xs in cases():
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        ys: dict[str, Any] = {}
-        for _ in range(2):
-            for name in names:
-                launch._wgmma = launchers[name]
-                try:
-                    t, ys[name] = time_version(funcs[name], qt, xs, ws, n, k)
-                finally:
-                    launch._wgmma = tree_launch
-                runs[name].append(t)
-        ref = ys["tree"]
-        plan = launch.wgmma_plan(m, n, k, launch.sm_count(cp.cuda.Device().id), qt)
-        row: dict[str, Any] = {"type": qt.name, "M": m, "N": n, "K": k, "plan": plan._asdict(), "runs_us": runs}
-        for name in names:
-            row[f"{name}_us"] = min(runs[name])
-            row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max() / (cp.abs(ref).max() + 1e-30))
-            row[f"{name}_bit_identical"] = bool(cp.array_equal(ref, ys[name]))
-        rows.append(row)
-        print(f"{qt.name} M={m:4d} {n}x{k} ({plan.ctas} CTAs): "
-              + "  ".join(f"{nm} {row[nm + '_us']:7.1f} ({row[nm + '_max_rel_diff']:.0e})" for nm in names)
-              + " us", flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-pdl-ab.json"), "w") as f:
-        json.dump({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "rows": rows}, f, indent=1)
-
+    launchers = {"pdl": pdl_wgmma(None), "pdl_pre": pdl_wgmma(None),
+                 "pdl_pre_zk": pdl_wgmma(cp.RawKernel(ZERO_SRC, "zero_f32"))}
+    compare_sources(variants((launch._HERE / "wgmma.cu").read_text()), "wgmma-pdl-ab.json", launchers)
 
 if __name__ == "__main__":
     main()

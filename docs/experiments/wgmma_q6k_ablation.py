@@ -18,14 +18,12 @@ the names below, default all):
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wgmma_ab import compare
+from wgmma_ab import compare_sources
 
 from cupy_kernels import launch
 
@@ -64,19 +62,7 @@ def variants(src: str) -> dict[str, str]:
 
 
 def main() -> None:
-    src = (launch._HERE / "wgmma.cu").read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = {}
-        wanted = os.environ.get("VARIANTS")
-        for name, text in variants(src).items():
-            if wanted and name != "tree" and name not in wanted.split(","):
-                continue
-            d = Path(tmp) / name
-            d.mkdir()
-            (d / "wgmma.cu").write_text(text)
-            dirs[name] = d
-        compare(dirs, "wgmma-q6k-ablation.json")
-
+    compare_sources(variants((launch._HERE / "wgmma.cu").read_text()), "wgmma-q6k-ablation.json")
 
 if __name__ == "__main__":
     main()
