@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import cupy as cp
 import numpy as np
@@ -109,6 +110,7 @@ def launcher(kern, qt, mode, m, n, k, w, x, y):
     tiles, nk = grid[0] * grid[1], k // RING[qt][0]
     i32 = cp.int32
     if kps_kernel:
+        args_tail: tuple[Any, ...]
         g, args_tail, zero = grid, (i32(kps),), grid[2] > 1
     else:
         ctas = tiles * grid[2] if mode == "split" else min(SMS, tiles * nk // 2)
@@ -162,7 +164,9 @@ def main_time():
             for m in (16, 64):
                 xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
                 reps = 20 if n * k > 100_000_000 else 60
-                res, outs, grids = {}, {}, {}
+                res: dict[str, list[float]] = {}
+                outs: dict[str, Any] = {}
+                grids: dict[str, Any] = {}
                 for _round in range(2):
                     for v in VARIANTS:
                         modes = ["grid"] if kerns[v][2] else MODES

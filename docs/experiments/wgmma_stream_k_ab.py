@@ -9,7 +9,11 @@ $OUT/wgmma-stream-k-ab.json.
     git worktree add /tmp/w 951ed25 && cd /tmp/w   # the patch is against 951ed25
     mkdir /tmp/old && git show 951ed25:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     git apply /path/to/this/repo/docs/experiments/wgmma-stream-k.patch   # launch.wgmma_plan, WGMMA_STREAM_K
-    PYTHONPATH=/tmp/w WGMMA_OLD_DIR=/tmp/old python3 /path/to/this/repo/docs/experiments/wgmma_stream_k_ab.py
+    git -C /path/to/this/repo show df69d46:docs/experiments/wgmma_ab.py > /tmp/wgmma_ab.py  # its helpers then
+    cp /path/to/this/repo/docs/experiments/wgmma_stream_k_ab.py /path/to/this/repo/docs/experiments/wgmma_producer_probe.py /tmp/
+    PYTHONPATH=/tmp/w WGMMA_OLD_DIR=/tmp/old python3 /tmp/wgmma_stream_k_ab.py
+
+(today's wgmma_ab.py has other helpers: this script imports the one of df69d46, next to it)
 
 Session 13's runs: docs/results/wgmma-stream-k-ab-h200.json (and -56-224- for the
 patch with 951ed25's setmaxnreg split).
