@@ -164,7 +164,7 @@ def main_time():
             for m in (16, 64):
                 xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
                 reps = 20 if n * k > 100_000_000 else 60
-                res: dict[str, list[float]] = {}
+                res: dict[str, float] = {}
                 outs: dict[str, Any] = {}
                 grids: dict[str, Any] = {}
                 for _round in range(2):
