@@ -68,34 +68,26 @@ PREFETCH = """        int ri = 0, round = 0;
                 }
             }
             for (int j = j0; j < sg.n; ++j) {"""
-# the loaders' two halves (their load() is kept as it is)
-Q4_LOAD = "    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row"
-Q4_SPLIT = """    __device__ __forceinline__ void load_x(u32 st, int kt) const { x.load(st, kt * WG_KT); }
+# The loaders' two halves: each load() body is split where its x copies end, so load_w keeps
+# the tree's weight loop as it is, and load() issues both in the same order as before.
+Q4_LOAD = """    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row
+        x.load(st, kt * WG_KT);
+"""
+Q4_SPLIT = """    __device__ __forceinline__ void load(u32 st, int kt) const { load_x(st, kt); load_w(st, kt); }
+    __device__ __forceinline__ void load_x(u32 st, int kt) const { x.load(st, kt * WG_KT); }
     __device__ __forceinline__ void load_w(u32 st, int kt) const {
-        const u32 boff = (u32)(kt >> 1) * 144, half = (u32)(kt & 1);
+"""
+Q6_LOAD = """    __device__ __forceinline__ void load(u32 st, int kb) const {  // kb: slot (block) in the row
 #pragma unroll
-        for (int j = 0; j < WN; ++j) cp_async16(st + wdst + 2048 * j, wsrc[j] + (boff + half * wh[j]));
-    }
-""" + Q4_LOAD
-Q6_LOAD = "    __device__ __forceinline__ void load(u32 st, int kb) const {  // kb: slot (block) in the row"
-Q6_SPLIT = """    __device__ __forceinline__ void load_x(u32 st, int kb) const {
+        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
+"""
+Q6_SPLIT = """    __device__ __forceinline__ void load(u32 st, int kb) const { load_x(st, kb); load_w(st, kb); }
+    __device__ __forceinline__ void load_x(u32 st, int kb) const {
 #pragma unroll
         for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
     }
     __device__ __forceinline__ void load_w(u32 st, int kb) const {
-        const u32 kofs = tb + (u32)kb * Q6_BYTES;
-        u32 row = row0, piece = piece0;
-#pragma unroll 1
-        for (int j = 0; j < WN; ++j) {
-            const u32 o = kofs + min(row, last) * rb;
-            const int bytes = min(16, (int)(o & 15) + Q6_BYTES - 16 * (int)piece);
-            cp_async16(st + C::XSLOT + row * Q6_WROW + 16 * piece, wtile + (o & ~15u) + 16 * piece, bytes);
-            piece += 128 % WN;
-            row += 128 / WN + (piece >= WN);
-            if (piece >= WN) piece -= WN;
-        }
-    }
-""" + Q6_LOAD
+"""
 
 ZERO_SRC = r"""
 extern "C" __global__ void zero_f32(float* __restrict__ y, long long n) {
@@ -168,6 +160,7 @@ def main() -> None:
     launchers = {"pdl": pdl_wgmma(None), "pdl_pre": pdl_wgmma(None),
                  "pdl_pre_zk": pdl_wgmma(cp.RawKernel(ZERO_SRC, "zero_f32"))}
     compare_sources(variants((launch._HERE / "wgmma.cu").read_text()), "wgmma-pdl-ab.json", launchers)
+
 
 if __name__ == "__main__":
     main()

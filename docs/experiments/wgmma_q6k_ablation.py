@@ -64,5 +64,6 @@ def variants(src: str) -> dict[str, str]:
 def main() -> None:
     compare_sources(variants((launch._HERE / "wgmma.cu").read_text()), "wgmma-q6k-ablation.json")
 
+
 if __name__ == "__main__":
     main()
