@@ -5,7 +5,8 @@ is timed four times, interleaved (old, new, old, new), best of two; the outputs 
 (bit for bit where every CTA runs whole tiles; stream-K adds partial sums atomically, in any
 order). Writes $OUT/wgmma-ab.json. ``compare`` takes any number of versions, and
 ``compare_sources`` versions given as texts (wgmma_q6k_ablation.py, wgmma_pdl_ab.py; $VARIANTS
-keeps some of them). Session 15 (the Q6_K quads sharing their scales):
+keeps some of them). EAGER=1 times plain launches queued behind a spin kernel instead of
+CUDA-graph replays. Session 15 (the Q6_K quads sharing their scales):
 
     mkdir /tmp/old && git show HEAD~1:cupy_kernels/wgmma.cu > /tmp/old/wgmma.cu
     PYTHONPATH=$PWD WGMMA_OLD_DIR=/tmp/old TYPES=Q6_K python3 docs/experiments/wgmma_ab.py
@@ -24,7 +25,7 @@ import cupy as cp
 from gguf import GGMLQuantizationType as T
 
 from cupy_kernels import launch
-from cupy_kernels.cmd_bench import _median_graph_time, random_weight_gpu
+from cupy_kernels.cmd_bench import _median_graph_time, _spin_kernel, random_weight_gpu
 
 SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
 
@@ -39,9 +40,32 @@ def compiled(here: Path) -> dict[tuple[int, str], Any]:
     return dict(launch._wg_functions)
 
 
+def _median_eager_time(run: Callable[[int], None], calls: int = 100, replays: int = 20) -> float:
+    """Median seconds of one run(i) launched eagerly, ``calls`` back to back behind a spin
+    kernel (so the events time the GPU, not Python's launches)."""
+    spin, clock_hz = _spin_kernel(cp), cp.cuda.Device().attributes.get("ClockRate", 1_980_000) * 1e3
+    for i in range(3):
+        run(i)
+    times = []
+    for _ in range(replays):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        spin((1,), (1,), (cp.int64(int(0.02 * clock_hz)),))
+        e0.record()
+        for i in range(calls):
+            run(i)
+        e1.record()
+        e1.synchronize()
+        times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def timed(run: Callable[[int], None]) -> float:
-    """Median us of one run(i) (CUDA-graph replays), then one more call to leave its output."""
-    t, _, _ = _median_graph_time(cp, run, 50)
+    """Median us of one run(i) (CUDA-graph replays; EAGER=1: plain launches), then one more
+    call to leave its output."""
+    if os.environ.get("EAGER") == "1":
+        t = _median_eager_time(run)
+    else:
+        t, _, _ = _median_graph_time(cp, run, 50)
     run(0)
     cp.cuda.runtime.deviceSynchronize()
     return t * 1e6
@@ -101,14 +125,15 @@ def compare(
         row: dict[str, Any] = {"type": qt.name, "M": m, "N": n, "K": k, "plan": plan._asdict(), "runs_us": runs}
         for name in names:
             row[f"{name}_us"] = min(runs[name])
-            row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max() / (cp.abs(ref).max() + 1e-30))
+            row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max()) / (float(cp.abs(ref).max()) + 1e-30)
             row[f"{name}_bit_identical"] = bool(cp.array_equal(ref, ys[name]))
         rows.append(row)
         print(f"{qt.name} M={m:4d} {n}x{k}: " + "  ".join(f"{name} {row[name + '_us']:7.1f}" for name in names)
               + " us", flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), out_name), "w") as f:
         json.dump({"device": cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode(),
-                   "versions": list(dirs), "rows": rows}, f, indent=1)
+                   "versions": list(dirs), "timing": "eager" if os.environ.get("EAGER") == "1" else "graph",
+                   "rows": rows}, f, indent=1)
     return rows
 
 
