@@ -23,7 +23,10 @@ every launch writes the same y, so a wait placed too late would show as wrong va
 
     PYTHONPATH=$PWD [VARIANTS=pdl_pre,...] [TYPES=Q6_K] [MS=64] python3 docs/experiments/wgmma_pdl_ab.py
 
-writes $OUT/wgmma-pdl-ab.json.
+writes $OUT/wgmma-pdl-ab.json (EAGER=1: timed as plain launches, not CUDA graphs).
+
+Measured in session 17 on an H100: no gain (``pdl`` 0.98-1.03 of the tree's time, the
+others slower; ``docs/results/wgmma-pdl-ab-h100.json``, ``wgmma-pdl-ab-eager-h100.json``).
 """
 
 from __future__ import annotations
