@@ -42,9 +42,10 @@ from wgmma_ab import cases, compiled, time_version
 from cupy_kernels import launch
 from cupy_kernels.cmd_bench import _spin_kernel
 
-SLOTS = 8  # per CTA: entry, issued, first, mma_done, end, prod_done, prev_end, smid
-MAX_CTAS = 2048
+# a CTA's stamps, in this order (STAMP(i) writes NAMES[i]; the first six are times)
 NAMES = ("entry", "issued", "first", "mma_done", "end", "prod_done", "prev_end", "smid")
+SLOTS = len(NAMES)
+MAX_CTAS = 2048
 
 PATCHES = [
     ("typedef unsigned long long u64;\n",
@@ -83,10 +84,10 @@ def patched(src: str) -> str:
     return src
 
 
-def stamps_of(qt: Any, ntok: int, f16_out: bool) -> Any:
-    """The stamp buffer of the loaded module of this variant, as a uint64 array view."""
+def stamps_of(qt: Any, ntok: int) -> Any:
+    """The stamp buffer of the loaded module of this (float32 y) variant, as a uint64 array view."""
     dev = cp.cuda.Device().id
-    _, mod = launch._wg_functions[(dev, launch._wg_name(qt, ntok, launch.X_F16 if f16_out else launch.X_F32))]
+    _, mod = launch._wg_functions[(dev, launch._wg_name(qt, ntok, launch.X_F32))]
     ptr = mod.get_global_var("wg_stamps")  # a device address (int) in CuPy 14
     mem = cp.cuda.UnownedMemory(int(ptr), MAX_CTAS * SLOTS * 8, mod)
     return cp.ndarray((MAX_CTAS, SLOTS), dtype=cp.uint64, memptr=cp.cuda.MemoryPointer(mem, 0))
@@ -95,7 +96,6 @@ def stamps_of(qt: Any, ntok: int, f16_out: bool) -> Any:
 def summary(st: np.ndarray, ctas: int) -> dict[str, Any]:
     s = st[:ctas].astype(np.int64)
     e = s[:, 0]
-    t = {n: s[:, i] - e.min() for i, n in enumerate(NAMES[:6])}  # ns from the first entry
 
     def med(a: np.ndarray) -> float:
         return float(np.median(a)) / 1e3
@@ -114,7 +114,7 @@ def summary(st: np.ndarray, ctas: int) -> dict[str, Any]:
         "span_us": float(s[:, 4].max() - e.min()) / 1e3,
         "gap_after_previous_us": float(e.min() - s[:, 6].max()) / 1e3 if s[:, 6].max() > 0 else None,
         # the timer's step: the smallest non-zero difference between any two stamps
-        "timer_step_ns": int(np.diff(np.unique(np.concatenate([t[n] for n in t]))).min()),
+        "timer_step_ns": int(np.diff(np.unique(s[:, :6])).min()),
     }
     for name, a in (("first_slot_after_entry", s[:, 2] - e), ("end", s[:, 4] - e.min())):
         out[f"{name}_p10_p90_us"] = [float(np.percentile(a, 10)) / 1e3, float(np.percentile(a, 90)) / 1e3]
@@ -135,7 +135,7 @@ def main() -> None:
             tree_us = min(time_version(plain, qt, xs, ws, n, k)[0] for _ in range(2))
             probe_us = min(time_version(probe, qt, xs, ws, n, k)[0] for _ in range(2))
             plan = launch.wgmma_plan(m, n, k, launch.sm_count(dev), qt)
-            st = stamps_of(qt, plan.ntok, False)
+            st = stamps_of(qt, plan.ntok)
             st.fill(0)
             y = cp.zeros((m, n), dtype=cp.float32)
             spin((1,), (1,), (cp.int64(int(0.005 * clock_hz)),))
@@ -151,8 +151,7 @@ def main() -> None:
                   f"mma {row['mma_us']:5.1f}, epilogue {row['epilogue_us']:4.1f}, end spread "
                   f"{row['end_spread_us']:4.1f}, gap {row['gap_after_previous_us']}, timer step "
                   f"{row['timer_step_ns']} ns", flush=True)
-    launch._HERE = tree
-    launch._wg_functions.clear()
+    launch._wg_functions.clear()  # compiled(tree) left launch._HERE at the tree
     with open(os.path.join(os.environ.get("OUT", "."), "wgmma-timeline.json"), "w") as f:
         json.dump({"device": cp.cuda.runtime.getDeviceProperties(dev)["name"].decode(), "rows": rows}, f, indent=1)
 
