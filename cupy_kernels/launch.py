@@ -8,7 +8,7 @@ Two kernel families, one launcher each:
   tensor-core GEMM (weights decoded tile by tile into shared memory) below
   DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
   (:func:`dispatch_path`); on an sm_90 GPU, Q4_K and Q6_K with f16 x take the
-  wgmma GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M[format]..WGMMA_MAX_M.
+  wgmma GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M[format]..WGMMA_MAX_M[format].
   x may be float32, bfloat16 or float16; the GEMM and the decode keep f16 x in
   f16 (the GEMV family takes it as float32).
 * :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
@@ -139,20 +139,28 @@ WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for th
 # 293 against 627).  Q6_K (wgmma-q6k-h200.json, session 12), whose decode costs about
 # 1.5x Q4_K's per weight: the GEMV took 352 us at M = 12 and 415 at 16; session 14's
 # kernel (lean producer, stream-K) takes 307 at M = 16, flat in M up to 64 (it was 511),
-# so Q6_K starts at 12 too.  Against decode + cuBLAS it wins up to
-# M = 128 and loses from M = 256 on (Q4_K, session 8: M = 512 196 / 197 / 1499 against
-# 148 / 141 / 1181 us; Q6_K, session 12: 812 against 990 us at M = 128, 1548 against
-# 1091 at 256).
+# so Q6_K starts at 12 too.  The upper end (WGMMA_MAX_M), against decode + cuBLAS, x torch
+# bf16 on the same three shapes, H200, session 19 (bench-kernels-h200.json, and
+# bench-kernels-q6k256-h200.json for Q6_K taken to 256): Q4_K on 256-token tiles 0.63 /
+# 0.74 / 0.71 at M = 256 against 0.48 / 0.51 / 0.46 (session 15).  Q6_K, whose tiles end
+# at 128 tokens, lost there: 124 / 120 / 905 us against 108 / 115 / 876, so it ends at
+# 128 (an H100 experiment of session 18 had it ahead, 0.53 / 0.57 / 0.53 against 0.45 /
+# 0.47 / 0.42: the margin is small either way).  Q4_K stops at 256: at 512 the H100
+# experiment had the FFN shapes a wash (0.72 / 0.78 against 0.65 / 0.67), and the 7B-shape
+# teacher at 1x512 ran 0.656 of dense with Q4_K up to 512 against 0.699 without.
 WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 12}
 WGMMA_TYPES: frozenset[int] = frozenset(WGMMA_MIN_M)
-WGMMA_MAX_M = 128
-_WG_NTOK = (64, 128)  # tokens per CTA tile (compiled)
+WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
+# tokens per CTA tile, compiled per format; a GEMM takes the smallest that holds M, else
+# the largest.  256 (Q4_K only: a Q6_K slot that wide leaves a ring of one slot) halves the
+# decode per token: at M = 256 it ran 0.79-0.93x torch on an H100 where 128 ran 0.72-0.78 (session 18)
+_WG_NTOK: dict[int, tuple[int, ...]] = {int(QT.Q4_K): (64, 128, 256), int(QT.Q6_K): (64, 128)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
-# per slot, slots in the ring at 64 / at 128 tokens per tile)
-_WG_RING: dict[int, tuple[int, int, tuple[int, int]]] = {
-    int(QT.Q4_K): (128, 80, (8, 5)),
-    int(QT.Q6_K): (256, 240, (3, 2)),
+# per slot, slots in the ring per token tile)
+_WG_RING: dict[int, tuple[int, int, dict[int, int]]] = {
+    int(QT.Q4_K): (128, 80, {64: 8, 128: 5, 256: 3}),
+    int(QT.Q6_K): (256, 240, {64: 3, 128: 2}),
 }
 _WG_MIN_STAGES_PER_SPLIT = 2
 WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_plan)
@@ -180,7 +188,7 @@ def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
     wgmma.cu: x and weight rows per slot), 1,024 bytes of alignment slack and a full and
     an empty mbarrier per slot."""
     kslot, wrow, stages_by_ntok = _WG_RING[int(_qtype(qtype))]
-    stages = stages_by_ntok[0] if ntok <= 64 else stages_by_ntok[1]
+    stages = stages_by_ntok[ntok]
     return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 16 * stages
 
 
@@ -226,17 +234,18 @@ def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan
     model predicts WG_STREAM_K_GAIN or less of its time.  Where K is not split and
     the tiles fill WG_PERSIST_WAVES waves or more, one CTA per SM runs them.  Cached:
     an eager linear asks twice (whether the kernel can write f16, then the launch)."""
-    kslot = _WG_RING[int(_qtype(qtype))][0]
+    q = int(_qtype(qtype))
     gain = WG_STREAM_K_GAIN if WGMMA_STREAM_K else 0.0
-    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, kslot, gain, WG_CTA_SLOTS, WG_PERSIST_WAVES)
+    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[q][0], gain, WG_CTA_SLOTS, WG_PERSIST_WAVES,
+                       _WG_NTOK[q])
 
 
 @functools.cache
 def _wgmma_plan(
     m: int, n: int, k: int, sms: int, fill_target: float, kslot: int, gain: float, cta_slots: int,
-    persist_waves: int,
+    persist_waves: int, ntoks: tuple[int, ...],
 ) -> WgPlan:
-    ntok = _WG_NTOK[0] if m <= _WG_NTOK[0] else _WG_NTOK[-1]
+    ntok = next((t for t in ntoks if m <= t), ntoks[-1])
     tiles = -(-m // ntok) * -(-n // _WG_ROWS)
     nk = k // kslot
     if tiles * nk >= 2**31:  # WgWork counts units in 32 bits
@@ -422,7 +431,7 @@ def _wg_name(qtype: Any, ntok: int, out: int) -> str:
 def _wg_variants() -> dict[str, tuple[int, int]]:
     """The compiled wgmma kernels: name -> (format, token tile)."""
     return {
-        _wg_name(q, nt, out): (q, nt) for q in sorted(WGMMA_TYPES) for nt in _WG_NTOK for out in (X_F32, X_F16)
+        _wg_name(q, nt, out): (q, nt) for q in sorted(WGMMA_TYPES) for nt in _WG_NTOK[q] for out in (X_F32, X_F16)
     }
 
 
@@ -489,7 +498,7 @@ def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:
     """Whether dispatch picks the wgmma GEMM: Q4_K or Q6_K, f16 x, an sm_90 GPU, M in range."""
     return (
         WGMMA and hopper and x_is_f16 and int(_qtype(q)) in WGMMA_TYPES
-        and WGMMA_MIN_M[int(_qtype(q))] <= m <= WGMMA_MAX_M
+        and WGMMA_MIN_M[int(_qtype(q))] <= m <= WGMMA_MAX_M[int(_qtype(q))]
     )
 
 

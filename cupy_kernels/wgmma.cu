@@ -15,7 +15,8 @@
 // copies the 16-byte pieces that cover it (14 at most) and the decode reads the block
 // at its offset within the first piece (2-byte loads only).
 //
-// CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens.  Warpgroups
+// CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens (64 or 128; Q4_K also
+// 256, where the decode of a fragment feeds twice the tokens).  Warpgroups
 // 0 and 1 decode and multiply (warpgroup wg owns rows 64 wg .. 64 wg + 63);
 // warpgroup 2 only issues the cp.async copies of each stage and signals a full
 // mbarrier per slot, and the MMA warpgroups hand a slot back through an empty
@@ -95,7 +96,7 @@ __device__ __forceinline__ u32 dec2(u32 p, u32 s2, u32 negm2) {
 }
 
 // wgmma m64nNk16, f32 += f16 (A: registers, B: shared-memory descriptor), one overload
-// per tile width used; inline asm must spell out every accumulator register.
+// per tile width used (N = 64, 128, 256); inline asm must spell out every accumulator register.
 __device__ __forceinline__ void wgmma_rs(float (&d)[32], const u32 (&a)[4], u64 desc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -116,6 +117,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const u32 (&a)[4], u64 
         : "memory");
 }
 
+__device__ __forceinline__ void wgmma_rs(float (&d)[128], const u32 (&a)[4], u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+        : "memory");
+}
+
 // the ring of one format: a slot holds SPS steps of 128 K values (x and weights)
 template <int QT, int NTOK>
 struct WgCfg {
@@ -127,7 +138,12 @@ struct WgCfg {
     static constexpr int SLOT = XSLOT + WG_ROWS * WROW;
     // as many slots as fit in 227 KiB: the ring is what keeps enough bytes in flight
     // (launch._wg_smem: STAGES * SLOT + 1024 + 16 * STAGES)
-    static constexpr int STAGES = QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : 5);
+    static constexpr int STAGES = QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : NTOK <= 128 ? 5 : 3);
+    // a Q6_K slot of 256 tokens (158 KiB) would leave a ring of one slot
+    static_assert(QT == QT_Q4_K || NTOK <= 128, "256-token tiles are Q4_K only");
+    // MMA warpgroups' registers a thread after setmaxnreg (the producer keeps what is left of the
+    // launch's 168 x 384): 128 accumulators a thread at 256 tokens need the most the split allows
+    static constexpr int MMA_REGS = NTOK > 128 ? 232 : 224;
 };
 
 // (6-bit scale, 6-bit min) of sub-block s of a Q4_K block, from its 12 scale bytes
@@ -468,8 +484,12 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
         // launched at 168 registers a thread: (168 - 56) x 128 freed here is exactly what the
-        // MMA warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them)
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        // MMA warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them);
+        // at 256 tokens (168 - 40) x 128 = (232 - 168) x 256
+        if constexpr (C::MMA_REGS == 232)
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        else
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
         // ring slot ri of round r: the producer waits for round r - 1's to come back (parity (r - 1) & 1)
         int ri = 0, round = 0;
         while (work.next(sg)) {
@@ -485,7 +505,10 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    if constexpr (C::MMA_REGS == 232)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    else
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int wg = tid >> 7, warp = (tid >> 5) & 3;
     const int g = lane >> 2, t = lane & 3;
     const int rA = wg * 64 + warp * 16 + g;

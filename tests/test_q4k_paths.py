@@ -44,7 +44,7 @@ def test_every_path_is_reached_on_tiny_at_an_m_in_its_range() -> None:
         "gemv": range(1, launch.GEMV_MAX_M + 1),
         "gemv_tc": range(2, launch.GEMV_TC_MAX_M + 1),
         "mma": range(2, launch.DEQUANT_MIN_M),
-        "wgmma": range(min(launch.WGMMA_MIN_M.values()), launch.WGMMA_MAX_M + 1),
+        "wgmma": range(min(launch.WGMMA_MIN_M.values()), max(launch.WGMMA_MAX_M.values()) + 1),
         "dequant": range(launch.DEQUANT_MIN_M, 10**6),
     }
     assert set(ranges) == set(launch.PATHS), "a new kernel path needs a range here and an FT-003 case"
@@ -63,7 +63,7 @@ def test_on_sm90_the_dequant_item_sends_every_linear_through_decode_and_cublas()
     # dequant item must look past it, or the path the 512-token shapes run goes unchecked
     shapes = _shapes("tiny")
     m, count = m_for_path("dequant", shapes, x_is_f16=True, hopper=True)
-    assert count == len(shapes) and m == launch.WGMMA_MAX_M + 1, (m, count, len(shapes))
+    assert count == len(shapes) and m == max(launch.WGMMA_MAX_M.values()) + 1, (m, count, len(shapes))
 
 
 def test_on_sm90_the_wgmma_gemm_takes_the_whole_mma_range_of_q4k_and_q6k() -> None:

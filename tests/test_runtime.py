@@ -172,7 +172,7 @@ def test_dispatch_path_wgmma_needs_its_formats_f16_and_sm90(qt: QT) -> None:
 
     q4 = (qt, 18944, 3584)
     on = {"x_is_f16": True, "hopper": True}
-    lo, hi = launch.WGMMA_MIN_M[int(qt)], launch.WGMMA_MAX_M
+    lo, hi = launch.WGMMA_MIN_M[int(qt)], launch.WGMMA_MAX_M[int(qt)]
     assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(hi, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(lo - 1, *q4, x_is_bf16=True, **on) == "gemv_tc"
@@ -207,7 +207,8 @@ def _wg_segments(plan: Any, b: int) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("qt,kslot", [(QT.Q4_K, 128), (QT.Q6_K, 256)], ids=["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m,n,k", [(33, 130, 512), (64, 512, 3584), (64, 18944, 3584), (64, 3584, 18944),
-                                   (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256), (16, 3584, 3584)])
+                                   (128, 152064, 3584), (512, 18944, 3584), (1, 128, 256), (16, 3584, 3584),
+                                   (129, 3584, 3584), (300, 512, 3584)])
 def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
     m: int, n: int, k: int, qt: QT, kslot: int
 ) -> None:
@@ -216,8 +217,12 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
     sms = 132
     plan = launch.wgmma_plan(m, n, k, sms, qt)
     mt, nt = -(-m // plan.ntok), -(-n // 128)
-    assert plan.ntok in (64, 128) and plan.tiles == mt * nt and plan.slots == k // kslot
-    assert plan.ntok * (mt - 1) < m and (plan.ntok == 64) == (m <= 64)
+    assert plan.tiles == mt * nt and plan.slots == k // kslot and plan.ntok * (mt - 1) < m
+    # the smallest compiled token tile that holds M, else the largest (256: Q4_K only)
+    ntoks = launch._WG_NTOK[int(qt)]
+    assert plan.ntok in ntoks and (plan.ntok >= m or plan.ntok == max(ntoks))
+    assert all(t < m for t in ntoks if t < plan.ntok)
+    assert (plan.ntok == 256) == (qt == QT.Q4_K and m > 128)
     # every (tile, slot) unit in exactly one CTA's segments; a segment stays in its tile
     seen = [[0] * plan.slots for _ in range(plan.tiles)]
     for b in range(plan.ctas):

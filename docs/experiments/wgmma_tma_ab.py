@@ -26,7 +26,8 @@ on that commit's tree:
     cd /tmp/w && PYTHONPATH=$PWD [TYPES=Q4_K] [MS=256,512] [SHAPES=18944x3584] \
         python3 docs/experiments/wgmma_tma_ab.py
 
-writes $OUT/wgmma-tma-ab.json. Session 18's run (H100): docs/results/wgmma-tma-ab-h100.json.
+writes $OUT/wgmma-tma-ab.json. Session 18's run (H100) was cut off and its JSON lost; the
+numbers it printed are in cupy_kernels/NOTES.md v20.
 """
 
 from __future__ import annotations

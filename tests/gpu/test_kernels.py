@@ -163,7 +163,8 @@ def _need_hopper(cp: Any) -> None:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (H100 / H200)")
 
 
-# M: one tile of 64, a partial tile of 128, two tiles; N: partial row tiles; K = 3584:
+# M: one tile of 64, a partial tile of 128, two tiles, Q4_K's 256-token tiles (257: a partial
+# one of 256, Q6_K two of 128 and one of 1; 513: two whole and a partial); N: partial row tiles; K = 3584:
 # 28 Q4_K / 14 Q6_K slots, split over CTAs where the grid is small (atomic float32
 # sums).  Q6_K rows of 420 / 630 / 2,940 bytes (K = 512 / 768 / 3584) put the 210-byte
 # blocks at every even offset within their 16-byte pieces.
@@ -171,7 +172,7 @@ WGMMA_FORMATS = [T.Q4_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("m,n,k", [(33, 200, 512), (64, 130, 768), (100, 384, 3584), (257, 131, 768),
-                                   (64, 512, 3584), (12, 77, 3584)])
+                                   (64, 512, 3584), (12, 77, 3584), (513, 384, 768)])
 @pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
 def test_wgmma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int) -> None:
     _need_hopper(cp)
@@ -180,7 +181,7 @@ def test_wgmma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int)
     assert err < WGMMA_TOL
 
 
-@pytest.mark.parametrize("m,n", [(300, 4608), (200, 3584)])
+@pytest.mark.parametrize("m,n", [(300, 4608), (200, 3584), (256, 15360)])
 @pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
 def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int) -> None:
     """f16 y written by the kernel itself (no K split: the grid fills the GPU), against
@@ -209,7 +210,7 @@ def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int)
             launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
 
 
-@pytest.mark.parametrize("m,n,k", [(100, 384, 3584), (64, 512, 3584), (64, 1000, 3584)])
+@pytest.mark.parametrize("m,n,k", [(100, 384, 3584), (64, 512, 3584), (64, 1000, 3584), (300, 1000, 3584)])
 @pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
 def test_wgmma_stream_k(
     cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch

@@ -12,8 +12,9 @@ import torch
 
 from teacher.models import resolve_model
 
-# (batch, seq): B*T rows per linear, chosen so that every dispatch path runs
-SHAPES = {"gemv1": (1, 1), "gemv": (1, 5), "gemv_tc": (2, 10), "mma": (1, 60), "dequant": (2, 100)}
+# (batch, seq): B*T rows per linear, chosen so that every dispatch path runs ("dequant": past
+# the wgmma GEMM's range too, so that an sm_90 GPU decodes + cuBLAS as well)
+SHAPES = {"gemv1": (1, 1), "gemv": (1, 5), "gemv_tc": (2, 10), "mma": (1, 60), "dequant": (2, 150)}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_f16_by_default_and_bf16_after_an_overflow(tiny: Any, caplog: pytest.Log
     t = Q4KTeacher.from_gguf(resolve_model("tiny"))
     # a norm weight that puts the FFN input past f16's range: f32 norms, f16 matmul input
     t.ops.vectors["blk.0.ffn_norm.weight"] = t.ops.vectors["blk.0.ffn_norm.weight"] * 1e6
-    ids = _ids(t.vocab_size(), (1, 70), seed=8)  # M = 70: the decode + cuBLAS path
+    ids = _ids(t.vocab_size(), (1, 70), seed=8)  # M = 70: decode + cuBLAS, or the wgmma GEMM on sm_90
     with caplog.at_level("WARNING", logger="teacher.runtime"):
         out = t.logits_for_batch(ids)
     assert "float16 activations overflowed" in caplog.text
@@ -145,7 +146,7 @@ def test_the_head_multiplies_in_bf16_under_f16_activations(tiny: Any, reference:
         seen.append((w.name, dtype))
         return decoded(w, dtype)
 
-    ids = _ids(tiny.vocab_size(), (2, 103), seed=13)  # M = 206: the decode + cuBLAS path
+    ids = _ids(tiny.vocab_size(), (2, 143), seed=13)  # M = 286: decode + cuBLAS (past the wgmma GEMM's range)
     ops.head_bf16, ops._decoded_chunks = head_bf16, spy
     try:
         got = tiny.logits_for_batch(ids).double()  # eager or captured: the layers run either way
@@ -159,9 +160,10 @@ def test_the_head_multiplies_in_bf16_under_f16_activations(tiny: Any, reference:
     assert float(cos.min()) >= 0.999
 
 def test_one_decode_scratch_for_graph_and_head(tiny: Any) -> None:
-    # M = 200 rows: every linear and the lm_head take the decode + cuBLAS path, in the
-    # graph and eagerly; they share one scratch (two would both count in the peak)
-    ids = _ids(tiny.vocab_size(), (2, 100), seed=9)
+    # M = 300 rows: every linear and the lm_head take the decode + cuBLAS path (past the
+    # wgmma GEMM's range on sm_90), in the graph and eagerly; they share one scratch (two
+    # would both count in the peak)
+    ids = _ids(tiny.vocab_size(), (2, 150), seed=9)
     for _ in range(3):  # eager, capture, replay
         tiny.logits_for_batch(ids)
     assert tiny.runner.ops.taken["dequant"] > 0
