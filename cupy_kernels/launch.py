@@ -151,10 +151,6 @@ WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for th
 WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 12}
 WGMMA_TYPES: frozenset[int] = frozenset(WGMMA_MIN_M)
 WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
-# tokens per CTA tile, compiled per format; a GEMM takes the smallest that holds M, else
-# the largest.  256 (Q4_K only: a Q6_K slot that wide leaves a ring of one slot) halves the
-# decode per token: at M = 256 it ran 0.79-0.93x torch on an H100 where 128 ran 0.72-0.78 (session 18)
-_WG_NTOK: dict[int, tuple[int, ...]] = {int(QT.Q4_K): (64, 128, 256), int(QT.Q6_K): (64, 128)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
@@ -162,6 +158,11 @@ _WG_RING: dict[int, tuple[int, int, dict[int, int]]] = {
     int(QT.Q4_K): (128, 80, {64: 8, 128: 5, 256: 3}),
     int(QT.Q6_K): (256, 240, {64: 3, 128: 2}),
 }
+# tokens per CTA tile, compiled per format (the ring's keys); a GEMM takes the smallest that
+# holds M, else the largest.  256 (Q4_K only: a Q6_K slot that wide leaves a ring of one slot)
+# halves the decode per token: at M = 256 it ran 0.79-0.93x torch on an H100 where 128 ran
+# 0.72-0.78 (session 18)
+_WG_NTOK: dict[int, tuple[int, ...]] = {q: tuple(sorted(ring[2])) for q, ring in _WG_RING.items()}
 _WG_MIN_STAGES_PER_SPLIT = 2
 WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmma_plan)
 # Stream-K (wgmma_plan): where the K-split grid loads the SMs unevenly, one CTA per SM
@@ -496,10 +497,8 @@ def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) ->
 
 def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:
     """Whether dispatch picks the wgmma GEMM: Q4_K or Q6_K, f16 x, an sm_90 GPU, M in range."""
-    return (
-        WGMMA and hopper and x_is_f16 and int(_qtype(q)) in WGMMA_TYPES
-        and WGMMA_MIN_M[int(_qtype(q))] <= m <= WGMMA_MAX_M[int(_qtype(q))]
-    )
+    qi = int(_qtype(q))
+    return WGMMA and hopper and x_is_f16 and qi in WGMMA_TYPES and WGMMA_MIN_M[qi] <= m <= WGMMA_MAX_M[qi]
 
 
 def compile_all() -> dict[str, str]:
