@@ -1,0 +1,41 @@
+"""ncu target: the wgmma GEMM for Q4_K on 18944x3584 at M = 128 (128-token tiles) and 256
+(256-token tiles), on random blocks; prints the plan and the time per call. Session 20 profiled
+it on an H100 (``docs/results/wgmma-ncu-256-h100.txt``, NOTES.md v22) with
+
+    ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --section SchedulerStats --section LaunchStats --section Occupancy \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        -k regex:wgmma_gemm --launch-skip 3 --launch-count 1 \
+        python3 docs/experiments/wgmma_ncu_target.py 256
+
+and once more with ``--section WarpStateStats --section SourceCounters --section
+InstructionStats``.
+"""
+import sys
+
+import cupy as cp
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from cupy_kernels import launch
+
+n, k = 18944, 3584
+rng = np.random.default_rng(0)
+raw = rng.integers(0, 256, size=(n, k // 256, 144), dtype=np.uint8)
+hdr = np.full((n, k // 256, 2), 0.01, dtype=np.float16).view(np.uint8)
+raw[:, :, 0:4] = hdr.reshape(n, k // 256, 4)
+w = cp.asarray(raw.reshape(-1))
+for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
+    x = torch.randn(m, k, device="cuda").half()
+    plan = launch.wgmma_plan(m, n, k, launch.sm_count(0), T.Q4_K)
+    for _ in range(3):
+        y = launch.qmatmul(x, w, T.Q4_K, n, k, path="wgmma")
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        launch.qmatmul(x, w, T.Q4_K, n, k, path="wgmma")
+    e.record()
+    torch.cuda.synchronize()
+    print(f"M={m} {plan} {s.elapsed_time(e) / 20 * 1000:.1f} us/call", flush=True)
