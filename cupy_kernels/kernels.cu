@@ -385,12 +385,12 @@ __global__ void __launch_bounds__(256, 2) mma_gemm(const u8* __restrict__ W, con
 // decodes the current stage: two stages per warp, synchronised per warp only.
 // Where a warp of the tensor-core GEMVs works: lane = 4 g + t, 16-row tile
 // starting at n0 (rows g and g+8 are this lane's), part of wpr warps along K.
-// mlo/mhi (the gemv1 kernels): this lane's activations feed B column g only
-// when g is 2t (the k slots of its low half) or 2t+1 (high half).
+// klo/khi (the gemv1 kernels, 1 or 0 for qf_keep): this lane's activations feed
+// B column g only when g is 2t (the k slots of its low half) or 2t+1 (high half).
 struct TcWarp {
     int warp, lane, g, t, part, n0, nblk;
     long long rb;
-    u32 mlo, mhi;
+    u32 klo, khi;
 };
 template <int QT>
 __device__ __forceinline__ TcWarp tc_warp(int K, int wpr) {
@@ -403,8 +403,8 @@ __device__ __forceinline__ TcWarp tc_warp(int K, int wpr) {
     w.n0 = (blockIdx.x * (8 / wpr) + w.warp / wpr) * 16;
     w.nblk = K / Fmt<QT>::QK;
     w.rb = (long long)w.nblk * Fmt<QT>::BYTES;
-    w.mlo = (w.g == 2 * w.t) ? 0xFFFFFFFFu : 0u;
-    w.mhi = (w.g == 2 * w.t + 1) ? 0xFFFFFFFFu : 0u;
+    w.klo = w.g == 2 * w.t;
+    w.khi = w.g == 2 * w.t + 1;
     return w;
 }
 // c += column sums of B: an mma with A = all ones (bf16 1.0), i.e. the sum of the
@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
     const TcWarp w = tc_warp<QT>(K, wpr);
     const int warp = w.warp, lane = w.lane, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
     const long long rb = w.rb;
-    const u32 mlo = w.mlo, mhi = w.mhi;
+    const u32 klo = w.klo, khi = w.khi;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (n0 < N) {
         const u8* w0 = W + (long long)min(n0 + g, N - 1) * rb;
@@ -647,11 +647,12 @@ __global__ void __launch_bounds__(256) gemv1_tc(const u8* __restrict__ W, const 
 #pragma unroll
                 for (int b = 0; b < 2; ++b) {  // bytes (0,2), then (1,3) of word j
                     const u32 w = q0[j] >> (8 * b), v = q1[j] >> (8 * b);
-                    const u32 A[4] = {(w & 0x000F000Fu) | QF_MAGIC, (v & 0x000F000Fu) | QF_MAGIC,
-                                      ((w >> 4) & 0x000F000Fu) | QF_MAGIC, ((v >> 4) & 0x000F000Fu) | QF_MAGIC};
+                    const u32 A[4] = {qf_and_or(w, 0x000F000Fu, QF_MAGIC), qf_and_or(v, 0x000F000Fu, QF_MAGIC),
+                                      qf_and_or(w >> 4, 0x000F000Fu, QF_MAGIC),
+                                      qf_and_or(v >> 4, 0x000F000Fu, QF_MAGIC)};
                     // positions 4j+b, 4j+b+2 of the sub-block: halves b of x words 2j, 2j+1
                     const u32 pr = __byte_perm(xw[2 * j], xw[2 * j + 1], b ? 0x7632 : 0x5410);
-                    mma_bf16(cq[j & 1], A, pr & mlo, pr & mhi);
+                    mma_bf16(cq[j & 1], A, qf_keep(pr, klo), qf_keep(pr, khi));
                 }
             }
             float sc0, m0, sc1, m1, sc2, m2, sc3, m3;
@@ -726,14 +727,14 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
     const TcWarp w = tc_warp<QT>(K, wpr);
     const int warp = w.warp, g = w.g, t = w.t, part = w.part, n0 = w.n0, nblk = w.nblk;
     const long long rb = w.rb;
-    // B masks: this lane feeds column g (group g >> 1) when g & 1 is t >> 1;
-    // group g >> 1 is v (k slots 2t, 2t+1) or v + 2 (2t+8, 2t+9) of mma v
+    // B keeps (1 or 0, for qf_keep): this lane feeds column g (group g >> 1) when g & 1
+    // is t >> 1; group g >> 1 is v (k slots 2t, 2t+1) or v + 2 (2t+8, 2t+9) of mma v
     const bool feeds = (g & 1) == (t >> 1);
-    u32 mlo[2], mhi[2];
+    u32 klo[2], khi[2];
 #pragma unroll
     for (int v = 0; v < 2; ++v) {
-        mlo[v] = feeds && (g >> 1) == v ? 0xFFFFFFFFu : 0u;
-        mhi[v] = feeds && (g >> 1) == v + 2 ? 0xFFFFFFFFu : 0u;
+        klo[v] = feeds && (g >> 1) == v;
+        khi[v] = feeds && (g >> 1) == v + 2;
     }
     u8* stages = tc_smem + warp * S::WARP_BYTES;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -775,11 +776,11 @@ __global__ void __launch_bounds__(256) gemv1_tc_q6k(const u8* __restrict__ W, co
                         const u32 pr = __byte_perm(xw[2 * wd], xw[2 * wd + 1], b ? 0x7632 : 0x5410);
 #pragma unroll
                         for (int v = 0; v < 2; ++v) {
-                            const u32 A[4] = {((v0[v][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                              ((v1[v][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                              ((v0[v + 2][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC,
-                                              ((v1[v + 2][wd] >> (8 * b)) & 0x003F003Fu) | QF_MAGIC};
-                            mma_bf16(cq, A, pr & mlo[v], pr & mhi[v]);
+                            const u32 A[4] = {qf_and_or(v0[v][wd] >> (8 * b), 0x003F003Fu, QF_MAGIC),
+                                              qf_and_or(v1[v][wd] >> (8 * b), 0x003F003Fu, QF_MAGIC),
+                                              qf_and_or(v0[v + 2][wd] >> (8 * b), 0x003F003Fu, QF_MAGIC),
+                                              qf_and_or(v1[v + 2][wd] >> (8 * b), 0x003F003Fu, QF_MAGIC)};
+                            mma_bf16(cq, A, qf_keep(pr, klo[v]), qf_keep(pr, khi[v]));
                         }
                     }
                 }

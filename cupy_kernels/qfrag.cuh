@@ -41,7 +41,29 @@ DQ_DEV u32 bf2_add(u32 v, u32 c) {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(c));
     return r;
 }
+// Two helpers that take the M = 1 GEMVs' decode work off the ALU pipe, where it queued
+// (NOTES.md v22: gemv1_tc's loop went from 360 instructions, 274 of them on the ALU
+// pipe, to 295 with 176, for the same products bit for bit; 1.05-1.09x faster for Q4_K
+// and 1.01-1.07x for Q6_K on an H100).  gemv_tc keeps the C form of qf_pairs: there the
+// single LOP3 measured 0.96-0.99x for Q4_K at M = 8.
+// (w & mask) | bits in one LOP3.  Written in C, both constants become immediates, and a
+// LOP3 takes only one: ptxas splits it into an AND and an OR.  As inline PTX with the
+// operands in registers it stays one instruction (as wgmma.cu's decode does).
+DQ_DEV u32 qf_and_or(u32 w, u32 mask, u32 bits) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "r"(mask), "r"(bits));
+    return r;
+}
+// x where the lane feeds this B column, else 0 (keep is 1 or 0): a multiply, on the FMA
+// pipe, where x & mask would be a SEL on the ALU pipe.
+DQ_DEV u32 qf_keep(u32 x, u32 keep) {
+    u32 r;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(keep));
+    return r;
+}
 #else
+DQ_DEV u32 qf_and_or(u32 w, u32 mask, u32 bits) { return (w & mask) | bits; }
+DQ_DEV u32 qf_keep(u32 x, u32 keep) { return x * keep; }
 DQ_DEV u32 bf2_add(u32 v, u32 c) {
     u32 r = 0;
     for (int h = 0; h < 2; ++h) {
