@@ -18,7 +18,7 @@ masked B register ``x & mask`` a SEL. Versions (kernels.cu + qfrag.cuh):
 
 gemv1_tc_q6k's registers rise from 63 to 74 with ``lop3``, 3 CTAs per SM instead of 4 (a
 first run also timed ``__launch_bounds__(256, 4)``, 64 registers with 16 bytes of spill:
-5-12 % slower than ``lop3``; ``gemv-lop3-ab-first-h100.json``, key ``new4``). The same run timed
+0.88-0.96x of the old kernel, 0.86-0.91x of ``lop3``; ``gemv-lop3-ab-first-h100.json``, key ``new4``). The same run timed
 gemv_tc at M = 8 with the one-LOP3 fragments (``new``): 0.96-0.99x for Q4_K, 1.00-1.02x for
 Q6_K, so gemv_tc keeps its C form.
 
