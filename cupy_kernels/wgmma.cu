@@ -144,6 +144,10 @@ struct WgCfg {
     // MMA warpgroups' registers a thread after setmaxnreg (the producer keeps what is left of the
     // launch's 168 x 384): 128 accumulators a thread at 256 tokens need the most the split allows
     static constexpr int MMA_REGS = NTOK > 128 ? 232 : 224;
+    // the producer's share after setmaxnreg: (168 - 56) x 128 freed is exactly what the MMA
+    // warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them)
+    static constexpr int PRODUCER_REGS = (168 * 384 - MMA_REGS * 256) / 128;
+    static_assert(PRODUCER_REGS >= 24 && PRODUCER_REGS % 8 == 0, "setmaxnreg takes 24..256 in steps of 8");
 };
 
 // (6-bit scale, 6-bit min) of sub-block s of a Q4_K block, from its 12 scale bytes
@@ -483,13 +487,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
     WgSegment sg;
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
-        // launched at 168 registers a thread: (168 - 56) x 128 freed here is exactly what the
-        // MMA warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them);
-        // at 256 tokens (168 - 40) x 128 = (232 - 168) x 256
-        if constexpr (C::MMA_REGS == 232)
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        else
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::PRODUCER_REGS) : "memory");
         // ring slot ri of round r: the producer waits for round r - 1's to come back (parity (r - 1) & 1)
         int ri = 0, round = 0;
         while (work.next(sg)) {
@@ -505,10 +503,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         return;
     }
 
-    if constexpr (C::MMA_REGS == 232)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    else
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::MMA_REGS) : "memory");
     const int wg = tid >> 7, warp = (tid >> 5) & 3;
     const int g = lane >> 2, t = lane & 3;
     const int rA = wg * 64 + warp * 16 + g;

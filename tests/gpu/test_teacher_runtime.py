@@ -4,6 +4,7 @@ and the forward makes no host sync (CUDA only; NOT RUN elsewhere)."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Any
 
@@ -163,11 +164,27 @@ def test_one_decode_scratch_for_graph_and_head(tiny: Any) -> None:
     # M = 300 rows: every linear and the lm_head take the decode + cuBLAS path (past the
     # wgmma GEMM's range on sm_90), in the graph and eagerly; they share one scratch (two
     # would both count in the peak)
+    from teacher.forward import HEAD_NAMES
+
+    ops = tiny.ops
     ids = _ids(tiny.vocab_size(), (2, 150), seed=9)
-    for _ in range(3):  # eager, capture, replay
-        tiny.logits_for_batch(ids)
-    assert tiny.runner.ops.taken["dequant"] > 0
-    assert len(tiny.ops._scratches) == 1
+    before = collections.Counter(ops.taken)
+    decoded, seen = ops._decoded_chunks, set()
+
+    def spy(w: Any, dtype: torch.dtype) -> Any:
+        seen.add(w.name)
+        return decoded(w, dtype)
+
+    ops._decoded_chunks = spy
+    try:
+        for _ in range(3):  # eager, capture, replay
+            tiny.logits_for_batch(ids)
+    finally:
+        del ops._decoded_chunks
+    paths = set(collections.Counter(ops.taken) - before)
+    assert paths == {"dequant"}, f"paths taken at M = 300: {sorted(paths)}"
+    assert seen & set(HEAD_NAMES) and len(seen) > 1, f"decoded: {sorted(seen)}"
+    assert len(ops._scratches) == 1
 
 
 def test_the_weights_share_one_device_allocation(tiny: Any) -> None:
