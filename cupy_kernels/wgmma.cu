@@ -143,7 +143,7 @@ struct WgCfg {
     static_assert(QT == QT_Q4_K || NTOK <= 128, "256-token tiles are Q4_K only");
     // MMA warpgroups' registers a thread after setmaxnreg (the producer keeps what is left of the
     // launch's 168 x 384): 128 accumulators a thread at 256 tokens need the most the split allows
-    static constexpr int MMA_REGS = NTOK > 128 ? 232 : 224;
+    static constexpr int MMA_REGS = 224;
     // the producer's share after setmaxnreg: (168 - 56) x 128 freed is exactly what the MMA
     // warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them)
     static constexpr int PRODUCER_REGS = (168 * 384 - MMA_REGS * 256) / 128;
