@@ -142,7 +142,8 @@ struct WgCfg {
     // a Q6_K slot of 256 tokens (158 KiB) would leave a ring of one slot
     static_assert(QT == QT_Q4_K || NTOK <= 128, "256-token tiles are Q4_K only");
     // MMA warpgroups' registers a thread after setmaxnreg (the producer keeps what is left of the
-    // launch's 168 x 384): 128 accumulators a thread at 256 tokens need the most the split allows
+    // launch's 168 x 384). 224 holds the 256-token tiles' 128 accumulators a thread without a
+    // spill and leaves the producer 56; at 232 / 40 the producer spilled (NOTES.md v23)
     static constexpr int MMA_REGS = 224;
     // the producer's share after setmaxnreg: (168 - 56) x 128 freed is exactly what the MMA
     // warpgroups' (224 - 168) x 256 take (asking for more than is freed hangs them)
