@@ -8,7 +8,8 @@ Two kernel families, one launcher each:
   tensor-core GEMM (weights decoded tile by tile into shared memory) below
   DEQUANT_MIN_M, and dequantize + cuBLAS in bounded chunks from there on
   (:func:`dispatch_path`); on an sm_90 GPU, Q4_K and Q6_K with f16 x take the
-  wgmma GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M[format]..WGMMA_MAX_M[format].
+  wgmma GEMM of wgmma.cu (weights decoded in registers) for WGMMA_MIN_M[format]..WGMMA_MAX_M[format],
+  and over WGMMA_WIDE's range for large weights.
   x may be float32, bfloat16 or float16; the GEMM and the decode keep f16 x in
   f16 (the GEMV family takes it as float32).
 * :func:`qdequant` -- rows of W decoded to float32 / bf16 / f16 (the large-M path's
@@ -151,6 +152,13 @@ WGMMA = True  # dispatch_path may pick it (False: the paths as before it, for th
 WGMMA_MIN_M: dict[int, int] = {int(QT.Q4_K): 12, int(QT.Q6_K): 12}
 WGMMA_TYPES: frozenset[int] = frozenset(WGMMA_MIN_M)
 WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
+# Past WGMMA_MAX_M, per format: (first M, last M, least weights N * K) over which the wgmma
+# GEMM still runs, for large weights only.  The 256-token tiles read each weight once for 512
+# tokens where decode + cuBLAS writes it out in f16 first; the 7B FFN shapes and the lm_head
+# hold 2^26 weights or more, its attention projections 12.8 M or fewer, whose few tiles on
+# 132 SMs split K and lost (the 1x512 teacher ran 0.656 of dense with every Q4_K linear on
+# the wgmma GEMM up to 512 against 0.699 without, session 18, an H100).
+WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (385, 512, 1 << 26)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
@@ -495,10 +503,16 @@ def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) ->
     fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k)), shared_mem=_wg_smem(plan.ntok, q))
 
 
-def wgmma_applies(q: Any, m: int, *, x_is_f16: bool, hopper: bool) -> bool:
-    """Whether dispatch picks the wgmma GEMM: Q4_K or Q6_K, f16 x, an sm_90 GPU, M in range."""
+def wgmma_applies(q: Any, m: int, n: int, k: int, *, x_is_f16: bool, hopper: bool) -> bool:
+    """Whether dispatch picks the wgmma GEMM: Q4_K or Q6_K, f16 x, an sm_90 GPU, M in range
+    (WGMMA_MIN_M..WGMMA_MAX_M, or WGMMA_WIDE's range for an [n, k] weight that large)."""
     qi = int(_qtype(q))
-    return WGMMA and hopper and x_is_f16 and qi in WGMMA_TYPES and WGMMA_MIN_M[qi] <= m <= WGMMA_MAX_M[qi]
+    if not (WGMMA and hopper and x_is_f16 and qi in WGMMA_TYPES):
+        return False
+    if WGMMA_MIN_M[qi] <= m <= WGMMA_MAX_M[qi]:
+        return True
+    lo, hi, weights = WGMMA_WIDE.get(qi, (0, -1, 0))
+    return lo <= m <= hi and n * k >= weights
 
 
 def compile_all() -> dict[str, str]:
@@ -737,7 +751,7 @@ def dispatch_path(
     q = _qtype(qtype)
     if m < 1:
         raise ValueError(f"m={m} must be >= 1")
-    if wgmma_applies(q, m, x_is_f16=x_is_f16, hopper=hopper):
+    if wgmma_applies(q, m, n, k, x_is_f16=x_is_f16, hopper=hopper):
         return "wgmma"
     if m >= DEQUANT_MIN_M:
         return "dequant"

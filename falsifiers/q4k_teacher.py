@@ -196,8 +196,9 @@ def peak_gpu_memory(ctx: Context) -> None:
 
 
 # -- FT-Q4K-TEACHER-003: which M runs which kernel path (host logic, no CUDA) -----------------
-# M searched for a path: past the wgmma GEMM's range (it ends at launch.WGMMA_MAX_M), so
-# that on an sm_90 GPU the dequant item finds the M at which every linear decodes + cuBLAS
+# M searched for a path: past the wgmma GEMM's ranges (launch.WGMMA_MAX_M, and WGMMA_WIDE's for
+# large weights), so that on an sm_90 GPU the dequant item finds the M at which every linear
+# decodes + cuBLAS
 MAX_M = 1024
 
 

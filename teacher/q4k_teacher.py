@@ -167,6 +167,7 @@ class Q4KOps:
 
         self._launch = launch
         self._cp = launch._cp()
+        self._streams: dict[int, Any] = {}  # torch stream handle -> its CuPy ExternalStream
         self.weights = weights
         self.vectors = vectors
         self.device = device
@@ -193,7 +194,13 @@ class Q4KOps:
         self.sms = int(launch.sm_count(index))
 
     def _torch_stream(self) -> Any:
-        return self._cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+        # one CuPy wrapper per torch stream, made once: a new one per linear cost host time
+        # in every eager forward and, on CuPy 14, a DeprecationWarning each (~9,000 a sign-off)
+        ptr = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._streams.get(ptr)
+        if stream is None:
+            stream = self._streams[ptr] = self._cp.cuda.ExternalStream(ptr)
+        return stream
 
     def path_for(self, w: DeviceWeight, m: int) -> str:
         # f16 x takes the bf16 kernels' paths: it is handed to them as bf16 (see linear)

@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from cupy_kernels import launch
-from falsifiers.q4k_teacher import linear_shapes, m_for_path, q4k_teacher_corrupt_path
+from falsifiers.q4k_teacher import MAX_M, linear_shapes, m_for_path, q4k_teacher_corrupt_path
 from harness.context import Context
 from harness.contract import load_contract
 from teacher.models import ModelUnavailable, resolve_model
@@ -64,6 +64,19 @@ def test_on_sm90_the_dequant_item_sends_every_linear_through_decode_and_cublas()
     shapes = _shapes("tiny")
     m, count = m_for_path("dequant", shapes, x_is_f16=True, hopper=True)
     assert count == len(shapes) and m == max(launch.WGMMA_MAX_M.values()) + 1, (m, count, len(shapes))
+
+
+def test_on_sm90_the_dequant_item_looks_past_the_wgmma_wide_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    # large Q4_K weights stay on the wgmma GEMM over WGMMA_WIDE's range: where it starts right
+    # after WGMMA_MAX_M the 7B's dequant item must run past its last M, within the M searched
+    q4, first, hi = int(QT.Q4_K), launch.WGMMA_MAX_M[int(QT.Q4_K)] + 1, 512
+    shapes = [(QT.Q4_K, 18944, 3584), (QT.Q6_K, 3584, 18944), (QT.Q4_K, 512, 3584)]
+    for lo, want in ((first, hi + 1), (first + 40, first)):
+        monkeypatch.setattr(launch, "WGMMA_WIDE", {q4: (lo, hi, 1 << 26)})
+        assert m_for_path("dequant", shapes, x_is_f16=True, hopper=True) == (want, 3), lo
+        assert m_for_path("wgmma", shapes, x_is_f16=True, hopper=True)[1] == 3
+    monkeypatch.undo()
+    assert all(hi < MAX_M for _, hi, _ in launch.WGMMA_WIDE.values())
 
 
 def test_on_sm90_the_wgmma_gemm_takes_the_whole_mma_range_of_q4k_and_q6k() -> None:

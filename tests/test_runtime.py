@@ -176,7 +176,8 @@ def test_dispatch_path_wgmma_needs_its_formats_f16_and_sm90(qt: QT) -> None:
     assert launch.dispatch_path(lo, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(hi, *q4, x_is_bf16=True, **on) == "wgmma"
     assert launch.dispatch_path(lo - 1, *q4, x_is_bf16=True, **on) == "gemv_tc"
-    assert launch.dispatch_path(hi + 1, *q4, x_is_bf16=True, **on) == "dequant"
+    # past WGMMA_MAX_M only large weights may stay on it (WGMMA_WIDE): an attention-sized one does not
+    assert launch.dispatch_path(hi + 1, qt, 3584, 3584, x_is_bf16=True, **on) == "dequant"
     # each condition alone keeps the paths as before: the tensor-core GEMV up to
     # GEMV_TC_MAX_M (32), the fused mma GEMM above; so does a format without a wgmma decode
     mid = launch.GEMV_TC_MAX_M + 1
@@ -191,6 +192,29 @@ def test_dispatch_path_wgmma_needs_its_formats_f16_and_sm90(qt: QT) -> None:
         assert launch.dispatch_path(mid, *q4, x_is_bf16=True, **on) == "mma"
     finally:
         launch.WGMMA = saved
+
+
+def test_dispatch_path_wgmma_past_its_max_m_only_for_large_q4k_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cupy_kernels import launch
+
+    q4 = int(QT.Q4_K)
+    monkeypatch.setattr(launch, "WGMMA_WIDE", {q4: (300, 512, 1 << 26)})
+    on = {"x_is_bf16": True, "x_is_f16": True, "hopper": True}
+    ffn, head, attn = (18944, 3584), (152064, 3584), (3584, 3584)
+    assert [launch.dispatch_path(m, QT.Q4_K, *ffn, **on) for m in (299, 300, 512, 513)] == [
+        "dequant", "wgmma", "wgmma", "dequant"]
+    assert launch.dispatch_path(512, QT.Q4_K, *head, **on) == "wgmma"
+    assert launch.dispatch_path(400, QT.Q4_K, *attn, **on) == "dequant"  # below 2^26 weights
+    assert launch.dispatch_path(400, QT.Q6_K, *ffn, **on) == "dequant"  # no range for Q6_K
+    assert launch.dispatch_path(400, QT.Q4_K, *ffn, x_is_bf16=True, hopper=True) == "dequant"
+    assert launch.dispatch_path(400, QT.Q4_K, *ffn, x_is_bf16=True, x_is_f16=True) == "dequant"
+
+
+def test_wgmma_wide_ranges_start_past_wgmma_max_m() -> None:
+    from cupy_kernels import launch
+
+    for q, (lo, hi, weights) in launch.WGMMA_WIDE.items():
+        assert q in launch.WGMMA_TYPES and launch.WGMMA_MAX_M[q] < lo <= hi and weights > 0, (q, lo, hi)
 
 
 def _wg_segments(plan: Any, b: int) -> list[tuple[int, int, int]]:

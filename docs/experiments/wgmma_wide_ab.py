@@ -1,0 +1,164 @@
+"""Same-run A/B of the wgmma GEMM past 256 tokens for large Q4_K weights (launch.WGMMA_WIDE),
+on an sm_90 GPU, against decode + cuBLAS (session 24).
+
+1. Linears: the Q4K teacher's own ``Q4KOps.linear`` (the path's kernels and its f32 -> f16
+   cast, as the forward runs them) on random Q4_K weights of the 7B shapes, four copies each
+   so L2 holds none of them, f16 x, in CUDA graphs: the wgmma GEMM against decode + cuBLAS at
+   M = 264..768, with torch bf16 (x @ W.T on dense weights) beside them.
+2. Teacher: the qwen2.5-7b-shape Q4K teacher's 1x512 forward (graphed, float32 logits), three
+   variants interleaved over rounds: ``base`` (no WIDE range), ``wide`` (the large weights
+   only, as the tree's WGMMA_WIDE says) and ``all`` (every Q4_K linear up to 512).
+
+Writes $OUT/wgmma-wide-ab.json (or ./wgmma-wide-ab.json) with a ``recommend`` entry: the
+first M of the WIDE range (the smallest grid M from which the wgmma GEMM beat decode + cuBLAS
+on every large shape at every grid M up to 512), or null where it did not win at 512 or the
+teacher's ``wide`` forward was not faster than ``base``.
+
+    PYTHONPATH=$PWD python3 docs/experiments/wgmma_wide_ab.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import cupy as cp
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from cupy_kernels import launch
+from cupy_kernels.cmd_bench import _median_torch_time, random_weight_gpu
+from teacher.q4k_teacher import DeviceWeight, Q4KOps, Q4KTeacher
+
+LARGE = [(18944, 3584), (3584, 18944), (152064, 3584)]  # N * K >= 2^26
+SMALL = [(3584, 3584), (512, 3584)]  # the attention projections
+MS = [264, 288, 320, 352, 384, 416, 448, 480, 512, 576, 640, 768]
+COPIES = 4
+Q4 = int(QT.Q4_K)
+WIDE_TREE = dict(launch.WGMMA_WIDE)
+FORCE_WGMMA = {Q4: (launch.WGMMA_MAX_M[Q4] + 1, 1 << 30, 0)}
+
+
+def time_linears() -> list[dict[str, Any]]:
+    rows = []
+    for n, k in LARGE + SMALL:
+        rows += _time_shape(n, k, MS if (n, k) in LARGE else [512])
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+    launch.WGMMA_WIDE = WIDE_TREE
+    return rows
+
+
+def _time_shape(n: int, k: int, ms: list[int]) -> list[dict[str, Any]]:
+    dev = torch.device("cuda", 0)
+    weights = {f"w{i}": DeviceWeight(f"w{i}", QT.Q4_K, n, k, random_weight_gpu(cp, QT.Q4_K, n, k))
+               for i in range(COPIES)}
+    ops = Q4KOps(weights, {}, dev, torch.float16)
+    dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        xb = x.to(torch.bfloat16)
+        row: dict[str, Any] = {"n": n, "k": k, "m": m}
+        outs = {}
+        for path, wide in (("dequant", {}), ("wgmma", FORCE_WGMMA), ("dequant2", {}), ("wgmma2", FORCE_WGMMA)):
+            launch.WGMMA_WIDE = wide
+            ops.taken.clear()
+            def call(i: int, x: torch.Tensor = x) -> None:
+                ops.linear(x, f"w{i % COPIES}")
+
+            t, _, graphed = _median_torch_time(torch, call, 7)
+            taken = set(ops.taken)
+            assert taken == {path.rstrip("2")}, (path, taken)
+            row[f"{path}_us"] = t * 1e6
+            row["graphed"] = graphed
+            outs[path.rstrip("2")] = ops.linear(x, "w0").float()
+        d, w = outs["dequant"], outs["wgmma"]
+        row["max_rel_diff"] = float((d - w).abs().max() / d.abs().max())
+        def dense_mm(i: int, xb: torch.Tensor = xb) -> None:
+            torch.mm(xb, dense[i % 2].T)
+
+        t, _, _ = _median_torch_time(torch, dense_mm, 7)
+        row["torch_bf16_us"] = t * 1e6
+        row["wgmma_us_best"] = min(row["wgmma_us"], row["wgmma2_us"])
+        row["dequant_us_best"] = min(row["dequant_us"], row["dequant2_us"])
+        row["wgmma_over_dequant_time"] = row["wgmma_us_best"] / row["dequant_us_best"]
+        print(f"{n:>6}x{k:<6} M={m:<4} dequant {row['dequant_us_best']:7.1f} us  wgmma "
+              f"{row['wgmma_us_best']:7.1f} us  ({row['wgmma_over_dequant_time']:.3f})  torch bf16 "
+              f"{row['torch_bf16_us']:7.1f} us  x torch: {row['torch_bf16_us'] / row['dequant_us_best']:.2f} "
+              f"-> {row['torch_bf16_us'] / row['wgmma_us_best']:.2f}  max rel diff {row['max_rel_diff']:.1e}",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+def time_teacher(rounds: int = 4, reps: int = 10) -> dict[str, Any]:
+    from teacher.bench import _time_forward
+    from teacher.models import resolve_model
+
+    variants = {"base": {}, "wide": WIDE_TREE, "all": {Q4: (launch.WGMMA_MAX_M[Q4] + 1, 512, 0)}}
+    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
+    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
+    res: dict[str, Any] = {"seconds": {v: [] for v in variants}, "taken": {}, "logits_vs_base": {}}
+    logits = {}
+    for r in range(rounds):
+        for name, wide in variants.items():
+            launch.WGMMA_WIDE = wide
+            teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+            if r == 0:
+                ops = teacher._ops
+                ops.taken.clear()
+                logits[name] = teacher.logits_for_batch(ids).float()[0]
+                res["taken"][name] = dict(ops.taken)  # the eager call's linears by path
+            t = _time_forward(teacher, ids, reps, torch.float32)
+            res["seconds"][name].append(t)
+            print(f"round {r} {name:<5} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
+    for name in variants:
+        a, b = logits[name], logits["base"]
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        res["logits_vs_base"][name] = {"min_cosine": float(cos.min()),
+                                       "max_abs_diff": float((a - b).abs().max())}
+    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
+    res["wide_over_base_time"] = res["median_ms"]["wide"] / res["median_ms"]["base"]
+    res["all_over_base_time"] = res["median_ms"]["all"] / res["median_ms"]["base"]
+    launch.WGMMA_WIDE = WIDE_TREE
+    del teacher
+    torch.cuda.empty_cache()
+    return res
+
+
+def recommend(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> int | None:
+    """First M of the WIDE range, or None: see the module docstring."""
+    wins = {m: all(r["wgmma_over_dequant_time"] < 1.0 for r in rows if r["m"] == m and (r["n"], r["k"]) in LARGE)
+            for m in MS if m <= 512}
+    if not wins[512] or teacher["wide_over_base_time"] >= 0.995:
+        return None
+    lo = 512
+    for m in sorted(wins, reverse=True):
+        if not wins[m]:
+            break
+        lo = m
+    return lo
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "cupy": cp.__version__, "wide_in_tree": {str(k): v for k, v in WIDE_TREE.items()}}
+    out["linears"] = time_linears()
+    out["teacher_1x512"] = time_teacher()
+    out["recommend_wide_first_m"] = recommend(out["linears"], out["teacher_1x512"])
+    out["seconds"] = time.perf_counter() - t0
+    print(json.dumps({k: out["teacher_1x512"][k] for k in ("median_ms", "taken", "logits_vs_base")}, indent=1))
+    print("recommend_wide_first_m:", out["recommend_wide_first_m"])
+    dest = Path(os.environ.get("OUT", ".")) / "wgmma-wide-ab.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest} in {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
