@@ -158,7 +158,7 @@ WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
 # hold 2^26 weights or more, its attention projections 12.8 M or fewer, whose few tiles on
 # 132 SMs split K and lost (the 1x512 teacher ran 0.656 of dense with every Q4_K linear on
 # the wgmma GEMM up to 512 against 0.699 without, session 18, an H100).
-WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (385, 512, 1 << 26)}
+WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (416, 512, 1 << 26)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
