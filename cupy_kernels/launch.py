@@ -182,6 +182,11 @@ WGMMA_WAVE_FILL = 0.8  # K splits until the last wave of CTAs is this full (wgmm
 # of 28 slots took 208 us on the lm_head shape, 4 waves of 10 took 40 us on 18944x3584, so
 # a CTA costs ~3.8 slot times besides its slots); taken when it predicts this fraction or less.
 WGMMA_STREAM_K = True
+# Split tiles summed in the kernel where every CTA is resident (WgPlan.fixup), and f16 y from
+# any such plan: no zeroed float32 y, no cast to f16 after it, a fixed order of the sum.
+# False, as before session 25 (for the A/B, docs/experiments/wgmma_fixup_ab.py): every split
+# tile adds atomically into a zeroed float32 y, and only one-tile-per-CTA grids write f16.
+WGMMA_FIXUP = True
 WG_CTA_SLOTS = 4
 WG_STREAM_K_GAIN = 0.9
 # A grid of whole tiles (no K split) at least this many waves long runs on one CTA per SM
@@ -206,12 +211,15 @@ def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
 class WgPlan(NamedTuple):
     """How the wgmma GEMM spreads its work: ``tiles`` (ntok-token x 128-row tiles) of
     ``slots`` ring slots each (128 K values for Q4_K, 256 for Q6_K) over ``ctas`` CTAs;
-    CTA b runs the units :meth:`cta_units` gives it, tile by tile (wgmma.cu's WgWork)."""
+    ``resident``: all of them fit the GPU at once (one per SM) and WGMMA_FIXUP is on.  CTA b
+    runs the units :meth:`cta_units` gives it, segment by segment in the order of
+    :meth:`cta_segments` (wgmma.cu's WgWork)."""
 
     ntok: int
     tiles: int
     slots: int
     ctas: int
+    resident: bool
 
     def cta_units(self, b: int) -> tuple[int, int]:
         """Units [u, u1) of CTA b among the U = tiles x slots, as WgWork splits them: with
@@ -220,17 +228,54 @@ class WgPlan(NamedTuple):
         u = b * q + min(b, r)
         return u, u + q + (1 if b < r else 0)
 
+    def cta_of(self, unit: int) -> int:
+        """The CTA that runs ``unit`` (the inverse of :meth:`cta_units`)."""
+        q, r = divmod(self.tiles * self.slots, self.ctas)
+        big = r * (q + 1)
+        return unit // (q + 1) if unit < big else r + (unit - big) // q
+
+    def cta_segments(self, b: int) -> list[tuple[int, int, int]]:
+        """(tile, first slot, slots) of CTA b's segments in the order WgWork runs them: in
+        unit order, except that a first segment starting inside its tile, where more follow,
+        runs last (it finishes that tile, so it waits for the CTAs before this one)."""
+        u, u1 = self.cta_units(b)
+        order = [(u, u1)]
+        end = (u // self.slots + 1) * self.slots
+        if u % self.slots and end < u1:
+            order = [(end, u1), (u, end)]
+        out = []
+        for a, a1 in order:
+            while a < a1:
+                tile, s0 = divmod(a, self.slots)
+                n = min(self.slots - s0, a1 - a)
+                out.append((tile, s0, n))
+                a += n
+        return out
+
     @property
     def one_tile_each(self) -> bool:
-        """Each CTA one whole tile: the only grid whose epilogue may go through the ring's
-        shared memory, so the only one that writes an f16 y."""
+        """Each CTA one whole tile: the only grid whose f16 epilogue goes through the ring's
+        shared memory (16-byte rows)."""
         return self.ctas == self.tiles
 
     @property
     def whole_tiles(self) -> bool:
-        """Every CTA runs whole tiles only: no partial sums, so y need not be zeroed."""
+        """Every CTA runs whole tiles only: no partial sums."""
         q, r = divmod(self.tiles * self.slots, self.ctas)
         return self.one_tile_each or (r == 0 and q % self.slots == 0)
+
+    @property
+    def fixup(self) -> bool:
+        """Partial tiles meet in the workspace (:func:`wgmma_workspace_bytes`): every CTA is
+        resident (one per SM), so the one that runs a tile's last slot can wait for the
+        others' parts, add them in a fixed order and write y, f32 or f16."""
+        return not self.whole_tiles and self.resident
+
+    @property
+    def atomics(self) -> bool:
+        """A K-split grid larger than the GPU (or WGMMA_FIXUP off): its partial tiles add
+        atomically into a zeroed float32 y (a CTA may not wait for one not yet resident)."""
+        return not self.whole_tiles and not self.resident
 
 
 def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan:
@@ -247,8 +292,9 @@ def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan
     an eager linear asks twice (whether the kernel can write f16, then the launch)."""
     q = int(_qtype(qtype))
     gain = WG_STREAM_K_GAIN if WGMMA_STREAM_K else 0.0
-    return _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[q][0], gain, WG_CTA_SLOTS, WG_PERSIST_WAVES,
+    plan = _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[q][0], gain, WG_CTA_SLOTS, WG_PERSIST_WAVES,
                        _WG_NTOK[q])
+    return plan if WGMMA_FIXUP else plan._replace(resident=False)
 
 
 @functools.cache
@@ -284,7 +330,7 @@ def _wgmma_plan(
             ctas = even
     elif persist_waves and tiles >= persist_waves * sms:
         ctas = sms
-    return WgPlan(ntok, tiles, nk, ctas)
+    return WgPlan(ntok, tiles, nk, ctas, ctas <= sms)
 
 
 def _gemm_smem(q: QT) -> int:
@@ -482,27 +528,74 @@ def _wg_kernel(dev: int, name: str) -> Any:
 
 
 def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> bool:
-    """Whether the wgmma GEMM can write an f16 y itself: one whole tile per CTA (its f16
-    epilogue goes through the ring's shared memory) and rows in whole 8-value pieces."""
-    return wgmma_plan(m, n, k, sms, qtype).one_tile_each and n % 8 == 0
+    """Whether the wgmma GEMM can write an f16 y itself: every tile summed within the kernel
+    (no atomics into a zeroed float32 y, :attr:`WgPlan.atomics`; with WGMMA_FIXUP off, one
+    whole tile per CTA only) and rows in whole 8-value pieces."""
+    plan = wgmma_plan(m, n, k, sms, qtype)
+    return (plan.one_tile_each or (WGMMA_FIXUP and not plan.atomics)) and n % 8 == 0
 
 
-def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int) -> None:
-    """y = x @ W.T on the wgmma GEMM; y float32, or f16 where each CTA runs one whole tile."""
+def wgmma_workspace_bytes(sms: int) -> int:
+    """Bytes of the wgmma GEMM's workspace on a GPU of ``sms`` SMs: a flag per CTA (256-byte
+    aligned), then a partial tile of the widest token tile per CTA, float32.  Where the
+    plan splits tiles between resident CTAs (:attr:`WgPlan.fixup`) it must be passed in
+    zeroed; the kernel leaves it zeroed."""
+    return _wg_flag_bytes(sms) + sms * max(max(t) for t in _WG_NTOK.values()) * _WG_ROWS * 4
+
+
+def _wg_flag_bytes(sms: int) -> int:
+    return -(-4 * sms // 256) * 256
+
+
+_wg_workspaces: dict[int, Any] = {}
+
+
+def _wg_workspace(dev: int) -> Any:
+    """qmatmul's own workspace on device ``dev``: zeroed at first use and kept (a captured
+    graph may hold its address).  One per device, used in stream order."""
     cp = _cp()
-    plan = wgmma_plan(m, n, k, sm_count(dev), q)
+    ws = _wg_workspaces.get(dev)
+    if ws is None:
+        stream = cp.cuda.get_current_stream()
+        if cp.cuda.runtime.streamIsCapturing(stream.ptr):
+            raise RuntimeError(
+                f"the wgmma GEMM needs its workspace on device {dev}, first used while stream {stream.ptr:#x} "
+                "captures a CUDA graph: pass qmatmul(workspace=...) (a zeroed buffer of wgmma_workspace_bytes(sms) "
+                "bytes) or run a wgmma GEMM on this device once before capturing"
+            )
+        ws = _wg_workspaces[dev] = cp.zeros(wgmma_workspace_bytes(sm_count(dev)), dtype=cp.uint8)
+    return ws
+
+
+def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, workspace: Any) -> None:
+    """y = x @ W.T on the wgmma GEMM; y float32, or f16 unless the plan adds atomically."""
+    cp = _cp()
+    sms = sm_count(dev)
+    plan = wgmma_plan(m, n, k, sms, q)
     f16_out = y.dtype == cp.float16
-    if f16_out and not plan.one_tile_each:
+    if f16_out and plan.atomics:
         raise ValueError(
-            f"the wgmma GEMM runs M={m}, n={n}, k={k} as {plan.tiles} tiles on {plan.ctas} CTAs: out must be float32"
+            f"the wgmma GEMM runs M={m}, n={n}, k={k} as {plan.tiles} tiles on {plan.ctas} CTAs, more than the "
+            f"{sms} SMs, adding partial tiles atomically: out must be float32"
         )
-    if not plan.whole_tiles:
-        cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
     if f16_out and n % 8:
         raise ValueError(f"the wgmma GEMM writes f16 rows in 8-value pieces: n={n} is not a multiple of 8")
+    part = flags = cp.uint64(0)
+    if plan.atomics:
+        cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
+    elif plan.fixup:
+        ws = _wg_workspace(dev) if workspace is None else workspace
+        if ws.nbytes < wgmma_workspace_bytes(sms):
+            raise ValueError(
+                f"workspace holds {ws.nbytes} bytes; the wgmma GEMM on {sms} SMs needs wgmma_workspace_bytes({sms}) "
+                f"= {wgmma_workspace_bytes(sms)}"
+            )
+        flags = cp.uint64(ws.data.ptr)
+        part = cp.uint64(ws.data.ptr + _wg_flag_bytes(sms))
     fn = _wg_kernel(dev, _wg_name(q, plan.ntok, X_F16 if f16_out else X_F32))
     i32 = cp.int32
-    fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xc, y, i32(m), i32(n), i32(k)), shared_mem=_wg_smem(plan.ntok, q))
+    fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xc, y, part, flags, i32(m), i32(n), i32(k)),
+       shared_mem=_wg_smem(plan.ntok, q))
 
 
 def wgmma_applies(q: Any, m: int, n: int, k: int, *, x_is_f16: bool, hopper: bool) -> bool:
@@ -606,6 +699,7 @@ def qmatmul(
     out: Any = None,
     path: str = "auto",
     x_is_bf16: bool = False,
+    workspace: Any = None,
 ) -> Any:
     """``y = x @ W.T`` with W the raw GGUF bytes of an [n, k] tensor of ``qtype``.
 
@@ -620,7 +714,7 @@ def qmatmul(
       memory and fed to mma.sync (f32 x rounded to bf16), float32 accumulation;
     * "wgmma": Q4_K or Q6_K with f16 x on an sm_90 GPU: weights decoded in registers and
       fed to wgmma, f16 products accumulated in float32; ``out`` may also be a
-      float16 [M, n] array where each CTA runs one whole tile (:func:`wgmma_writes_f16`);
+      float16 [M, n] array unless a K-split grid outgrows the GPU (:func:`wgmma_writes_f16`);
     * "dequant": rows of W decoded in chunks into a scratch of at most
       DEQUANT_SCRATCH_BYTES (x's dtype; f32 for f32 x) and multiplied by cuBLAS
       (bf16 / f16, or TF32 tensor cores for f32 x), float32 output;
@@ -631,6 +725,10 @@ def qmatmul(
       as "gemv").
     ``x_is_bf16``: x is a CuPy uint16/int16 array holding bf16 bit patterns
     (CuPy has no bfloat16 dtype; torch bf16 tensors are recognised by themselves).
+    ``workspace``: the wgmma GEMM's, a zeroed uint8 buffer of at least
+    :func:`wgmma_workspace_bytes` bytes; default: one per device, allocated at first use
+    (so not while a stream captures a CUDA graph).  GEMMs that share one must run in stream
+    order: wgmma GEMMs that may run at the same time on two streams each need their own.
     """
     q = _qtype(qtype)
     if not isinstance(k, int) or k <= 0:
@@ -695,6 +793,8 @@ def qmatmul(
         if oc.data.ptr % 16:
             raise ValueError(f"out's data pointer {oc.data.ptr:#x} is not 16-byte aligned")
         arrs["out"] = oc
+    if workspace is not None:
+        arrs["workspace"], _ = _as_cupy(workspace, "workspace")
     dev = _check_device(arrs)
     with cp.cuda.Device(dev):
         y = arrs.get("out")
@@ -702,7 +802,7 @@ def qmatmul(
             y = cp.empty((m, n), dtype=cp.float32)
         i32 = cp.int32
         if path == "wgmma":
-            _wgmma(q, xc, wc, y, m, n, k, dev)
+            _wgmma(q, xc, wc, y, m, n, k, dev, arrs.get("workspace"))
         elif use_tc:
             _gemv_tc(q, xc, wc, y, m, n, k, dev)
         elif use_gemv:

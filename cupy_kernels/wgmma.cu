@@ -25,8 +25,12 @@
 // Grid: one dimension; each CTA runs an equal share of the GEMM's (tile, ring slot) units
 // in tile order (WgWork below: one whole tile each, K splits, or stream-K), the token tile
 // varying fastest so the CTAs that read one weight tile run together and share it through
-// L2.  A CTA's partial tiles add their sums into a zeroed float32 y (OUT = 0); with one
-// whole tile per CTA y is f32 or f16 (OUT = 2), written through shared memory as 16-byte rows.
+// L2.  Where tiles are split between CTAs and every CTA is resident (grid <= SMs), the
+// partial sums meet in a workspace: the CTA that runs a tile's last slot adds the others'
+// and writes y itself, f32 (OUT = 0) or f16 (OUT = 2), so y is neither zeroed nor cast
+// afterwards, and the sum's order is fixed.  Only a K-split grid larger than the GPU adds
+// its partial tiles atomically into a zeroed float32 y.  With one whole tile per CTA the
+// f16 y goes through shared memory as 16-byte rows.
 //
 // The decode: Q4_K w = (d sc) q - (dmin m) in f16, one rounding per factor and one
 // for the fused multiply-add (q is exact: 0x6400 | q is the f16 1024 + q); Q6_K
@@ -65,6 +69,22 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // keeps the compiler from moving accumulator reads across the asynchronous wgmma
 __device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// the partial-sum workspace: through L2 only (other SMs write and read it), and the flags
+// that publish a CTA's partial tile (release) and let the finishing CTA read it (acquire)
+__device__ __forceinline__ void st_cg4(float* p, float a, float b, float c, float d) {
+    asm volatile("st.global.cg.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void ld_cg4(const float* p, float& a, float& b, float& c, float& d) {
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(a), "=f"(b), "=f"(c), "=f"(d) : "l"(p) : "memory");
+}
+__device__ __forceinline__ void flag_release(u32* p) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(1u) : "memory");
+}
+__device__ __forceinline__ u32 flag_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
 
 // shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart
 __device__ __forceinline__ u64 desc_sw128(u32 addr) {
@@ -429,19 +449,23 @@ struct WgLoaderOf<QT_Q6_K, NTOK> {
 
 // The work of a GEMM is U = tiles x slots units (tile t: token tile t % MT, weight tile t / MT,
 // so the CTAs that share a weight tile run together; unit t slots + j: the tile's ring slot j).
-// With U = q G + r (G = gridDim.x), CTA b runs the q + (b < r) units from b q + min(b, r), in
-// order (32-bit arithmetic: a 64-bit division at each CTA's start delayed its first copies); a
-// run of slots of one tile is a *segment*.  G = tiles gives each CTA one whole tile, G = tiles x
+// With U = q G + r (G = gridDim.x), CTA b runs the q + (b < r) units from b q + min(b, r)
+// (32-bit arithmetic: a 64-bit division at each CTA's start delayed its first copies); a run
+// of slots of one tile is a *segment*.  G = tiles gives each CTA one whole tile, G = tiles x
 // splits splits K, and G = the SM count spreads the units evenly over the SMs whatever the tile
-// count (stream-K).
-// The ring runs on across a CTA's segments; a segment that is not a whole tile adds its
-// partial sums atomically into a zeroed float32 y.
+// count (stream-K).  The ring runs on across a CTA's segments.
+// Only a CTA's last segment can stop short of its tile's end: that one hands its partial sums
+// to the CTA that runs the tile's last slot (the *finisher*).  A CTA whose first segment starts
+// inside a tile and is not its only one runs that segment last: it finishes the tile, so it
+// waits for the CTAs before it, which by then have long written their parts (each writes its
+// one partial before it waits for anything, so no CTA waits on a later one).
 struct WgSegment {
     int m0, n0, s0, n;  // token and weight row of the tile, first slot, slots
 };
+// few fields: the 256-token MMA threads have no register to spare (ptxas spilled with four more)
 template <int NTOK>
 struct WgWork {
-    int u, u1, mt, slots;  // units fit in 31 bits (launch.wgmma_plan checks)
+    int u, u1, d0, mt, slots;  // d0: the deferred first segment's first unit (0: none); 31-bit units
     __device__ __forceinline__ WgWork(int M, int K, int N, int kslot) {
         mt = (M + NTOK - 1) / NTOK;
         slots = K / kslot;
@@ -449,9 +473,22 @@ struct WgWork {
         const u32 q = units / g, r = units - q * g;
         u = (int)(b * q + min(b, r));
         u1 = u + (int)q + (b < r ? 1 : 0);
+        d0 = 0;
+        const int end = (u / slots + 1) * slots;
+        if (u % slots != 0 && end < u1) d0 = u, u = end;
+    }
+    __device__ __forceinline__ int tiles(int N) const { return mt * ((N + WG_ROWS - 1) / WG_ROWS); }
+    // the CTA that runs unit x (the inverse of the split above)
+    __device__ __forceinline__ int cta_of(int x, int N) const {
+        const u32 units = (u32)(tiles(N) * slots), g = gridDim.x, q = units / g, r = units - q * g;
+        const u32 big = r * (q + 1);
+        return (u32)x < big ? (int)((u32)x / (q + 1)) : (int)(r + ((u32)x - big) / q);
     }
     __device__ __forceinline__ bool next(WgSegment& sg) {
-        if (u >= u1) return false;
+        if (u >= u1) {
+            if (d0 == 0) return false;
+            u1 = (d0 / slots + 1) * slots, u = d0, d0 = 0;
+        }
         const int tile = u / slots;
         sg.s0 = u - tile * slots;
         sg.n = min(slots - sg.s0, u1 - u);
@@ -464,7 +501,10 @@ struct WgWork {
 
 template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
-wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, int M, int N, int K) {
+wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, float* __restrict__ P,
+           u32* __restrict__ FLAGS, int M, int N, int K) {
+    // P, FLAGS: the partial-sum workspace (NTOK x WG_ROWS floats per CTA) and one zeroed flag
+    // per CTA, left zeroed; null where partial tiles add atomically into a zeroed f32 y
     typedef WgCfg<QT, NTOK> C;
     constexpr int S = C::STAGES, SPS = C::SPS;
     extern __shared__ u8 smem_raw[];
@@ -575,30 +615,68 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         release(n_it - 1);  // the segment's last slot: the producer may be filling the ring for the next
 
         const int nA = n0 + rA;
+        if (sg.n != work.slots) {  // a partial tile
+            if (P == nullptr) {    // atomically into the zeroed f32 y (launch.py never pairs it with f16)
+                if (OUT == 0) {
+                    float* y = (float*)Y;
+#pragma unroll
+                    for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) {
+                            const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+                            if (tok < M && n < N) atomicAdd(y + (long long)tok * N + n, acc[4 * i + v]);
+                        }
+                }
+                continue;
+            }
+            // the workspace in fragment order: float4 j of thread tid at (j * 256 + tid) * 4
+            if (ks0 + sg.n != work.slots) {  // the tile goes on in a later CTA: publish the part
+                float* p = P + (long long)blockIdx.x * (NTOK * WG_ROWS);
+#pragma unroll
+                for (int j = 0; j < NTOK / 8; ++j)
+                    st_cg4(p + 4 * (j * 256 + tid), acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+                __threadfence();
+                asm volatile("bar.sync 1, 256;\n" ::: "memory");
+                if (tid == 0) flag_release(FLAGS + blockIdx.x);
+                continue;
+            }
+            // the finisher: the CTAs from the one that ran the tile's first slot up to this one's
+            // predecessor each left one part; add them in CTA order, then clear their flags
+            const int first = ((n0 / WG_ROWS) * work.mt + m0 / NTOK) * work.slots;  // the tile's first unit
+            const int c0 = work.cta_of(first, N), c1 = (int)blockIdx.x;
+            if (tid == 0)
+                for (int c = c0; c < c1; ++c) {
+                    while (flag_acquire(FLAGS + c) == 0) __nanosleep(32);
+                    FLAGS[c] = 0u;
+                }
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+            // 8 float4 a load burst: ptxas hoisted all of a part's loads at once (128 more
+            // registers) and spilled; the CTA loop is kept rolled so bursts stay apart
+#pragma unroll
+            for (int j0 = 0; j0 < NTOK / 8; j0 += 8) {
+#pragma unroll 1
+                for (int c = c0; c < c1; ++c) {
+                    const float* p = P + (long long)c * (NTOK * WG_ROWS) + 4 * (j0 * 256 + tid);
+                    float v[8][4];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) ld_cg4(p + 4 * 256 * j, v[j][0], v[j][1], v[j][2], v[j][3]);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[4 * (j0 + j) + e] += v[j][e];
+                }
+            }
+        }
         if (OUT == 0) {
             float* y = (float*)Y;
-            // a partial tile adds to what other CTAs add to the same y; two loops, as a choice per
-            // store put a branch around each one (session 14's ncu: 2.3x the epilogue's instructions)
-            if (sg.n != work.slots) {
 #pragma unroll
-                for (int i = 0; i < NTOK / 8; ++i)
+            for (int i = 0; i < NTOK / 8; ++i)
 #pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                        if (tok < M && n < N) atomicAdd(y + (long long)tok * N + n, acc[4 * i + v]);
-                    }
-            } else {
-#pragma unroll
-                for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                        if (tok < M && n < N) y[(long long)tok * N + n] = acc[4 * i + v];
-                    }
-            }
+                for (int v = 0; v < 4; ++v) {
+                    const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+                    if (tok < M && n < N) y[(long long)tok * N + n] = acc[4 * i + v];
+                }
         } else {
-            // through shared memory (the ring is idle now: f16 y is only launched with one whole
-            // tile per CTA, so this is the CTA's only segment) as [NTOK][WG_ROWS + 8] f16
             // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
             // wgmmas of this kernel: C7514)
             u16 hv[NTOK / 2];
@@ -609,6 +687,21 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
                 hv[i] = (u16)(pr & 0xFFFF);
                 hv[i + 1] = (u16)(pr >> 16);
             }
+            u16* y = (u16*)Y;
+            if ((int)gridDim.x != work.tiles(N)) {
+                // the ring may be filling for the CTA's next segment: straight from registers,
+                // 8 rows x 2 bytes a lane group (two such stores fill each 32-byte sector)
+#pragma unroll
+                for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+                        if (tok < M && n < N) y[(long long)tok * N + n] = hv[4 * i + v];
+                    }
+                continue;
+            }
+            // one whole tile per CTA: this is its only segment and the ring is idle, so through
+            // shared memory as [NTOK][WG_ROWS + 8] f16 and out in 16-byte rows
             asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
             u16* ys = (u16*)smem;
             const int ld = WG_ROWS + 8;
@@ -617,7 +710,6 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
 #pragma unroll
                 for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[4 * i + v];
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
-            u16* y = (u16*)Y;
             for (int c = tid; c < NTOK * (WG_ROWS / 8); c += 256) {
                 const int tl = c / (WG_ROWS / 8), nc = c % (WG_ROWS / 8);
                 const int tok = m0 + tl, n = n0 + nc * 8;

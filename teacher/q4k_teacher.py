@@ -192,6 +192,13 @@ class Q4KOps:
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.hopper = bool(launch.is_hopper(index))
         self.sms = int(launch.sm_count(index))
+        # the wgmma GEMM's workspace (partial tiles of stream-K), shared like the decode
+        # scratch by every linear, eager or graphed, in stream order; torch's memory, so the
+        # bench's working set counts it; the CuPy view made once
+        self._wg_workspace: Any = None
+        if self.hopper and any(int(w.qtype) in launch.WGMMA_TYPES for w in weights.values()):
+            ws = torch.zeros(launch.wgmma_workspace_bytes(self.sms), dtype=torch.uint8, device=device)
+            self._wg_workspace = self._cp.from_dlpack(ws)
 
     def _torch_stream(self) -> Any:
         # one CuPy wrapper per torch stream, made once: a new one per linear cost host time
@@ -233,14 +240,18 @@ class Q4KOps:
                 y = out if out is not None else torch.empty((m, w.n), dtype=self.dtype, device=self.device)
                 gemm_dtype = self._gemm_dtype(name)
                 return matmul_into(xin.to(gemm_dtype), self._decoded_chunks(w, gemm_dtype), y)
-            # the kernels write float32, and the wgmma GEMM also f16 where each CTA runs one whole tile
+            # the kernels write float32, and the wgmma GEMM also f16 unless it adds atomically;
+            # f16 only where f16 is what is wanted (f16 activations or an f16 out): a float32
+            # or bf16 out gets float32, rounded once
             f16 = path == "wgmma" and self._launch.wgmma_writes_f16(m, w.n, w.k, self.sms, w.qtype)
-            kernel_dtype = torch.float16 if f16 else torch.float32
+            want = self.dtype if out is None else out.dtype
+            kernel_dtype = torch.float16 if f16 and want == torch.float16 else torch.float32
+            ws = {"workspace": self._wg_workspace} if path == "wgmma" else {}
             if out is not None and out.dtype == kernel_dtype and out.is_contiguous():
-                self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path)
+                self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=out, path=path, **ws)
                 return out
             y = torch.empty((m, w.n), dtype=kernel_dtype, device=self.device)
-            self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y, path=path)
+            self._launch.qmatmul(xin, w.data, w.qtype, w.n, w.k, out=y, path=path, **ws)
         return y.to(self.dtype) if out is None else out.copy_(y)
 
     def _gemm_dtype(self, name: str) -> torch.dtype:

@@ -139,6 +139,7 @@ def _ops(weights: dict[str, DeviceWeight]) -> Q4KOps:
     ops.taken, ops.path_overrides = Counter(), {}
     ops.scratch_bytes = launch.DEQUANT_SCRATCH_BYTES
     ops._scratches = []
+    ops._wg_workspace = object()  # stands for the CuPy view Q4KOps makes on an sm_90 GPU
     ops.head_bf16 = True
     ops._torch_stream = contextlib.nullcontext  # type: ignore[method-assign]
     return ops
@@ -165,24 +166,33 @@ def test_corruption_is_confined_to_its_path_and_the_tap_counts(corrupt: str) -> 
         assert torch.allclose(y, want, rtol=2e-2, atol=2e-1), (path, corrupt)
 
 
-@pytest.mark.parametrize("sms", [2, 132], ids=["f16_from_the_kernel", "k_split_float32"])
-def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(sms: int) -> None:
+@pytest.mark.parametrize("sms,stream_k,f16", [(2, True, True), (132, True, True), (3, False, False)],
+                         ids=["one_tile_each", "split_tiles_summed_in_the_kernel", "k_split_atomics_float32"])
+def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(
+    sms: int, stream_k: bool, f16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """f16 x on an sm_90 GPU sends Q4_K linears of M in [WGMMA_MIN_M, WGMMA_MAX_M] to the
-    wgmma GEMM; its f16 result comes straight from the kernel unless K is split (then
-    through float32).  The corruption of that path reaches exactly its linears."""
+    wgmma GEMM; its f16 result comes straight from the kernel unless a K-split grid larger
+    than the GPU adds atomically (then through float32).  The corruption of that path
+    reaches exactly its linears."""
+    monkeypatch.setattr(launch, "WGMMA_STREAM_K", stream_k)
     # an M the wgmma GEMM takes on sm_90 and the mma GEMM elsewhere (above the GEMVs)
-    n, k, m = 256, 512, max(launch.WGMMA_MIN_M[int(QT.Q4_K)], launch.GEMV_TC_MAX_M + 1) + 7
+    n, k, m = 256, 2048, max(launch.WGMMA_MIN_M[int(QT.Q4_K)], launch.GEMV_TC_MAX_M + 1) + 7
     g = torch.Generator().manual_seed(1)
     good = torch.randn(n, k, generator=g).to(torch.float16)
     bad = torch.randn(n, k, generator=g).to(torch.float16)
     ops = _ops({"w": DeviceWeight("w", QT.Q4_K, n, k, good)})
     ops.dtype, ops.hopper, ops.sms = torch.float16, True, sms
-    assert launch.wgmma_writes_f16(m, n, k, sms) == (sms == 2)
+    plan = launch.wgmma_plan(m, n, k, sms)
+    assert launch.wgmma_writes_f16(m, n, k, sms) == f16 == (not plan.atomics)
+    assert plan.fixup == (sms == 132) and plan.one_tile_each == (sms == 2)
     calls: list[torch.dtype] = []
     qmatmul = ops._launch.qmatmul
 
-    def spy(x: torch.Tensor, *args: Any, out: torch.Tensor, path: str) -> torch.Tensor:
+    def spy(x: torch.Tensor, *args: Any, out: torch.Tensor, path: str, workspace: Any = None) -> torch.Tensor:
         calls.append(out.dtype)
+        # every wgmma linear gets the teacher's one workspace, no other path one
+        assert (workspace is ops._wg_workspace) == (path == "wgmma") and (workspace is None) == (path != "wgmma")
         return qmatmul(x, *args, out=out, path=path)
 
     ops._launch.qmatmul = spy
@@ -190,8 +200,12 @@ def test_wgmma_path_with_f16_x_on_hopper_and_its_confined_corruption(sms: int) -
     x = torch.randn(m, k, generator=g).to(torch.float16)
     y = ops.linear(x, "w")
     assert dict(ops.taken) == {"wgmma": 1} and y.dtype == torch.float16
-    assert calls == [torch.float16 if sms == 2 else torch.float32]
+    assert calls == [torch.float16 if f16 else torch.float32]
     torch.testing.assert_close(y.float(), x.float() @ bad.float().T, rtol=2e-2, atol=2e-1)
+    calls.clear()  # a float32 out (the logits) gets float32 from the kernel, rounded once
+    logits = torch.empty((m, n), dtype=torch.float32)
+    assert ops.linear(x, "w", out=logits) is logits and calls == [torch.float32]
+    torch.testing.assert_close(logits, x.float() @ bad.float().T, rtol=2e-2, atol=2e-1)
     ops.hopper = False  # the same call elsewhere: the corruption stays on its path
     ops.taken.clear()
     y = ops.linear(x, "w")

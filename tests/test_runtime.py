@@ -267,7 +267,11 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
     else:
         assert min(per_cta) >= 2 or plan.tiles * plan.slots < 2 * plan.ctas
         assert any(cnt != plan.slots for sg in segments for _, _, cnt in sg), "some tile is split"
-    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (plan.one_tile_each and n % 8 == 0)
+    assert launch.wgmma_writes_f16(m, n, k, sms, qt) == (not plan.atomics and n % 8 == 0)
+    assert plan.fixup == (not plan.whole_tiles and plan.ctas <= sms) and not (plan.fixup and plan.atomics)
+    assert plan.atomics == (not plan.whole_tiles and plan.ctas > sms)
+    # the kernel's order runs the same segments
+    assert all(sorted(plan.cta_segments(b)) == sorted(sg) for b, sg in enumerate(segments))
     # with stream-K and persistence off the plan is the K-split grid: tiles x splits CTAs,
     # the last wave at least WGMMA_WAVE_FILL full unless no split count fills it more
     saved = launch.WGMMA_STREAM_K, launch.WG_PERSIST_WAVES
@@ -294,17 +298,70 @@ def test_wgmma_plan_runs_every_unit_once_and_loads_the_sms_evenly(
         assert cost(plan.ctas) <= launch.WG_STREAM_K_GAIN * cost(split.ctas)
 
 
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K], ids=["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("m,n,k,sms", [(512, 18944, 3584, 132), (512, 3584, 18944, 132), (64, 18944, 3584, 132),
+                                       (16, 3584, 18944, 132), (100, 384, 3584, 7), (64, 128 * 15, 3584, 7),
+                                       (300, 1000, 3584, 7)])
+def test_wgmma_fixup_waits_only_for_earlier_ctas_that_publish_before_they_wait(
+    m: int, n: int, k: int, sms: int, qt: QT
+) -> None:
+    """Split tiles summed in the kernel (WgWork's order, mirrored by cta_segments): a CTA
+    publishes at most one partial tile, before any wait of its own, and the CTA that runs a
+    tile's last slot waits for exactly the earlier CTAs that ran the rest of it, so no CTA
+    ever waits for a later one (no deadlock while CTAs start in order)."""
+    from cupy_kernels import launch
+
+    if qt == QT.Q6_K and m > launch.WGMMA_MAX_M[int(qt)] and (m, n) != (512, 18944):
+        m = launch.WGMMA_MAX_M[int(qt)]
+    plan = launch.wgmma_plan(m, n, k, sms, qt)
+    assert plan.fixup and plan.ctas <= sms, plan
+    published: dict[int, int] = {}  # CTA -> the tile of its partial
+    finishers = []
+    for b in range(plan.ctas):
+        segs = plan.cta_segments(b)
+        role = ["whole" if c == plan.slots else "publish" if s0 + c < plan.slots else "finish" for _, s0, c in segs]
+        assert role.count("publish") <= 1
+        if "publish" in role:
+            published[b] = segs[role.index("publish")][0]
+            assert "finish" not in role[: role.index("publish")], (b, segs)
+        finishers += [(b, tile, s0) for (tile, s0, _), r in zip(segs, role, strict=True) if r == "finish"]
+    assert finishers, "some tile is split between CTAs"
+    for b, tile, s0 in finishers:
+        first = plan.cta_of(tile * plan.slots)
+        assert first < b and plan.cta_of(tile * plan.slots + s0) == b
+        assert all(published.get(c) == tile for c in range(first, b)), (b, tile)
+    assert sorted(published) == sorted(c for b, tile, _ in finishers for c in range(plan.cta_of(tile * plan.slots), b))
+    assert all(plan.cta_of(u) == b for b in range(plan.ctas) for u in range(*plan.cta_units(b)))
+
+
+def test_wgmma_fixup_off_adds_every_split_tile_atomically(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WGMMA_FIXUP (the A/B's switch): off, the 1x512 FFN plan (stream-K) adds its split tiles
+    into a zeroed float32 y and only one-tile-per-CTA grids write f16, as before it."""
+    from cupy_kernels import launch
+
+    for fixup in (True, False):
+        monkeypatch.setattr(launch, "WGMMA_FIXUP", fixup)
+        ffn = launch.wgmma_plan(512, 18944, 3584, 132)
+        assert (ffn.fixup, ffn.atomics) == (fixup, not fixup), ffn
+        assert launch.wgmma_writes_f16(512, 18944, 3584, 132) == fixup
+        head = launch.wgmma_plan(512, 152064, 3584, 132)  # whole tiles, 18 a CTA: f32 before
+        assert head.whole_tiles and not head.fixup and not head.atomics and not head.one_tile_each
+        assert launch.wgmma_writes_f16(512, 152064, 3584, 132) == fixup
+        few = launch.wgmma_plan(64, 128 * 240, 3584, 132)
+        assert few.one_tile_each and launch.wgmma_writes_f16(64, 128 * 240, 3584, 132)
+
+
 def test_wgmma_plan_takes_stream_k_where_the_split_grid_is_uneven() -> None:
     """Session 13's shapes: 148 tiles of 28 slots split 3 ways is 444 CTAs in 4 waves, 40
     slots on the busiest SM against 31.4 spread evenly; the lm_head's 1,188 whole tiles
-    fill 9 waves and run 9 to a CTA, one CTA per SM (float32 out)."""
+    fill 9 waves and run 9 to a CTA, one CTA per SM."""
     from cupy_kernels import launch
 
     assert launch.wgmma_plan(64, 18944, 3584, 132).ctas == 132
     assert launch.wgmma_plan(16, 3584, 18944, 132).ctas == 132
     head = launch.wgmma_plan(64, 152064, 3584, 132)
     assert head.ctas == 132 and head.whole_tiles and not head.one_tile_each
-    assert not launch.wgmma_writes_f16(64, 152064, 3584, 132)
+    assert launch.wgmma_writes_f16(64, 152064, 3584, 132)  # whole tiles: f16 from registers
     few = launch.wgmma_plan(64, 128 * 240, 3584, 132)  # 240 tiles: two waves, the second 82 % full
     assert few.one_tile_each and launch.wgmma_writes_f16(64, 128 * 240, 3584, 132)
 

@@ -181,18 +181,27 @@ def test_wgmma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int)
     assert err < WGMMA_TOL
 
 
-@pytest.mark.parametrize("m,n", [(300, 4608), (200, 3584), (256, 15360)])
+@pytest.mark.parametrize("m,n,sms", [(300, 4608, None), (200, 3584, None), (256, 15360, None), (512, 18944, None),
+                                     (64, 512, 7), (64, 1000, 7)])
 @pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
-def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int) -> None:
-    """f16 y written by the kernel itself (no K split: the grid fills the GPU), against
-    the float32 y of the same kernel; a K split refuses an f16 y by name."""
+def test_wgmma_f16_out(
+    cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, sms: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """f16 y written by the kernel itself (one tile per CTA, whole tiles, or split tiles
+    summed in the kernel), against the float64 product; a K-split grid larger than the GPU
+    (as if it had 7 SMs, stream-K off) adds atomically and refuses an f16 y by name."""
     import torch
 
     from cupy_kernels import launch
 
     _need_hopper(cp)
+    if sms is not None:
+        monkeypatch.setattr(launch, "sm_count", lambda dev: sms)
+        monkeypatch.setattr(launch, "WGMMA_STREAM_K", False)
     k = 3584
     dev = int(cp.cuda.runtime.getDevice())
+    plan = launch.wgmma_plan(m, n, k, launch.sm_count(dev), qt)
+    assert plan.atomics == (sms is not None), plan
     raw, deq = random_weight(qt, n, k, rng)
     x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
     w = cp.asarray(raw)
@@ -203,11 +212,14 @@ def test_wgmma_f16_out(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int)
         got = y16.float().cpu().numpy()
         assert np.isfinite(got).all()
         err = _rel(got, ref)
-        print(f"wgmma {qt.name} f16 out M={m} N={n}: rel err {err:.3g}")
+        print(f"wgmma {qt.name} f16 out M={m} N={n} {plan}: rel err {err:.3g}")
         assert err < WGMMA_TOL
     else:
         with pytest.raises(ValueError, match="out must be float32"):
             launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma")
+        err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)  # float32 y, zeroed, atomics
+        print(f"wgmma {qt.name} atomics M={m} N={n} {plan}: rel err {err:.3g}")
+        assert err < WGMMA_TOL
 
 
 @pytest.mark.parametrize("m,n,k", [(100, 384, 3584), (64, 512, 3584), (64, 1000, 3584), (300, 1000, 3584)])
@@ -217,7 +229,11 @@ def test_wgmma_stream_k(
 ) -> None:
     """Stream-K as if the GPU had 7 SMs: 7 CTAs, each an equal run of (tile, ring slot)
     units, so runs start and end inside tiles and cross from one tile to the next, the
-    ring running on across them; every partial tile adds its sums atomically."""
+    ring running on across them; the CTA that runs a tile's last slot adds the others'
+    parts from the workspace in a fixed order: float32 and f16 y agree, a second run is
+    bitwise the same, and the workspace's flags are left zeroed."""
+    import torch
+
     from cupy_kernels import launch
 
     _need_hopper(cp)
@@ -225,10 +241,22 @@ def test_wgmma_stream_k(
     monkeypatch.setattr(launch, "WG_STREAM_K_GAIN", 100.0)  # take it wherever K would be split
     plan = launch.wgmma_plan(m, n, k, 7, qt)
     runs = [plan.cta_units(b) for b in range(plan.ctas)]
-    assert plan.ctas == 7 and any(u // plan.slots != (u1 - 1) // plan.slots for u, u1 in runs), plan  # crosses tiles
+    assert plan.ctas == 7 and plan.fixup and any(u // plan.slots != (u1 - 1) // plan.slots for u, u1 in runs), plan
     err = _run_matmul(cp, qt, m, n, k, "f16", "wgmma", rng)
     print(f"wgmma stream-K {qt.name} M={m} N={n} K={k} {plan}: rel err {err:.3g}")
     assert err < WGMMA_TOL
+    raw, deq = random_weight(qt, n, k, rng)
+    x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
+    w = cp.asarray(raw)
+    ws = cp.zeros(launch.wgmma_workspace_bytes(7), dtype=cp.uint8)
+    y32 = [launch.qmatmul(x, w, qt, n, k, path="wgmma", workspace=ws) for _ in range(2)]
+    assert bool((y32[0] == y32[1]).all()), "the sum's order is fixed: two runs agree bitwise"
+    assert int(cp.count_nonzero(ws[: 4 * plan.ctas])) == 0, "every flag is cleared by the CTA that read it"
+    y16 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    launch.qmatmul(x, w, qt, n, k, out=y16, path="wgmma", workspace=ws)
+    assert bool(torch.equal(y16, torch.as_tensor(y32[0], device="cuda").half())), "f16 y is the f32 y rounded"
+    ref = x.double().cpu().numpy() @ deq.astype(np.float64).T
+    assert _rel(cp.asnumpy(y32[0]), ref) < WGMMA_TOL
 
 
 @pytest.mark.parametrize("n,whole", [(128 * 14, True), (128 * 15, False)])
@@ -238,7 +266,7 @@ def test_wgmma_one_cta_per_sm_on_many_tiles(
 ) -> None:
     """Whole-tile grids of two waves or more, as if the GPU had 7 SMs: 7 CTAs, each running
     its tiles with the ring going on across them; 14 tiles give each CTA two whole tiles
-    (plain stores, y not zeroed), 15 split some tiles between CTAs (atomics, y zeroed)."""
+    (plain stores), 15 split some tiles between CTAs (summed in the kernel)."""
     from cupy_kernels import launch
 
     _need_hopper(cp)
@@ -251,7 +279,7 @@ def test_wgmma_one_cta_per_sm_on_many_tiles(
     assert err < WGMMA_TOL
 
 
-def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
+def test_wgmma_refuses_what_it_cannot_run(cp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from cupy_kernels import launch
@@ -264,6 +292,23 @@ def test_wgmma_refuses_what_it_cannot_run(cp: Any) -> None:
     w5 = cp.zeros(176 * 128, dtype=cp.uint8)
     with pytest.raises(ValueError, match="supports Q4_K, Q6_K, not Q5_K"):
         launch.qmatmul(x16, w5, T.Q5_K, 128, 256, path="wgmma")
+    # stream-K on the whole GPU needs the workspace of wgmma_workspace_bytes(SMs)
+    n, k = 18944, 3584
+    assert launch.wgmma_plan(64, n, k, launch.sm_count(int(w.device.id))).fixup
+    wide, x64 = cp.zeros(n * k // 256 * 144, dtype=cp.uint8), torch.zeros(64, k, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="workspace holds 16 bytes"):
+        launch.qmatmul(x64, wide, T.Q4_K, n, k, path="wgmma", workspace=cp.zeros(16, dtype=cp.uint8))
+    # ... and does not allocate its own while a graph is being captured
+    monkeypatch.setattr(launch, "_wg_workspaces", {})
+    y = cp.empty((64, n), dtype=cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="captures a CUDA graph"):
+                launch.qmatmul(x64, wide, T.Q4_K, n, k, out=y, path="wgmma")
+        finally:
+            s.end_capture()
 
 
 @pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
