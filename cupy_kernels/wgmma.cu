@@ -499,6 +499,21 @@ struct WgWork {
     }
 };
 
+// f(j, o) for each of a thread's accumulator values acc[j] that lands in y [M, N], at element o
+// (token m0 + 8 i + 2 t + (v & 1), row nA + 8 (v >> 1) for j = 4 i + v); one loop per kind of
+// store: a choice per store put a branch around each one (session 14's ncu: 2.3x the
+// epilogue's instructions)
+template <int NTOK, class F>
+__device__ __forceinline__ void each_out(int m0, int nA, int t, int M, int N, F&& f) {
+#pragma unroll
+    for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
+            if (tok < M && n < N) f(4 * i + v, (long long)tok * N + n);
+        }
+}
+
 template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
 wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, float* __restrict__ P,
@@ -617,16 +632,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         const int nA = n0 + rA;
         if (sg.n != work.slots) {  // a partial tile
             if (P == nullptr) {    // atomically into the zeroed f32 y (launch.py never pairs it with f16)
-                if (OUT == 0) {
-                    float* y = (float*)Y;
-#pragma unroll
-                    for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-                        for (int v = 0; v < 4; ++v) {
-                            const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                            if (tok < M && n < N) atomicAdd(y + (long long)tok * N + n, acc[4 * i + v]);
-                        }
-                }
+                if (OUT == 0) each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { atomicAdd((float*)Y + o, acc[j]); });
                 continue;
             }
             // the workspace in fragment order: float4 j of thread tid at (j * 256 + tid) * 4
@@ -668,14 +674,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
             }
         }
         if (OUT == 0) {
-            float* y = (float*)Y;
-#pragma unroll
-            for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                    if (tok < M && n < N) y[(long long)tok * N + n] = acc[4 * i + v];
-                }
+            each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { ((float*)Y)[o] = acc[j]; });
         } else {
             // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
             // wgmmas of this kernel: C7514)
@@ -691,13 +690,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
             if ((int)gridDim.x != work.tiles(N)) {
                 // the ring may be filling for the CTA's next segment: straight from registers,
                 // 8 rows x 2 bytes a lane group (two such stores fill each 32-byte sector)
-#pragma unroll
-                for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const int tok = m0 + 8 * i + 2 * t + (v & 1), n = nA + 8 * (v >> 1);
-                        if (tok < M && n < N) y[(long long)tok * N + n] = hv[4 * i + v];
-                    }
+                each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { y[o] = hv[j]; });
                 continue;
             }
             // one whole tile per CTA: this is its only segment and the ring is idle, so through
