@@ -301,12 +301,13 @@ def test_wgmma_refuses_what_it_cannot_run(cp: Any, monkeypatch: pytest.MonkeyPat
     # ... and does not allocate its own while a graph is being captured
     monkeypatch.setattr(launch, "_wg_workspaces", {})
     y = cp.empty((64, n), dtype=cp.float32)
+    xc = cp.zeros((64, k), dtype=cp.float16)  # from CuPy: a torch x would make the capture wait on torch's stream
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         s.begin_capture()
         try:
             with pytest.raises(RuntimeError, match="captures a CUDA graph"):
-                launch.qmatmul(x64, wide, T.Q4_K, n, k, out=y, path="wgmma")
+                launch.qmatmul(xc, wide, T.Q4_K, n, k, out=y, path="wgmma")
         finally:
             s.end_capture()
 
