@@ -9,8 +9,12 @@ it on an H100 (``docs/results/wgmma-ncu-256-h100.txt``, NOTES.md v22) with
         python3 docs/experiments/wgmma_ncu_target.py 256
 
 and once more with ``--section WarpStateStats --section SourceCounters --section
-InstructionStats``.
+InstructionStats``. Session 27 profiled M = 512 (the 1x512 teacher's shape) the same way, and
+per SASS instruction with ``--page source --print-source sass --csv`` (``WG_LINEINFO=1``
+compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source lines);
+``docs/results/wgmma-ncu-512-h100.txt``.
 """
+import os
 import sys
 
 import cupy as cp
@@ -19,6 +23,16 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from cupy_kernels import launch
+
+if os.environ.get("WG_LINEINFO") == "1":
+    from cupy.cuda import compiler
+
+    _compile = compiler._NVRTCProgram.compile
+
+    def _with_lineinfo(self, options=(), *args, **kwargs):  # type: ignore[no-untyped-def]
+        return _compile(self, (*tuple(options), "-lineinfo"), *args, **kwargs)
+
+    compiler._NVRTCProgram.compile = _with_lineinfo
 
 n, k = 18944, 3584
 rng = np.random.default_rng(0)
@@ -29,13 +43,16 @@ w = cp.asarray(raw.reshape(-1))
 for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
     x = torch.randn(m, k, device="cuda").half()
     plan = launch.wgmma_plan(m, n, k, launch.sm_count(0), T.Q4_K)
+    # f16 y where the teacher's f16 layers get it (WG_F32=1: the float32 y, as session 20 ran)
+    f16 = os.environ.get("WG_F32") != "1" and launch.wgmma_writes_f16(m, n, k, launch.sm_count(0), T.Q4_K)
+    y = torch.empty((m, n), dtype=torch.float16 if f16 else torch.float32, device="cuda")
     for _ in range(3):
-        y = launch.qmatmul(x, w, T.Q4_K, n, k, path="wgmma")
+        launch.qmatmul(x, w, T.Q4_K, n, k, out=y, path="wgmma")
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(20):
-        launch.qmatmul(x, w, T.Q4_K, n, k, path="wgmma")
+        launch.qmatmul(x, w, T.Q4_K, n, k, out=y, path="wgmma")
     e.record()
     torch.cuda.synchronize()
-    print(f"M={m} {plan} {s.elapsed_time(e) / 20 * 1000:.1f} us/call", flush=True)
+    print(f"M={m} {plan} y {y.dtype} {s.elapsed_time(e) / 20 * 1000:.1f} us/call", flush=True)
