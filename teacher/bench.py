@@ -236,10 +236,19 @@ def _check_executable(binary: Path) -> None:
         raise FileNotFoundError(f"--llama-bench {binary}: not an executable file")
 
 
-def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int = 3) -> dict[str, Any]:
+def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int = 5) -> dict[str, Any]:
     """llama.cpp's ``llama-bench`` prompt processing (flash attention on, every layer on
-    the GPU) at each token count: {"tokens_per_s": {T: avg}, "stddev": {...}, "cmd": [...]}."""
+    the GPU) at each token count, ``reps`` repetitions: {"tokens_per_s": {T: median},
+    "avg_tokens_per_s": {T: llama-bench's mean}, "samples_ts": {T: [...]}, "stddev": {...},
+    "statistic": ..., "cmd": [...]}.
+
+    The teacher's side is the median of its repetitions, so llama.cpp's is too: one slow
+    repetition (session 26's pp512 read 9,021 tok/s with a stddev of 1,595 over three) pulls
+    the mean down and would flatter the ratio. A llama-bench too old to print ``samples_ts``
+    leaves its mean, and ``statistic`` says so."""
     _check_executable(binary)
+    if reps < 1:
+        raise ValueError(f"llama-bench reps={reps} must be at least 1")
     cmd = [str(binary), "-m", str(model), "-p", ",".join(str(t) for t in tokens), "-n", "0",
            "-fa", "1", "-ngl", "999", "-r", str(reps), "-o", "json"]
     env = dict(os.environ)
@@ -249,12 +258,20 @@ def run_llama_bench(binary: Path, model: Path, tokens: Sequence[int], reps: int 
         tail = (done.stderr or done.stdout)[-2000:]
         raise RuntimeError(f"llama-bench exited with status {done.returncode}: {tail}")
     rows = json.loads(done.stdout)
-    res: dict[str, Any] = {"cmd": cmd, "tokens_per_s": {}, "stddev": {}}
+    res: dict[str, Any] = {"cmd": cmd, "tokens_per_s": {}, "avg_tokens_per_s": {}, "samples_ts": {},
+                           "stddev": {}, "statistic": "median of samples_ts"}
     for row in rows:
         if int(row.get("n_gen", 0)) == 0:
             t = int(row["n_prompt"])
-            res["tokens_per_s"][t] = float(row["avg_ts"])
+            res["avg_tokens_per_s"][t] = float(row["avg_ts"])
             res["stddev"][t] = float(row.get("stddev_ts", 0.0))
+            samples = [float(v) for v in row.get("samples_ts") or []]
+            if samples:
+                res["samples_ts"][t] = samples
+                res["tokens_per_s"][t] = statistics.median(samples)
+            else:
+                res["tokens_per_s"][t] = float(row["avg_ts"])
+                res["statistic"] = "avg_ts (this llama-bench prints no samples_ts)"
     for key in ("build_commit", "gpu_info", "n_batch", "n_ubatch", "flash_attn"):
         if rows and key in rows[0]:
             res[key] = rows[0][key]
@@ -300,7 +317,7 @@ def bench_teacher(
     if llama_bench is not None:
         tokens = sorted({s for b, s in shapes if b == 1})
         try:
-            results["llama_cpp"] = run_llama_bench(llama_bench, path, tokens)
+            results["llama_cpp"] = run_llama_bench(llama_bench, path, tokens, reps)
         except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
             # the teacher's numbers stand on their own: keep them, and say why llama.cpp's are missing
             log.error("llama-bench failed: %s", exc)
@@ -413,7 +430,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-7b-shape",
                    help="model name (teacher.models) or GGUF path [qwen2.5-7b-shape]")
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"batch x seq list [{DEFAULT_SHAPES}]")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per shape [5]")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed repetitions per shape, and llama-bench's -r; each side's median counts [5]")
     p.add_argument("--device", type=int, default=0, help="CUDA device index [0]")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help=f"comma list of backends to time, of {', '.join(BACKENDS)} "
@@ -466,8 +484,10 @@ def print_results(res: dict[str, Any]) -> None:
                   f"{prof['eager_wall_ms']:.2f} / graph {prof['graph_wall_ms']:.2f} ms "
                   f"(profiled {prof['graph_wall_profiled_ms']:.2f}); host gaps eager "
                   f"{prof['host_gap_eager_ms']:.2f} / graph {prof['host_gap_graph_ms']:.2f} ms")
-    for t, v in res.get("llama_cpp", {}).get("tokens_per_s", {}).items():
-        print(f"{'llama.cpp':<12}{'1x' + str(t):>10}{v:>12.0f}")
+    llama = res.get("llama_cpp", {})
+    for t, v in llama.get("tokens_per_s", {}).items():
+        spread = f"  ({llama['statistic']}; mean {llama['avg_tokens_per_s'][t]:.0f}, stddev {llama['stddev'][t]:.0f})"
+        print(f"{'llama.cpp':<12}{'1x' + str(t):>10}{v:>12.0f}{spread}")
     if "error" in res.get("llama_cpp", {}):
         print(f"llama.cpp: not measured ({res['llama_cpp']['error']})")
     for k, v in res["ratios"].items():

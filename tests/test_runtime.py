@@ -414,12 +414,16 @@ def test_bench_ratios_from_the_run(tmp_path: Path) -> None:
     fake = tmp_path / "llama-bench"
     fake.write_text(
         "#!/bin/sh\n"
-        'echo \'[{"n_prompt": 512, "n_gen": 0, "avg_ts": 1000.0, "stddev_ts": 5.0, "n_batch": 2048},'
+        # one slow repetition: the mean (850) would flatter the ratio, the median does not
+        'echo \'[{"n_prompt": 512, "n_gen": 0, "avg_ts": 850.0, "stddev_ts": 335.4, "n_batch": 2048,'
+        ' "samples_ts": [1000.0, 250.0, 1000.0, 1000.0, 1000.0]},'
         ' {"n_prompt": 0, "n_gen": 16, "avg_ts": 50.0}]\'\n'
     )
     fake.chmod(0o755)
     llama = run_llama_bench(fake, tmp_path / "m.gguf", [512])
-    assert llama["tokens_per_s"] == {512: 1000.0} and "-fa" in llama["cmd"]
+    assert llama["tokens_per_s"] == {512: 1000.0} and llama["avg_tokens_per_s"] == {512: 850.0}
+    assert llama["statistic"] == "median of samples_ts"
+    assert llama["cmd"][llama["cmd"].index("-r") + 1] == "5" and "-fa" in llama["cmd"]
     row = {"1x512": {"tokens_per_s": 2500.0}, "peak_gpu_gib_above_baseline": 6.0,
            "working_set_gib": 5.0, "peak_bf16_logits_gib": 5.5}
     dense = {"1x512": {"tokens_per_s": 2000.0}, "peak_gpu_gib_above_baseline": 18.0,
@@ -428,6 +432,14 @@ def test_bench_ratios_from_the_run(tmp_path: Path) -> None:
     assert r["1x512_tokens_per_s_q4k_over_dense"] == pytest.approx(1.25)
     assert r["1x512_tokens_per_s_q4k_over_llama_cpp"] == pytest.approx(2.5)
     assert r["working_set_q4k_over_dense"] == pytest.approx(5 / 16)
+    # a llama-bench that prints no samples: its mean, said so
+    old = tmp_path / "old-llama-bench"
+    old.write_text("#!/bin/sh\necho '[{\"n_prompt\": 512, \"n_gen\": 0, \"avg_ts\": 900.0}]'\n")
+    old.chmod(0o755)
+    llama_old = run_llama_bench(old, tmp_path / "m.gguf", [512], reps=3)
+    assert llama_old["tokens_per_s"] == {512: 900.0} and llama_old["statistic"].startswith("avg_ts")
+    with pytest.raises(ValueError, match="reps=0"):
+        run_llama_bench(old, tmp_path / "m.gguf", [512], reps=0)
     broken = tmp_path / "broken"
     broken.write_text("#!/bin/sh\necho 'no GPU' >&2\nexit 3\n")
     broken.chmod(0o755)
