@@ -137,6 +137,14 @@ def compare(
     return rows
 
 
+def require(src: str, *texts: str, what: str = "ablations") -> None:
+    """Stop unless wgmma.cu's text ``src`` still holds every text that the ablations or patches
+    (``what``) replace."""
+    for text in texts:
+        if text not in src:
+            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the {what}")
+
+
 def compare_sources(
     sources: dict[str, str], out_name: str, launchers: dict[str, Callable[..., None]] | None = None
 ) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy as cp
-from wgmma_ab import compare_sources
+from wgmma_ab import compare_sources, require
 
 from cupy_kernels import launch
 
@@ -103,9 +103,7 @@ extern "C" __global__ void zero_f32(float* __restrict__ y, long long n) {
 
 
 def variants(src: str) -> dict[str, str]:
-    for text in (TRIGGER_AT, PRODUCER_LOOP, Q4_LOAD, Q6_LOAD):
-        if text not in src:
-            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the patches")
+    require(src, TRIGGER_AT, PRODUCER_LOOP, Q4_LOAD, Q6_LOAD, what="patches")
     base = src.replace(TRIGGER_AT, TRIGGER).replace(Q4_LOAD, Q4_SPLIT).replace(Q6_LOAD, Q6_SPLIT)
     pre = base.replace(PRODUCER_LOOP, PREFETCH)
     return {"tree": src, "pdl": base.replace(PRODUCER_LOOP, WAIT), "pdl_pre": pre, "pdl_pre_zk": pre}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wgmma_ab import compare_sources
+from wgmma_ab import compare_sources, require
 
 from cupy_kernels import launch
 
@@ -46,9 +46,7 @@ MIN_DEC2 = DEC2 + """
 
 
 def variants(src: str) -> dict[str, str]:
-    for text in (XCOPY, ROW, DEC2):
-        if text not in src:
-            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the ablations")
+    require(src, XCOPY, ROW, DEC2)
     return {
         "tree": src,
         "halfx": src.replace(XCOPY, HALF_XCOPY),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wgmma_ab import compare_sources
+from wgmma_ab import compare_sources, require
 
 from cupy_kernels import launch
 
@@ -48,9 +48,7 @@ MIN_DEC6 = DEC6 + """
 
 
 def variants(src: str) -> dict[str, str]:
-    for text in (SCALES, DEC6, XCOPY):
-        if text not in src:
-            raise SystemExit(f"wgmma.cu has changed: {text.splitlines()[0]!r} not found; update the ablations")
+    require(src, SCALES, DEC6, XCOPY)
     return {
         "tree": src,
         "noscales": src.replace(SCALES, NO_SCALES),
