@@ -26,7 +26,7 @@ kernel is untouched; outputs must match the tree's):
   plans of an even grid no larger than the co-resident clusters (checked with
   cuOccupancyMaxActiveClusters, else the version is left out) and an even weight tile count.
 
-With TEACHER=tree,xsplit (any of the exact versions) the qwen2.5-7b-shape Q4K teacher's
+With TEACHER=tree,xsplit (any of the exact versions; KERNELS=0 skips the kernels) the qwen2.5-7b-shape Q4K teacher's
 1x512 forward (graphed, float32 logits) is timed with each version's kernel, interleaved over
 four rounds, and its logits compared with the first version's.
 
@@ -312,7 +312,8 @@ def main() -> None:
             print(f"mcast left out: {type(exc).__name__}: {exc}", flush=True)
         if MCAST_SMS < 2:
             del sources["mcast"]
-    compare_sources(sources, "wgmma-xsplit-ab.json", {"xtma": tma_launch, "mcast": mcast_launch})
+    if os.environ.get("KERNELS", "1") != "0":  # KERNELS=0: the teacher only
+        compare_sources(sources, "wgmma-xsplit-ab.json", {"xtma": tma_launch, "mcast": mcast_launch})
     if os.environ.get("TEACHER"):
         res = time_teacher({v: sources[v] for v in os.environ["TEACHER"].split(",")})
         (Path(os.environ.get("OUT", ".")) / "wgmma-xsplit-teacher.json").write_text(json.dumps(res, indent=1))
