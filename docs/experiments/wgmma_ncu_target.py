@@ -11,8 +11,8 @@ it on an H100 (``docs/results/wgmma-ncu-256-h100.txt``, NOTES.md v22) with
 and once more with ``--section WarpStateStats --section SourceCounters --section
 InstructionStats``. Session 27 prepared M = 512 (the 1x512 teacher's shape) the same way, and
 per SASS instruction with ``--page source --print-source sass --csv`` (``WG_LINEINFO=1``
-compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source lines); not run
-yet: NOTES.md v27 has the commands.
+compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source lines); session
+28 ran it on an H100 (``docs/results/wgmma-ncu-512*-h100.*``, NOTES.md v28).
 """
 import os
 import sys

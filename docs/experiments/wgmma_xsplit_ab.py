@@ -147,7 +147,7 @@ __device__ __forceinline__ void tma_x_mc(u32 dst, const void* map, int col, int 
         ::"r"(dst), "l"(map), "r"(col), "r"(row), "r"(bar), "h"((u16)3) : "memory");
 }
 """
-MCAST_EDITS = [  # (tree text, replacement) on top of xtma
+MCAST_EDITS = [  # (tree text, replacement) on top of xtma; each text occurs once, but MCAST_TWICE
     ("        const u32 units = (u32)(mt * ((N + WG_ROWS - 1) / WG_ROWS) * slots), g = gridDim.x, b = blockIdx.x;",
      "        const u32 units = (u32)(mt * ((N + 2 * WG_ROWS - 1) / (2 * WG_ROWS)) * slots), g = gridDim.x / 2,"
      " b = blockIdx.x / 2;"),
@@ -156,7 +156,7 @@ MCAST_EDITS = [  # (tree text, replacement) on top of xtma
     ("        sg.n0 = (tile / mt) * WG_ROWS;", "        sg.n0 = (tile / mt) * 2 * WG_ROWS + (int)cta_rank() * WG_ROWS;"),
     ("const int first = ((n0 / WG_ROWS) * work.mt", "const int first = ((n0 / (2 * WG_ROWS)) * work.mt"),
     ("const int c0 = work.cta_of(first, N), c1", "const int c0 = 2 * work.cta_of(first, N) + (int)cta_rank(), c1"),
-    ("for (int c = c0; c < c1; ++c) {", "for (int c = c0; c < c1; c += 2) {"),
+    ("for (int c = c0; c < c1; ++c) {", "for (int c = c0; c < c1; c += 2) {"),  # the flags and the parts
     ("            mbar_init(bars + 8 * (S + s), 8);", "            mbar_init(bars + 8 * (S + s), 16);"),
     ("    __syncthreads();\n    WgWork<NTOK> work(", "    cluster_sync();\n    WgWork<NTOK> work("),
     ("                if (round) mbar_wait(bars + 8 * (S + ri), (round - 1) & 1);",
@@ -174,11 +174,14 @@ MCAST_EDITS = [  # (tree text, replacement) on top of xtma
 ]
 
 
+MCAST_TWICE = {"for (int c = c0; c < c1; ++c) {"}
+
+
 def mcast_source(tma: str) -> str:
     s = tma.replace(PRODUCER_NOTE, MCAST_HELPERS + PRODUCER_NOTE)
     for old, new in MCAST_EDITS:
         n = s.count(old)
-        if n != (2 if old.startswith("for (int c = c0") else 1):
+        if n != (2 if old in MCAST_TWICE else 1):
             raise SystemExit(f"mcast: {old[:60]!r} found {n} times; update MCAST_EDITS")
         s = s.replace(old, new)
     return s
@@ -186,12 +189,13 @@ def mcast_source(tma: str) -> str:
 
 def variants(src: str) -> dict[str, str]:
     require(src, Q4_LOAD, Q6_LOAD, Q6_LOAD_END, INIT, PRODUCE, XS, XCOPY, PRODUCER_NOTE[1:], what="patches")
-    split = (src.replace(Q4_LOAD, Q4_LOAD_SPLIT).replace(Q6_LOAD, Q6_LOAD_SPLIT)
-             .replace(Q6_LOAD_END, Q6_LOAD_END_SPLIT).replace(INIT, INIT_SPLIT)
-             .replace(PRODUCE, PRODUCE_SPLIT).replace(XS, XS_SPLIT))
-    tma = (src.replace(Q4_LOAD, Q4_LOAD_SPLIT).replace(Q6_LOAD, Q6_LOAD_SPLIT)
-           .replace(Q6_LOAD_END, Q6_LOAD_END_SPLIT).replace(INIT, INIT_TMA)
-           .replace(PRODUCE, PRODUCE_TMA).replace(XS, XS_SPLIT).replace(PRODUCER_NOTE, TMA_HELPERS + PRODUCER_NOTE))
+    # both split versions: loaders with a separate load_x, the wgmmas waiting on the x barrier;
+    # they differ in how x is copied (the init of its barrier and the producer's loop)
+    separate_x = (src.replace(Q4_LOAD, Q4_LOAD_SPLIT).replace(Q6_LOAD, Q6_LOAD_SPLIT)
+                  .replace(Q6_LOAD_END, Q6_LOAD_END_SPLIT).replace(XS, XS_SPLIT))
+    split = separate_x.replace(INIT, INIT_SPLIT).replace(PRODUCE, PRODUCE_SPLIT)
+    tma = (separate_x.replace(INIT, INIT_TMA).replace(PRODUCE, PRODUCE_TMA)
+           .replace(PRODUCER_NOTE, TMA_HELPERS + PRODUCER_NOTE))
     return {
         "tree": src,
         "wfirst": src.replace(Q4_LOAD, Q4_LOAD_WFIRST),
