@@ -307,7 +307,9 @@ def main() -> None:
     tree_smem = launch._wg_smem
     launch._wg_smem = lambda ntok, qtype=launch.QT.Q4_K: tree_smem(ntok, qtype) + 8 * 8
     global MCAST_SMS
-    sources = variants((launch._HERE / "wgmma.cu").read_text())
+    # WGMMA_BASE: the kernel source the versions patch (default the tree's), so that the experiment
+    # can run on a tree whose kernel already is one of its versions
+    sources = variants(Path(os.environ.get("WGMMA_BASE", launch._HERE / "wgmma.cu")).read_text())
     if "mcast" in os.environ.get("VARIANTS", "mcast"):
         try:
             MCAST_SMS = 2 * co_resident_clusters(sources["mcast"])
