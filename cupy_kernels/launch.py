@@ -201,11 +201,11 @@ _WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu
 
 def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
     """Dynamic shared memory of wgmma_gemm<qtype, ntok, *>: its ring of slots (WgCfg in
-    wgmma.cu: x and weight rows per slot), 1,024 bytes of alignment slack and a full and
-    an empty mbarrier per slot."""
+    wgmma.cu: x and weight rows per slot), 1,024 bytes of alignment slack and three
+    mbarriers per slot (weights full, empty, x full)."""
     kslot, wrow, stages_by_ntok = _WG_RING[int(_qtype(qtype))]
     stages = stages_by_ntok[ntok]
-    return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 16 * stages
+    return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 24 * stages
 
 
 class WgPlan(NamedTuple):

@@ -157,7 +157,7 @@ struct WgCfg {
     static constexpr int XSLOT = 2 * SPS * XATOM;
     static constexpr int SLOT = XSLOT + WG_ROWS * WROW;
     // as many slots as fit in 227 KiB: the ring is what keeps enough bytes in flight
-    // (launch._wg_smem: STAGES * SLOT + 1024 + 16 * STAGES)
+    // (launch._wg_smem: STAGES * SLOT + 1024 + 24 * STAGES)
     static constexpr int STAGES = QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : NTOK <= 128 ? 5 : 3);
     // a Q6_K slot of 256 tokens (158 KiB) would leave a ring of one slot
     static_assert(QT == QT_Q4_K || NTOK <= 128, "256-token tiles are Q4_K only");
@@ -387,12 +387,13 @@ struct WgLoader {
         }
         wdst = C::XSLOT + 16 * p;
     }
-    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row
-        x.load(st, kt * WG_KT);
+    // the weights and the x of slot kt (half block kt of the row) go to separate barriers
+    __device__ __forceinline__ void load(u32 st, int kt) const {
         const u32 boff = (u32)(kt >> 1) * 144, half = (u32)(kt & 1);
 #pragma unroll
         for (int j = 0; j < WN; ++j) cp_async16(st + wdst + 2048 * j, wsrc[j] + (boff + half * wh[j]));
     }
+    __device__ __forceinline__ void load_x(u32 st, int kt) const { x.load(st, kt * WG_KT); }
 };
 
 // the Q6_K slot's copies: x (WgXLoader) twice (256 columns); for the weights, thread p
@@ -418,8 +419,6 @@ struct WgLoader6 {
         piece0 = (u32)p - row0 * WN;
     }
     __device__ __forceinline__ void load(u32 st, int kb) const {  // kb: slot (block) in the row
-#pragma unroll
-        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
         const u32 kofs = tb + (u32)kb * Q6_BYTES;
         u32 row = row0, piece = piece0;
         // not unrolled: unrolled, ptxas kept each piece's slot-invariant offsets in registers
@@ -434,6 +433,10 @@ struct WgLoader6 {
             row += 128 / WN + (piece >= WN);
             if (piece >= WN) piece -= WN;
         }
+    }
+    __device__ __forceinline__ void load_x(u32 st, int kb) const {
+#pragma unroll
+        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
     }
 };
 
@@ -525,16 +528,21 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
     extern __shared__ u8 smem_raw[];
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 sbase = smem_addr(smem);
-    const u32 bars = sbase + S * C::SLOT;  // full[S], then empty[S]
+    // per slot a full barrier for its weights, one for its x and an empty one: the decode reads
+    // only the weights (10 KiB of a 74-KiB Q4_K slot), so it need not wait for the x, which
+    // only the step's wgmmas read (session 29's A/B, NOTES.md v29)
+    const u32 bars = sbase + S * C::SLOT;  // full[S], then empty[S], then xfull[S]
     const int tid = threadIdx.x, lane = tid & 31;
     // ring position of the CTA's sl-th slot (counted over all its segments)
     auto slot = [&](int sl) { return (sl % S) * C::SLOT; };
     auto full = [&](int sl) { return bars + 8 * (sl % S); };
     auto empty = [&](int sl) { return bars + 8 * (S + sl % S); };
+    auto xfull = [&](int sl) { return bars + 8 * (2 * S + sl % S); };
     if (tid == 0) {
         for (int s = 0; s < S; ++s) {
             mbar_init(bars + 8 * s, 128);
             mbar_init(bars + 8 * (S + s), 8);
+            mbar_init(bars + 8 * (2 * S + s), 128);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -550,8 +558,10 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
             const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
             for (int j = 0; j < sg.n; ++j) {
                 if (round) mbar_wait(bars + 8 * (S + ri), (round - 1) & 1);
-                loader.load(sbase + ri * C::SLOT, sg.s0 + j);
+                loader.load(sbase + ri * C::SLOT, sg.s0 + j);  // the weights first: the decode needs them first
                 cp_async_arrive(bars + 8 * ri);
+                loader.load_x(sbase + ri * C::SLOT, sg.s0 + j);
+                cp_async_arrive(bars + 8 * (2 * S + ri));
                 if (++ri == S) ri = 0, ++round;
             }
         }
@@ -611,7 +621,15 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
             if (it >= 1 && (it - 1) % SPS == SPS - 1) release(it - 1);
             if (it + 1 < n_it) decode(Fnext, it + 1);
         };
-        auto xs = [&](int it) { return sbase + slot(base + it / SPS) + (it % SPS) * 2 * C::XATOM; };
+        // the x of step it: its slot's first step waits for the slot's x to land
+        auto xs = [&](int it) {
+            const int sl = base + it / SPS;
+            if (it % SPS == 0) {
+                mbar_wait(xfull(sl), (sl / S) & 1);
+                fence_proxy_async();
+            }
+            return sbase + slot(sl) + (it % SPS) * 2 * C::XATOM;
+        };
         decode(F0, 0);
         int it = 0;
         for (; it + 1 < n_it; it += 2) {
