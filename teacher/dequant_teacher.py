@@ -21,7 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from teacher.config import ModelConfig
-from teacher.forward import matmul_into, matmul_label
+from teacher.forward import cast_once, matmul_into, matmul_label
 from teacher.provider import effective_vocab
 from teacher.runtime import ForwardRunner, RunnerTeacher
 
@@ -50,6 +50,7 @@ class DenseOps:
         self.device = torch.device(device)
         self.dtype = dtype
         self._w: dict[str, torch.Tensor] = {}
+        self._cast: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         for name, w in weights.items():
             w = w.detach().to(self.device, dtype=dtype if w.dim() >= 2 else torch.float32)
             w.requires_grad_(False)
@@ -80,8 +81,8 @@ class DenseOps:
         self.dtype = dtype
         self._w = {n: w.to(dtype) if w.dim() >= 2 else w for n, w in self._w.items()}
 
-    def vector(self, name: str) -> torch.Tensor:
-        return self._get(name)
+    def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return cast_once(self._cast, name, self._get(name), dtype)
 
     def has(self, name: str) -> bool:
         return name in self._w

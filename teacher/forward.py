@@ -30,7 +30,7 @@ the same files, tests/test_forward_parity.py):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,9 @@ class WeightOps(Protocol):
         """ids [M] int64 (already validated) -> rows [M, K] of ``dtype``."""
         ...
 
-    def vector(self, name: str) -> torch.Tensor:
-        """Small F32 tensors: norm weights, biases."""
+    def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Small F32 tensors (norm weights, biases): as stored, or cast to ``dtype`` (see
+        :func:`cast_once`)."""
         ...
 
     def has(self, name: str) -> bool: ...
@@ -70,6 +71,18 @@ class WeightOps(Protocol):
     def set_activation_dtype(self, dtype: torch.dtype) -> None:
         """Run later forwards with ``dtype`` activations (the f16-overflow fallback)."""
         ...
+
+
+def cast_once(
+    cache: dict[tuple[str, torch.dtype], torch.Tensor], name: str, v: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``v`` (the tensor ``name``) in ``dtype`` (None: as it is), cast at the first call and
+    kept in ``cache``: a bias is added at every forward, and its cast is a kernel of its own."""
+    if dtype is None or v.dtype == dtype:
+        return v
+    if (name, dtype) not in cache:
+        cache[name, dtype] = v.to(dtype)
+    return cache[name, dtype]
 
 
 def rms_norm(
@@ -107,18 +120,41 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """x [B, T, H, D]; rotates the first 2 * cos.shape[-1] dims of each head."""
-    d = 2 * cos.shape[-1]
-    rot, rest = x[..., :d], x[..., d:]
-    # tables in x's dtype, as transformers applies them to a bf16 model
-    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+class RopeTables(NamedTuple):
+    """cos and signed sin [1, T, 1, rope_dim] in the activation dtype, laid out like the
+    rotated dims of a head (see :func:`rope_for`)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_for(cos: torch.Tensor, sin: torch.Tensor, style: str, dtype: torch.dtype) -> RopeTables:
+    """:func:`rope_tables`' [T, rope_dim / 2] tables spread over the rotated dims the way
+    :func:`apply_rope` pairs them, with the rotation's minus sign folded into the sine
+    (exact: only a sign flips), in ``dtype`` (as transformers applies them to a bf16
+    model). Built once a forward, not once a call: each call then costs four kernels."""
+    c, s = cos.to(dtype), sin.to(dtype)
     if style == "normal":  # adjacent pairs (2i, 2i + 1)
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        c2, s2 = torch.stack((c, c), dim=-1).flatten(-2), torch.stack((-s, s), dim=-1).flatten(-2)
     else:  # "neox": halves (i, i + d/2)
-        x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
-        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+        c2, s2 = torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
+    return RopeTables(c2[None, :, None, :], s2[None, :, None, :])
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables, style: str) -> torch.Tensor:
+    """x [B, T, H, D]; rotates the first rope_dim dims of each head: x * cos + swap(x) * sin,
+    where swap exchanges each pair's two members. Each product is rounded on its own and
+    then added, as in x1 cos - x2 sin, so the result is bit-identical to the textbook form
+    (an addcmul, which rounds once, is not: FT-Q4K-TEACHER-006 moved with that rounding,
+    docs/experiments/ft006_rounding.py)."""
+    d = rope.cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    if style == "normal":
+        swapped = rot.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), dim=-1)
+    # .to: a no-op but where a caller rotates another dtype than the forward's
+    out = (rot * rope.cos.to(x.dtype)).add_(swapped * rope.sin.to(x.dtype))
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -127,7 +163,7 @@ def _linear(ops: WeightOps, x: torch.Tensor, base: str) -> torch.Tensor:
     y = ops.linear(x, f"{base}.weight")
     if ops.has(f"{base}.bias"):
         with record_function("elementwise"):
-            y = y + ops.vector(f"{base}.bias").to(y.dtype)
+            y = y + ops.vector(f"{base}.bias", y.dtype)
     return y
 
 
@@ -137,7 +173,7 @@ def _attention(
     h: torch.Tensor,
     i: int,
     batch: int,
-    rope: tuple[torch.Tensor, torch.Tensor],
+    rope: RopeTables,
     local_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     p, b, t = f"blk.{i}", batch, h.shape[0] // batch
@@ -149,16 +185,19 @@ def _attention(
             q = rms_norm(q, ops.vector(f"{p}.attn_q_norm.weight"), cfg.norm_eps)
             k = rms_norm(k, ops.vector(f"{p}.attn_k_norm.weight"), cfg.norm_eps)
     with record_function("attention"):
-        q = apply_rope(q, *rope, cfg.rope_style).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(k, *rope, cfg.rope_style).transpose(1, 2)
+        q = apply_rope(q, rope, cfg.rope_style).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(k, rope, cfg.rope_style).transpose(1, 2)
         v = v.transpose(1, 2)
-        if cfg.n_kv_heads != cfg.n_heads:  # GQA: each KV head serves a group of query heads
-            k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-            v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
         if local_mask is not None:
+            if cfg.n_kv_heads != cfg.n_heads:  # GQA: each KV head serves a group of query heads
+                # copied out: with a mask, SDPA's flash kernel is out and the
+                # memory-efficient one takes no grouped heads
+                k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+                v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask, scale=cfg.attn_scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale)
+        else:  # the flash kernel reads a group's KV head in place (no copies)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale,
+                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         o = o.transpose(1, 2).reshape(b * t, cfg.n_heads * cfg.head_dim)
     return ops.linear(o, f"{p}.attn_output.weight")
 
@@ -206,7 +245,7 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
         x = x.float()
     pos = torch.arange(t, device=x.device)
 
-    ropes: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+    ropes: dict[tuple[float, float], RopeTables] = {}
     local_mask = None
     if cfg.sliding_window is not None and cfg.sliding_window < t:
         # True = may attend: causal, and at most sliding_window tokens back (self included)
@@ -216,7 +255,7 @@ def hidden_states(cfg: ModelConfig, ops: WeightOps, ids: torch.Tensor) -> torch.
     for i in range(cfg.n_layers):
         key = (cfg.layer_rope_theta(i), cfg.layer_rope_scale(i))
         if key not in ropes:
-            ropes[key] = rope_tables(cfg, key[0], key[1], pos, factors)
+            ropes[key] = rope_for(*rope_tables(cfg, key[0], key[1], pos, factors), cfg.rope_style, ops.dtype)
         mask = local_mask if cfg.is_sliding(i) else None
 
         with record_function("norm"):

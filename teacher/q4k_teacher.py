@@ -31,7 +31,7 @@ from typing_extensions import deprecated
 
 from teacher.config import ModelConfig
 from teacher.consistency import check_model
-from teacher.forward import HEAD_NAMES, matmul_into, matmul_label
+from teacher.forward import HEAD_NAMES, cast_once, matmul_into, matmul_label
 from teacher.gguf_file import GGUFModel, TensorRecord, open_gguf
 from teacher.provider import effective_vocab
 from teacher.quants import dequantize
@@ -170,6 +170,7 @@ class Q4KOps:
         self._streams: dict[int, Any] = {}  # torch stream handle -> its CuPy ExternalStream
         self.weights = weights
         self.vectors = vectors
+        self._cast: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.device = device
         self.set_activation_dtype(dtype)
         # linears dispatched to each kernel path (host side, also while a graph is captured):
@@ -295,8 +296,8 @@ class Q4KOps:
             self._launch.qembed(ids.contiguous(), w.data, w.qtype, w.n, w.k, out=rows, check_ids=False)
         return rows.to(self.dtype)
 
-    def vector(self, name: str) -> torch.Tensor:
-        return self.vectors[name]
+    def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return cast_once(self._cast, name, self.vectors[name], dtype)
 
     def has(self, name: str) -> bool:
         return name in self.weights or name in self.vectors

@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from teacher.dequant_teacher import DenseOps, DequantTeacher
-from teacher.forward import matmul_into, rms_norm
+from teacher.forward import apply_rope, matmul_into, rms_norm, rope_for
 from teacher.models import resolve_model
 from teacher.runtime import frozen_chunks, logits_dtype
 
@@ -130,6 +130,46 @@ def test_rms_norm_accumulates_in_float32() -> None:
     ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     assert rms_norm(x, w, 1e-6).dtype == torch.bfloat16
+
+
+def _textbook_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """RoPE as written in the papers: (x1 cos - x2 sin, x1 sin + x2 cos) on each pair."""
+    d = 2 * cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    if style == "normal":
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+@pytest.mark.parametrize("style", ["normal", "neox"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_apply_rope_is_bit_identical_to_the_textbook_form(style: str, dtype: torch.dtype) -> None:
+    # the forward's four-kernel RoPE rounds each product before the sum, as the textbook
+    # form does: FT-Q4K-TEACHER-006 is sensitive to a single ulp, so equal is the bar.
+    # Half of each 24-dim head is rotated (partial rotary keeps the rest as is)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 33, 3, 24, generator=g) * 4).to(dtype)
+    ang = torch.arange(33.0)[:, None] * torch.logspace(0, -3, 6)[None, :]
+    want = _textbook_rope(x, ang.cos(), ang.sin(), style)
+    got = apply_rope(x, rope_for(ang.cos(), ang.sin(), style, dtype), style)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(got[..., 12:], x[..., 12:]) and not torch.equal(got[..., :12], x[..., :12])
+
+
+def test_vectors_are_cast_once_per_dtype() -> None:
+    # a bias is added at every forward: its cast to the activation dtype is kept, not redone
+    b = torch.tensor([1.0, 1 + 2.0**-12, -3.5])
+    ops = DenseOps({"blk.0.attn_q.bias": b}, dtype=torch.float16)
+    first = ops.vector("blk.0.attn_q.bias", torch.float16)
+    assert first.dtype == torch.float16 and torch.equal(first, b.half()) and not torch.equal(first.float(), b)
+    assert ops.vector("blk.0.attn_q.bias", torch.float16) is first
+    assert ops.vector("blk.0.attn_q.bias") is ops.vector("blk.0.attn_q.bias", torch.float32)
+    assert torch.equal(ops.vector("blk.0.attn_q.bias"), b) and ops.vector("blk.0.attn_q.bias").dtype == torch.float32
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

@@ -62,8 +62,8 @@ class EmulatedOps:
     def embed(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         return self.f32.embed(ids, name).to(self.dtype)
 
-    def vector(self, name: str) -> torch.Tensor:
-        return self.f32.vector(name)
+    def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.f32.vector(name, dtype)
 
     def has(self, name: str) -> bool:
         return self.f32.has(name)

@@ -32,18 +32,16 @@ from teacher.models import resolve_model
 ULP_NOISE = 2.0**-9  # +-1 f16 ulp, relative (10 mantissa bits, rounding spans +-0.5 ulp)
 
 
-def rope_swap_form(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """The reverted commit's RoPE (f4237c7): x * cos + swap(x) * sin, one addcmul."""
-    d = 2 * cos.shape[-1]
+def rope_swap_form(x: torch.Tensor, rope: fwd.RopeTables, style: str) -> torch.Tensor:
+    """The reverted commit's RoPE (f4237c7): x * cos + swap(x) * sin, one addcmul (the
+    second product is not rounded before the sum, unlike the shipped form)."""
+    d = rope.cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    c, s = cos.to(x.dtype), sin.to(x.dtype)
     if style == "normal":
-        c2, s2 = torch.stack((c, c), -1).flatten(-2), torch.stack((-s, s), -1).flatten(-2)
         swapped = rot.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
     else:
-        c2, s2 = torch.cat((c, c), -1), torch.cat((-s, s), -1)
         swapped = torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), -1)
-    out = torch.addcmul(rot * c2[None, :, None, :], swapped, s2[None, :, None, :])
+    out = torch.addcmul(rot * rope.cos.to(x.dtype), swapped, rope.sin.to(x.dtype))
     return torch.cat((out, rest), -1) if rest.shape[-1] else out
 
 
