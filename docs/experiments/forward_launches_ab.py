@@ -18,7 +18,10 @@ the tree's ``hidden_states`` and with the one of the forward given by ``FORWARD_
 baseline, interleaved over four rounds, and checks that each backend's logits are
 bit-identical between the two.
 
-    PYTHONPATH=$PWD FORWARD_BASE=path/to/old/forward.py python3 docs/experiments/forward_launches_ab.py
+    git show 2e37ad8:teacher/forward.py > /tmp/forward_base.py   # the forward before session 29
+    PYTHONPATH=$PWD FORWARD_BASE=/tmp/forward_base.py python3 docs/experiments/forward_launches_ab.py
+
+Session 29's run on an H100 (SHAPES=1x512): ``docs/results/forward-launches-ab-h100.json``.
 
 writes $OUT/forward-launches-ab.json.
 """

@@ -30,9 +30,13 @@ With TEACHER=tree,xsplit (any of the exact versions; KERNELS=0 skips the kernels
 1x512 forward (graphed, float32 logits) is timed with each version's kernel, interleaved over
 four rounds, and its logits compared with the first version's.
 
-Run from the repository root:
+Session 29 made ``xsplit`` the product kernel (NOTES.md v29), so the patches no longer apply
+to the tree's wgmma.cu: point ``WGMMA_BASE`` at the kernel before it (then ``tree`` below
+means that kernel). Run from the repository root:
 
-    PYTHONPATH=$PWD TYPES=Q4_K MS=256,512 [TEACHER=tree,xsplit] python3 docs/experiments/wgmma_xsplit_ab.py
+    git show 2e37ad8:cupy_kernels/wgmma.cu > /tmp/wgmma_base.cu
+    PYTHONPATH=$PWD WGMMA_BASE=/tmp/wgmma_base.cu TYPES=Q4_K MS=256,512 [TEACHER=tree,xsplit] \
+        python3 docs/experiments/wgmma_xsplit_ab.py
 
 writes $OUT/wgmma-xsplit-ab.json (and wgmma-xsplit-teacher.json).
 """
