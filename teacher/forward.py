@@ -141,6 +141,15 @@ def rope_for(cos: torch.Tensor, sin: torch.Tensor, style: str, dtype: torch.dtyp
     return RopeTables(c2[None, :, None, :], s2[None, :, None, :])
 
 
+def swap_pairs(rot: torch.Tensor, style: str) -> torch.Tensor:
+    """The rotated dims with each RoPE pair's two members exchanged: adjacent dims (2i, 2i + 1)
+    for "normal", the two halves (i, i + d/2) for "neox"."""
+    if style == "normal":
+        return rot.unflatten(-1, (rot.shape[-1] // 2, 2)).flip(-1).flatten(-2)
+    d = rot.shape[-1]
+    return torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, rope: RopeTables, style: str) -> torch.Tensor:
     """x [B, T, H, D]; rotates the first rope_dim dims of each head: x * cos + swap(x) * sin,
     where swap exchanges each pair's two members. Each product is rounded on its own and
@@ -149,12 +158,8 @@ def apply_rope(x: torch.Tensor, rope: RopeTables, style: str) -> torch.Tensor:
     docs/experiments/ft006_rounding.py)."""
     d = rope.cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    if style == "normal":
-        swapped = rot.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
-    else:
-        swapped = torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), dim=-1)
     # .to: a no-op but where a caller rotates another dtype than the forward's
-    out = (rot * rope.cos.to(x.dtype)).add_(swapped * rope.sin.to(x.dtype))
+    out = (rot * rope.cos.to(x.dtype)).add_(swap_pairs(rot, style) * rope.sin.to(x.dtype))
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 

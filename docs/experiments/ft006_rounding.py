@@ -37,11 +37,7 @@ def rope_swap_form(x: torch.Tensor, rope: fwd.RopeTables, style: str) -> torch.T
     second product is not rounded before the sum, unlike the shipped form)."""
     d = rope.cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    if style == "normal":
-        swapped = rot.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
-    else:
-        swapped = torch.cat((rot[..., d // 2 :], rot[..., : d // 2]), -1)
-    out = torch.addcmul(rot * rope.cos.to(x.dtype), swapped, rope.sin.to(x.dtype))
+    out = torch.addcmul(rot * rope.cos.to(x.dtype), fwd.swap_pairs(rot, style), rope.sin.to(x.dtype))
     return torch.cat((out, rest), -1) if rest.shape[-1] else out
 
 
