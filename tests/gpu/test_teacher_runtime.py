@@ -236,3 +236,29 @@ def test_prefetch_is_taken_once_and_only_for_its_ids(tiny: Any) -> None:
     tiny.prefetch(a)  # ids that do not match: b's logits, not a's
     torch.testing.assert_close(tiny.logits_for_batch(b), want_b, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(want_a, want_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_norm_is_one_fused_kernel_that_agrees_with_the_textbook_form(dtype: torch.dtype) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from teacher.forward import rms_norm
+
+    gen = torch.Generator().manual_seed(7)
+    # a residual stream of a 7B layer at 512 tokens: float32, rows of very different scales
+    x = (torch.randn(512, 3584, generator=gen) * torch.logspace(-3, 3, 512)[:, None]).cuda()
+    w = (1 + 0.1 * torch.randn(3584, generator=gen)).cuda()
+    textbook = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w).to(dtype)
+    got = rms_norm(x, w, 1e-6, dtype)
+    assert got.dtype == dtype
+    # float32: the sum of squares in another order, a few ulps; f16 / bf16: one rounding step
+    tol = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}[dtype]
+    torch.testing.assert_close(got, textbook, rtol=tol[0], atol=tol[1])
+    rms_norm(x, w, 1e-6, dtype)  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        rms_norm(x, w, 1e-6, dtype)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    # the fused norm, plus the cast where the result is not float32
+    assert len(kernels) == (1 if dtype == torch.float32 else 2), kernels
