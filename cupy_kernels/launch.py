@@ -159,7 +159,7 @@ WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
 # 132 SMs split K and lost (the 1x512 teacher ran 0.656 of dense with every Q4_K linear on
 # the wgmma GEMM up to 512 against 0.699 without, session 18, an H100).  The range is where it
 # won on all three large 7B shapes at every grid M (H100, session 24,
-# docs/results/wgmma-wide-ab-h100.json): from 576 a third token tile starts and it lost.
+# docs/results/wgmma-wide-ab-s24-h100.json): from 576 a third token tile starts and it lost.
 WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (416, 512, 1 << 26)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row

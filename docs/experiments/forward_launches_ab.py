@@ -16,7 +16,11 @@ This times the qwen2.5-7b-shape teacher's 1 x 512 and 4 x 512 forwards (``SHAPES
 the tree's ``hidden_states`` and with the one of the forward given by ``FORWARD_BASE``
 (a copy of an earlier teacher/forward.py), for the Q4K teacher and the dense bf16
 baseline, interleaved over four rounds, and checks that each backend's logits are
-bit-identical between the two.
+bit-identical between the two (and their minimum cosine, for a forward that is not).
+
+Session 30: ``FORWARD_BASE`` = e23c053's forward, against the tree's norm on torch's fused
+kernel (``rms_norm``: one pass where the textbook form took six kernels; not bit-identical,
+the sum of squares runs in another order).
 
     git show 2e37ad8:teacher/forward.py > /tmp/forward_base.py   # the forward before session 29
     PYTHONPATH=$PWD FORWARD_BASE=/tmp/forward_base.py python3 docs/experiments/forward_launches_ab.py
@@ -58,7 +62,7 @@ def main() -> None:
     rounds, reps = int(os.environ.get("ROUNDS", "4")), 10
     path = resolve_model("qwen2.5-7b-shape")
     res: dict[str, Any] = {"what": __doc__.split("\n\n")[0], "gpu": torch.cuda.get_device_name(),
-                           "seconds": {}, "bit_identical": {}}
+                           "seconds": {}, "bit_identical": {}, "min_cosine": {}}
     for backend, build in (("q4k", _q4k), ("dense-bf16", _dense_bf16)):
         teacher = build(path, 0)
         for b, t in shapes:
@@ -77,12 +81,14 @@ def main() -> None:
             runtime.hidden_states = versions["tree"]
             res["seconds"][key] = times
             res["bit_identical"][key] = bool(torch.equal(logits["base"], logits["tree"]))
+            cos = torch.nn.functional.cosine_similarity(logits["base"], logits["tree"], dim=-1)
+            res["min_cosine"][key] = float(cos.min())
             del logits
         del teacher
         torch.cuda.empty_cache()
     res["median_ms"] = {k: {v: statistics.median(s) * 1e3 for v, s in t.items()} for k, t in res["seconds"].items()}
     res["tree_over_base"] = {k: m["tree"] / m["base"] for k, m in res["median_ms"].items()}
-    print(json.dumps({k: res[k] for k in ("median_ms", "tree_over_base", "bit_identical")}, indent=1), flush=True)
+    print(json.dumps({k: res[k] for k in ("median_ms", "tree_over_base", "bit_identical", "min_cosine")}, indent=1), flush=True)
     (Path(os.environ.get("OUT", ".")) / "forward-launches-ab.json").write_text(json.dumps(res, indent=1) + "\n")
 
 

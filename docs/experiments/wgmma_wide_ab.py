@@ -15,6 +15,9 @@ on every large shape at every grid M up to 512), or null where it did not win at
 teacher's ``wide`` forward was not faster than ``base``.
 
     PYTHONPATH=$PWD python3 docs/experiments/wgmma_wide_ab.py
+
+Runs on an H100: session 24 (``docs/results/wgmma-wide-ab-s24-h100.json``), and session 30 on
+the code with the in-kernel fix-up (``docs/results/wgmma-wide-ab-h100.json``, NOTES.md v30).
 """
 
 from __future__ import annotations
