@@ -98,8 +98,10 @@ def rms_norm(
     keeps the textbook form, bit for bit as transformers computes it."""
     xf = x.float()
     if xf.is_cuda:
-        return F.rms_norm(xf, (xf.shape[-1],), weight, eps).to(dtype or x.dtype)
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype or x.dtype)
+        y = F.rms_norm(xf, (xf.shape[-1],), weight, eps)
+    else:
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return y.to(dtype or x.dtype)
 
 
 ROPE_FREQS = "rope_freqs.weight"
