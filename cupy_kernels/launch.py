@@ -29,6 +29,7 @@ the number at fault.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 from pathlib import Path
@@ -160,7 +161,12 @@ WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
 # the wgmma GEMM up to 512 against 0.699 without, session 18, an H100).  The range is where it
 # won on all three large 7B shapes at every grid M (H100, session 24,
 # docs/results/wgmma-wide-ab-s24-h100.json): from 576 a third token tile starts and it lost.
-WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (416, 512, 1 << 26)}
+# Since split tiles are summed in the kernel (session 26) it wins from the first M past 256:
+# 0.81-0.86 of decode + cuBLAS's time at M = 264-288 and 0.49-0.88 up to 512 on all three
+# (H100, session 30, docs/results/wgmma-wide-ab-h100.json; a second token tile costs the same
+# however few of its rows are used, so 257 runs as 264 does).  Past 512 it still loses on
+# 3584 x 18944 (1.03-1.04 at 640-768).
+WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (257, 512, 1 << 26)}
 _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
@@ -527,6 +533,73 @@ def _wg_kernel(dev: int, name: str) -> Any:
     return _wg_functions[(dev, name)][0]
 
 
+# CUtensorMap arguments of cuTensorMapEncodeTiled (cuda.h): f16 elements, 128-byte swizzle
+# (the layout the wgmma descriptors read), L2 promotion by 128-byte lines, zeros out of bounds
+_CU_TENSOR_MAP_DATA_TYPE_FLOAT16 = 6
+_CU_TENSOR_MAP_SWIZZLE_128B = 3
+_CU_TENSOR_MAP_L2_PROMOTION_L2_128B = 2
+_TMA_MAP = np.dtype((np.void, 128))
+_libcuda: Any = None
+
+
+def _encode_tiled() -> Any:
+    """The driver's cuTensorMapEncodeTiled through ctypes (CuPy does not wrap it)."""
+    global _libcuda
+    if _libcuda is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise CudaUnavailable(f"the wgmma GEMM's tensor map needs the CUDA driver (libcuda.so.1): {exc}") from exc
+        f = lib.cuTensorMapEncodeTiled
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_int]
+        _libcuda = lib
+    return _libcuda.cuTensorMapEncodeTiled
+
+
+def wgmma_x_box_rows(m: int, ntok: int) -> int:
+    """Token rows per TMA copy of x in the wgmma GEMM (its XBOX): the whole token tile where
+    every tile is full, else the least power of two from 8 that holds the last tile's rows,
+    at most 64, so that the copies of the last tile read few rows past M.  A box's rows past
+    M arrive as zeros but take TMA's time: with 256-row boxes at M = 320 (192 rows of the
+    second tile past M) the kernel took 1.07-1.16x the cp.async version's time, and at M = 16
+    on 64-row tiles 1.02-1.19x (H100, session 31, NOTES.md v31)."""
+    rest = m % ntok
+    if rest == 0:
+        return ntok
+    box = 8
+    while box < min(rest, 64):
+        box *= 2
+    return box
+
+
+def _x_tensor_map(xc: Any, box_rows: int) -> Any:
+    """The tensor map the wgmma GEMM reads f16 x [M, K] through (wgmma.cu's TmaMap): boxes of
+    64 columns x ``box_rows`` token rows, 128-byte swizzle, rows past M read as zeros.  Passed by
+    value (a size-one NumPy array is a by-value kernel argument in CuPy), so a captured CUDA
+    graph keeps it; it holds x's address, which a graph's replays keep as well."""
+    m, k = (int(v) for v in xc.shape)
+    buf = np.zeros(128 + 64, dtype=np.uint8)  # a CUtensorMap is 64-byte aligned
+    off = -buf.ctypes.data % 64
+    tmap = buf[off:off + 128].view(_TMA_MAP)
+    dims = (ctypes.c_uint64 * 2)(k, m)
+    strides = (ctypes.c_uint64 * 1)(2 * k)
+    box = (ctypes.c_uint32 * 2)(64, box_rows)
+    elem_strides = (ctypes.c_uint32 * 2)(1, 1)
+    rc = _encode_tiled()(
+        tmap.ctypes.data, _CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, ctypes.c_void_p(xc.data.ptr), dims, strides, box,
+        elem_strides, 0, _CU_TENSOR_MAP_SWIZZLE_128B, _CU_TENSOR_MAP_L2_PROMOTION_L2_128B, 0,
+    )
+    if rc != 0:
+        raise RuntimeError(
+            f"cuTensorMapEncodeTiled failed (CUresult {rc}) for the wgmma GEMM's x: [{m}, {k}] f16 at "
+            f"{xc.data.ptr:#x}, boxes of 64 x {box_rows}"
+        )
+    return tmap
+
+
 def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> bool:
     """Whether the wgmma GEMM can write an f16 y itself: every tile summed within the kernel
     (no atomics into a zeroed float32 y, :attr:`WgPlan.atomics`; with WGMMA_FIXUP off, one
@@ -594,7 +667,9 @@ def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, wo
         part = cp.uint64(ws.data.ptr + _wg_flag_bytes(sms))
     fn = _wg_kernel(dev, _wg_name(q, plan.ntok, X_F16 if f16_out else X_F32))
     i32 = cp.int32
-    fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xc, y, part, flags, i32(m), i32(n), i32(k)),
+    box_rows = wgmma_x_box_rows(m, plan.ntok)
+    xmap = _x_tensor_map(xc, box_rows)
+    fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xmap, y, part, flags, i32(m), i32(n), i32(k), i32(box_rows)),
        shared_mem=_wg_smem(plan.ntok, q))
 
 

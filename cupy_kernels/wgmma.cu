@@ -18,9 +18,10 @@
 // CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens (64 or 128; Q4_K also
 // 256, where the decode of a fragment feeds twice the tokens).  Warpgroups
 // 0 and 1 decode and multiply (warpgroup wg owns rows 64 wg .. 64 wg + 63);
-// warpgroup 2 only issues the cp.async copies of each stage and signals a full
-// mbarrier per slot, and the MMA warpgroups hand a slot back through an empty
-// mbarrier once its wgmmas are done, so no block-wide barrier runs in the loop.
+// warpgroup 2 only issues the copies of each stage (the weights by cp.async onto a full
+// mbarrier per slot, x by TMA from one thread onto an x mbarrier per slot), and the MMA
+// warpgroups hand a slot back through an empty mbarrier once its wgmmas are done, so no
+// block-wide barrier runs in the loop.
 // setmaxnreg moves registers from the copying warpgroup to the other two.
 // Grid: one dimension; each CTA runs an equal share of the GEMM's (tile, ring slot) units
 // in tile order (WgWork below: one whole tile each, K splits, or stream-K), the token tile
@@ -334,50 +335,44 @@ __device__ __forceinline__ void cp_async_arrive(u32 bar) {
 // MMA warps, so every instruction it spends per slot delays the ring (session 14's ncu: the
 // MMA warps waited on full slots 14x as long when the loop grew from ~185 to ~250 instructions
 // a slot).  So the loaders keep per-thread pointers that only move by a per-slot offset, and
-// copy rows past M or N as nothing (x) or as the last row (weights) without zero-fill: their
-// products only reach columns of y that are never written.
+// copy weight rows past N as the last row without zero-fill: their products only reach rows
+// of y that are never written.
 
-// 128 columns of the x tile, copied by the producer warpgroup's 128 threads: thread p copies
-// pieces p + 128 j (token row (p >> 4) + 8 j, 16-byte column p & 15) into two swizzle atoms;
-// token rows >= M are not copied (they feed only the tile's padding columns)
-template <int NTOK>
-struct WgXLoader {
-    static constexpr int XN = NTOK / 8;   // x pieces per thread
-    static constexpr int XATOM = NTOK * 128;
-    const u8* xsrc;                       // piece 0 at column 0
-    u32 xstep, xdst;                      // bytes from piece j to j + 1 (8 token rows); smem offset
-    int nx;                               // pieces with a token row < M: rows grow with j, so j < nx
-
-    __device__ __forceinline__ WgXLoader(const u16* __restrict__ X, int M, int K, int m0, int p) {
-        const int r = p >> 4, cc = p & 15;
-        xsrc = (const u8*)(X + (long long)(m0 + r) * K + cc * 8);
-        xstep = 16u * (u32)K;
-        xdst = (cc >> 3) * XATOM + r * 128 + (((cc & 7) ^ (r & 7)) << 4);  // r + 8 j: same swizzle
-        nx = min(XN, max(0, (M - m0 - r + 7) >> 3));
-    }
-    // columns kcol .. kcol + 127 to the two atoms at st
-    __device__ __forceinline__ void load(u32 st, int kcol) const {
-        const u8* s = xsrc + 2 * kcol;
-#pragma unroll
-        for (int j = 0; j < XN; ++j)
-            if (j < nx) cp_async16(st + xdst + j * 8 * 128, s + j * xstep);
-    }
+// x moves by TMA: one producer thread issues a 2-D tensor copy per 64-column swizzle atom of
+// a slot's x onto the slot's x barrier, which counts the bytes (mbarrier.arrive.expect_tx).
+// The tensor map (launch.py: cuTensorMapEncodeTiled over x [M, K] f16, boxes of 64 columns
+// x NTOK rows, the 128-byte swizzle the wgmma descriptors read) is a __grid_constant__
+// parameter, so a CUDA graph keeps it with the launch. A copy moves XBOX token rows (a power
+// of two, 8..NTOK, from launch.py), and boxes wholly past M are not copied: a box's rows past
+// M arrive as zeros at TMA's cost, which took 7-19 % more time where three quarters of a tile
+// lay past M (session 31, NOTES.md v31), so the launcher picks boxes that fit the last tile.
+// Rows a skipped box leaves as they were feed only columns of y that are never written.
+// Against the 128 producer threads' cp.async pieces (~6 instructions per 16 bytes) it ran
+// 3-5 % faster at M = 512 (session 30, NOTES.md v30).
+struct __align__(64) TmaMap {
+    u64 opaque[16];  // CUtensorMap
 };
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// x columns col .. col + 63 of token rows row .. row + XBOX - 1 to dst in a swizzle atom
+__device__ __forceinline__ void tma_x(u32 dst, const TmaMap* map, int col, int row, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(dst), "l"((u64)map), "r"(col), "r"(row), "r"(bar) : "memory");
+}
 
-// the copies of one Q4_K slot: x (WgXLoader) and weight pieces p + 128 j; piece c = 5 row + q
+// the weight copies of one Q4_K slot: pieces p + 128 j; piece c = 5 row + q
 // is the row's header (q = 0) or quant bytes 16 (q - 1) .. of the half block, and lands at
 // row * WG_WROW + 16 q = 16 c
 template <int NTOK>
 struct WgLoader {
     typedef WgCfg<QT_Q4_K, NTOK> C;
     static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
-    WgXLoader<NTOK> x;
     const u8* wsrc[WN];                   // piece j in the row's first block (rows >= N: row N - 1)
     u32 wh[WN], wdst;                     // 64 for quant pieces (they move with the half), 0 for headers
 
-    __device__ __forceinline__ WgLoader(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                        int m0, int n0, int p)
-        : x(X, M, K, m0, p) {
+    __device__ __forceinline__ WgLoader(const u8* __restrict__ W, int N, int K, int n0, int p) {
         const long long rb = (long long)(K >> 8) * 144;
 #pragma unroll
         for (int j = 0; j < WN; ++j) {
@@ -387,29 +382,24 @@ struct WgLoader {
         }
         wdst = C::XSLOT + 16 * p;
     }
-    // the weights and the x of slot kt (half block kt of the row) go to separate barriers
-    __device__ __forceinline__ void load(u32 st, int kt) const {
+    __device__ __forceinline__ void load(u32 st, int kt) const {  // kt: slot (half block) in the row
         const u32 boff = (u32)(kt >> 1) * 144, half = (u32)(kt & 1);
 #pragma unroll
         for (int j = 0; j < WN; ++j) cp_async16(st + wdst + 2048 * j, wsrc[j] + (boff + half * wh[j]));
     }
-    __device__ __forceinline__ void load_x(u32 st, int kt) const { x.load(st, kt * WG_KT); }
 };
 
-// the Q6_K slot's copies: x (WgXLoader) twice (256 columns); for the weights, thread p
+// the Q6_K slot's weight copies: thread p
 // copies pieces p + 128 j of the 128 rows x 14 pieces that cover each row's block (32-bit
 // offsets from the tile's first row, aligned down to 16 bytes; rows >= N copy row N - 1)
 template <int NTOK>
 struct WgLoader6 {
     typedef WgCfg<QT_Q6_K, NTOK> C;
     static constexpr int WN = 14;
-    WgXLoader<NTOK> x;
     const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
     u32 tb, rb, last, row0, piece0;       // its misalignment, bytes per row, last row; piece p's place
 
-    __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, const u16* __restrict__ X, int M, int N, int K,
-                                         int m0, int n0, int p)
-        : x(X, M, K, m0, p) {
+    __device__ __forceinline__ WgLoader6(const u8* __restrict__ W, int N, int K, int n0, int p) {
         rb = (u32)(K >> 8) * Q6_BYTES;
         const long long t0 = (long long)n0 * rb;
         wtile = W + (t0 & ~15LL);
@@ -433,10 +423,6 @@ struct WgLoader6 {
             row += 128 / WN + (piece >= WN);
             if (piece >= WN) piece -= WN;
         }
-    }
-    __device__ __forceinline__ void load_x(u32 st, int kb) const {
-#pragma unroll
-        for (int hx = 0; hx < 2; ++hx) x.load(st + hx * 2 * C::XATOM, kb * 256 + hx * 128);
     }
 };
 
@@ -519,8 +505,8 @@ __device__ __forceinline__ void each_out(int m0, int nA, int t, int M, int N, F&
 
 template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
-wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict__ Y, float* __restrict__ P,
-           u32* __restrict__ FLAGS, int M, int N, int K) {
+wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* __restrict__ Y, float* __restrict__ P,
+           u32* __restrict__ FLAGS, int M, int N, int K, int XBOX) {
     // P, FLAGS: the partial-sum workspace (NTOK x WG_ROWS floats per CTA) and one zeroed flag
     // per CTA, left zeroed; null where partial tiles add atomically into a zeroed f32 y
     typedef WgCfg<QT, NTOK> C;
@@ -542,7 +528,7 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         for (int s = 0; s < S; ++s) {
             mbar_init(bars + 8 * s, 128);
             mbar_init(bars + 8 * (S + s), 8);
-            mbar_init(bars + 8 * (2 * S + s), 128);
+            mbar_init(bars + 8 * (2 * S + s), 1);  // the lead producer thread's expect_tx
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -555,13 +541,20 @@ wgmma_gemm(const u8* __restrict__ W, const u16* __restrict__ X, void* __restrict
         // ring slot ri of round r: the producer waits for round r - 1's to come back (parity (r - 1) & 1)
         int ri = 0, round = 0;
         while (work.next(sg)) {
-            const typename WgLoaderOf<QT, NTOK>::T loader(W, X, M, N, K, sg.m0, sg.n0, tid - 256);
+            const typename WgLoaderOf<QT, NTOK>::T loader(W, N, K, sg.n0, tid - 256);
+            const int boxes = (min(NTOK, M - sg.m0) + XBOX - 1) / XBOX;  // x boxes with a row < M
             for (int j = 0; j < sg.n; ++j) {
                 if (round) mbar_wait(bars + 8 * (S + ri), (round - 1) & 1);
                 loader.load(sbase + ri * C::SLOT, sg.s0 + j);  // the weights first: the decode needs them first
                 cp_async_arrive(bars + 8 * ri);
-                loader.load_x(sbase + ri * C::SLOT, sg.s0 + j);
-                cp_async_arrive(bars + 8 * (2 * S + ri));
+                if (tid == 256) {
+                    mbar_expect_tx(bars + 8 * (2 * S + ri), (u32)(2 * SPS * boxes * XBOX * 128));
+#pragma unroll
+                    for (int a = 0; a < 2 * SPS; ++a)
+                        for (int b = 0; b < boxes; ++b)
+                            tma_x(sbase + ri * C::SLOT + a * C::XATOM + b * XBOX * 128, &XMAP,
+                                  (sg.s0 + j) * C::KSLOT + 64 * a, sg.m0 + b * XBOX, bars + 8 * (2 * S + ri));
+                }
                 if (++ri == S) ri = 0, ++round;
             }
         }

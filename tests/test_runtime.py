@@ -422,6 +422,24 @@ def test_every_wgmma_variant_fits_the_sm90_shared_memory() -> None:
         assert ntok * 136 * 2 <= smem, name
 
 
+@pytest.mark.parametrize("ntok", [64, 128, 256])
+def test_wgmma_x_boxes_tile_each_token_tile_and_stop_near_m(ntok: int) -> None:
+    """x's TMA boxes (wgmma.cu's XBOX rows) must tile a token tile exactly, each at a
+    1,024-byte offset of its swizzle atom (8 rows of 128 bytes), and the copies of the last
+    tile (whole boxes up to its last row) may read fewer than 64 rows past M, since rows past
+    M cost TMA's time; full tiles take one box each."""
+    from cupy_kernels import launch
+
+    for m in range(1, 3 * ntok + 1):
+        box = launch.wgmma_x_box_rows(m, ntok)
+        assert 8 <= box <= ntok and ntok % box == 0 and box & (box - 1) == 0, (m, box)
+        rest = m % ntok or ntok
+        past_m = -(-rest // box) * box - rest
+        assert 0 <= past_m < min(box, 64), (m, box, past_m)
+        if m % ntok == 0:
+            assert box == ntok, (m, box)
+
+
 @pytest.mark.parametrize("qt", [QT.Q2_K, QT.Q3_K], ids=lambda q: q.name)
 def test_q2_q3_dispatch_never_takes_a_tensor_core_gemv(qt: QT) -> None:
     """Q2_K/Q3_K have no integer fragment decode (qfrag.cuh): every M must land on a

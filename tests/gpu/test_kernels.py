@@ -164,7 +164,8 @@ def _need_hopper(cp: Any) -> None:
 
 
 # M: one tile of 64, a partial tile of 128, two tiles, Q4_K's 256-token tiles (257: a partial
-# one of 256, Q6_K two of 128 and one of 1; 513: two whole and a partial); N: partial row tiles; K = 3584:
+# one of 256, Q6_K two of 128 and one of 1; 513: two whole and a partial; x then moves in 8-row
+# TMA boxes, at 320 in 64-row ones, 4 a whole tile); N: partial row tiles; K = 3584:
 # 28 Q4_K / 14 Q6_K slots, split over CTAs where the grid is small (atomic float32
 # sums).  Q6_K rows of 420 / 630 / 2,940 bytes (K = 512 / 768 / 3584) put the 210-byte
 # blocks at every even offset within their 16-byte pieces.
@@ -172,7 +173,7 @@ WGMMA_FORMATS = [T.Q4_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("m,n,k", [(33, 200, 512), (64, 130, 768), (100, 384, 3584), (257, 131, 768),
-                                   (64, 512, 3584), (12, 77, 3584), (513, 384, 768)])
+                                   (320, 256, 768), (64, 512, 3584), (12, 77, 3584), (513, 384, 768)])
 @pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
 def test_wgmma(cp: Any, rng: np.random.Generator, qt: T, m: int, n: int, k: int) -> None:
     _need_hopper(cp)
@@ -310,6 +311,39 @@ def test_wgmma_refuses_what_it_cannot_run(cp: Any, monkeypatch: pytest.MonkeyPat
                 launch.qmatmul(xc, wide, T.Q4_K, n, k, out=y, path="wgmma")
         finally:
             s.end_capture()
+
+
+@pytest.mark.parametrize("m", [40, 300])
+@pytest.mark.parametrize("qt", WGMMA_FORMATS, ids=lambda q: q.name)
+def test_wgmma_graph_replay_reads_new_x(cp: Any, rng: np.random.Generator, qt: T, m: int) -> None:
+    """The wgmma GEMM reads x through a tensor map passed by value (it holds x's address):
+    a captured CUDA graph must replay it on whatever x's buffer holds at replay time, as
+    the teacher's graphs do, and give what an eager launch gives on the same x."""
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    n, k = 384, 768
+    raw, _ = random_weight(qt, n, k, rng)
+    w = cp.asarray(raw)
+    x = cp.asarray(_x(rng, m, k, "f16")).astype(cp.float16)
+    y = cp.zeros((m, n), dtype=cp.float32)
+    ws = cp.zeros(launch.wgmma_workspace_bytes(launch.sm_count(int(w.device.id))), dtype=cp.uint8)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        launch.qmatmul(x, w, qt, n, k, out=y, path="wgmma", workspace=ws)
+        graph = s.end_capture()
+        graph.launch(s)
+        s.synchronize()
+        first = y.copy()
+        x[...] = cp.asarray(_x(rng, m, k, "f16")).astype(cp.float16)
+        graph.launch(s)
+        s.synchronize()
+        replayed = y.copy()
+        eager = launch.qmatmul(x, w, qt, n, k, path="wgmma", workspace=ws)
+        s.synchronize()
+    assert not cp.array_equal(first, replayed), "the replay did not read x's new values"
+    assert cp.array_equal(replayed, eager), float(cp.abs(replayed - eager).max())
 
 
 @pytest.mark.parametrize("qt,k", [(T.Q4_K, 3584), (T.Q6_K, 3584), (T.Q8_0, 3520), (T.BF16, 3504)])
