@@ -137,6 +137,45 @@ def compare(
     return rows
 
 
+def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], None], rounds: int = 4,
+                 reps: int = 10) -> dict[str, Any]:
+    """The qwen2.5-7b-shape Q4K teacher's 1x512 forward (graphed, float32 logits) with each
+    version put in place by its callable, interleaved over ``rounds`` (median ms), and each
+    version's logits against the first's; ``restore`` puts the tree back."""
+    import statistics
+
+    import torch
+
+    from teacher.bench import _time_forward
+    from teacher.models import resolve_model
+    from teacher.q4k_teacher import Q4KTeacher
+
+    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
+    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
+    res: dict[str, Any] = {"seconds": {v: [] for v in versions}, "logits_vs_first": {}}
+    logits = {}
+    try:
+        for r in range(rounds):
+            for name, put_in_place in versions.items():
+                put_in_place()
+                teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+                if r == 0:
+                    logits[name] = teacher.logits_for_batch(ids).float()[0]
+                t = _time_forward(teacher, ids, reps, torch.float32)
+                res["seconds"][name].append(t)
+                print(f"teacher round {r} {name:<8} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
+    finally:
+        restore()
+    first = next(iter(versions))
+    for name in versions:
+        cos = torch.nn.functional.cosine_similarity(logits[name], logits[first], dim=-1)
+        res["logits_vs_first"][name] = {"min_cosine": float(cos.min()),
+                                        "bit_identical": bool(torch.equal(logits[name], logits[first]))}
+    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
+    print(json.dumps({k: res[k] for k in ("median_ms", "logits_vs_first")}, indent=1), flush=True)
+    return res
+
+
 def require(src: str, *texts: str, what: str = "ablations") -> None:
     """Stop unless wgmma.cu's text ``src`` still holds every text that the ablations or patches
     (``what``) replace."""

@@ -48,15 +48,16 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wgmma_ab import compare_sources, compiled, require
+from wgmma_ab import time_teacher as time_teacher_versions
 from wgmma_q4k_ablation import HALF_XCOPY, XCOPY
 from wgmma_tma_ab import TMA_HELPERS, x_map
 
@@ -264,14 +265,8 @@ def co_resident_clusters(src: str) -> int:
     return n.value
 
 
-def time_teacher(sources: dict[str, str], rounds: int = 4, reps: int = 10) -> dict[str, Any]:
-    """The 1x512 teacher forward with each version's wgmma.cu (median ms over rounds)."""
-    import torch
-
-    from teacher.bench import _time_forward
-    from teacher.models import resolve_model
-    from teacher.q4k_teacher import Q4KTeacher
-
+def time_teacher(sources: dict[str, str]) -> dict[str, Any]:
+    """The 1x512 teacher forward with each version's wgmma.cu (``wgmma_ab.time_teacher``)."""
     tree_here = launch._HERE
     funcs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,31 +275,14 @@ def time_teacher(sources: dict[str, str], rounds: int = 4, reps: int = 10) -> di
             (Path(tmp) / name / "wgmma.cu").write_text(text)
             funcs[name] = compiled(Path(tmp) / name)
     launch._HERE = tree_here
-    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    res: dict[str, Any] = {"seconds": {v: [] for v in sources}, "logits_vs_first": {}}
-    logits = {}
-    try:
-        for r in range(rounds):
-            for name in sources:
-                launch._wg_functions.clear()
-                launch._wg_functions.update(funcs[name])
-                teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
-                if r == 0:
-                    logits[name] = teacher.logits_for_batch(ids).float()[0]
-                t = _time_forward(teacher, ids, reps, torch.float32)
-                res["seconds"][name].append(t)
-                print(f"teacher round {r} {name:<8} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
-    finally:
-        launch._wg_functions.clear()
-    first = next(iter(sources))
-    for name in sources:
-        cos = torch.nn.functional.cosine_similarity(logits[name], logits[first], dim=-1)
-        res["logits_vs_first"][name] = {"min_cosine": float(cos.min()),
-                                        "bit_identical": bool(torch.equal(logits[name], logits[first]))}
-    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
-    print(json.dumps({k: res[k] for k in ("median_ms", "logits_vs_first")}, indent=1), flush=True)
-    return res
+
+    def put(name: str) -> Callable[[], None]:
+        def swap() -> None:
+            launch._wg_functions.clear()
+            launch._wg_functions.update(funcs[name])
+        return swap
+
+    return time_teacher_versions({name: put(name) for name in sources}, launch._wg_functions.clear)
 
 
 def main() -> None:

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wgmma_ab import compare, compiled
+from wgmma_ab import time_teacher as time_teacher_versions
 
 from cupy_kernels import launch
 
@@ -52,45 +53,26 @@ def pointer_launch(*args: Any) -> None:
         launch._x_tensor_map = TREE_MAP
 
 
-def time_teacher(dirs: dict[str, Path], rounds: int = 4, reps: int = 10) -> dict[str, Any]:
-    """The 1x512 teacher forward with each version's kernel and launcher (median ms over rounds)."""
-    import torch
-
-    from teacher.bench import _time_forward
-    from teacher.models import resolve_model
-    from teacher.q4k_teacher import Q4KTeacher
-
+def time_teacher(dirs: dict[str, Path]) -> dict[str, Any]:
+    """The 1x512 teacher forward with each version's kernel and launcher (``wgmma_ab.time_teacher``)."""
     tree_here = launch._HERE
     funcs = {name: compiled(d) for name, d in dirs.items()}
     launch._HERE = tree_here
-    maps = {name: (_pointer if name == "main" else TREE_MAP) for name in dirs}
-    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    res: dict[str, Any] = {"seconds": {v: [] for v in dirs}, "logits_vs_first": {}}
-    logits = {}
-    try:
-        for r in range(rounds):
-            for name in dirs:
-                launch._wg_functions.clear()
-                launch._wg_functions.update(funcs[name])
-                launch._x_tensor_map = maps[name]
-                teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
-                if r == 0:
-                    logits[name] = teacher.logits_for_batch(ids).float()[0]
-                t = _time_forward(teacher, ids, reps, torch.float32)
-                res["seconds"][name].append(t)
-                print(f"teacher round {r} {name:<5} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
-    finally:
+
+    def put(name: str) -> Callable[[], None]:
+        def swap() -> None:
+            launch._wg_functions.clear()
+            launch._wg_functions.update(funcs[name])
+            launch._x_tensor_map = _pointer if name == "main" else TREE_MAP
+        return swap
+
+    def restore() -> None:
         launch._wg_functions.clear()
         launch._x_tensor_map = TREE_MAP
-    first = next(iter(dirs))
-    for name in dirs:
-        cos = torch.nn.functional.cosine_similarity(logits[name], logits[first], dim=-1)
-        res["logits_vs_first"][name] = {"min_cosine": float(cos.min()),
-                                        "bit_identical": bool(torch.equal(logits[name], logits[first]))}
-    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
+
+    res = time_teacher_versions({name: put(name) for name in dirs}, restore)
     res["tree_over_main"] = res["median_ms"]["tree"] / res["median_ms"]["main"]
-    print(json.dumps({k: res[k] for k in ("median_ms", "tree_over_main", "logits_vs_first")}, indent=1), flush=True)
+    print(f"tree / main: {res['tree_over_main']:.4f}", flush=True)
     return res
 
 
