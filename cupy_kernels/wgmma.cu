@@ -341,11 +341,11 @@ __device__ __forceinline__ void cp_async_arrive(u32 bar) {
 // x moves by TMA: one producer thread issues a 2-D tensor copy per 64-column swizzle atom of
 // a slot's x onto the slot's x barrier, which counts the bytes (mbarrier.arrive.expect_tx).
 // The tensor map (launch.py: cuTensorMapEncodeTiled over x [M, K] f16, boxes of 64 columns
-// x NTOK rows, the 128-byte swizzle the wgmma descriptors read) is a __grid_constant__
-// parameter, so a CUDA graph keeps it with the launch. A copy moves XBOX token rows (a power
-// of two, 8..NTOK, from launch.py), and boxes wholly past M are not copied: a box's rows past
-// M arrive as zeros at TMA's cost, which took 7-19 % more time where three quarters of a tile
-// lay past M (session 31, NOTES.md v31), so the launcher picks boxes that fit the last tile.
+// x XBOX rows, the 128-byte swizzle the wgmma descriptors read) is a __grid_constant__
+// parameter, so a CUDA graph keeps it with the launch. XBOX is a power of two, 8..NTOK
+// (launch.wgmma_x_box_rows), and boxes wholly past M are not copied: a box's rows past M
+// arrive as zeros at TMA's cost, which took up to 19 % more time where three quarters of a
+// tile lay past M (session 31, NOTES.md v31), so the launcher picks boxes that fit the last tile.
 // Rows a skipped box leaves as they were feed only columns of y that are never written.
 // Against the 128 producer threads' cp.async pieces (~6 instructions per 16 bytes) it ran
 // 3-5 % faster at M = 512 (session 30, NOTES.md v30).
