@@ -167,7 +167,15 @@ WGMMA_MAX_M: dict[int, int] = {int(QT.Q4_K): 256, int(QT.Q6_K): 128}
 # however few of its rows are used, so 257 runs as 264 does).  Past 512 it still loses on
 # 3584 x 18944 (1.03-1.04 at 640-768).
 WGMMA_WIDE: dict[int, tuple[int, int, int]] = {int(QT.Q4_K): (257, 512, 1 << 26)}
-_WG_ROWS = 128  # weight rows per CTA (wgmma.cu's WG_ROWS)
+_WG_ROWS = 128  # weight rows per CTA (wgmma.cu's ROWS) of every tile but the tall one
+# The tall tile (wgmma.cu's ROWS = 256, Q4_K only): 128 tokens x 256 weight rows, a ring of
+# four 52-KiB slots, where the 256-token tile holds three of 74 KiB for the same 32,768
+# products a step (0.7x the bytes per multiply-add, twice the decode per token).
+_WG_TALL = (128, 256, 4)  # tokens, weight rows, slots
+# The M range (first, last) per format over which the wgmma GEMM runs on the tall tile
+# instead of the token tiles of _WG_NTOK.  Empty: not measured yet (session 32,
+# docs/experiments/wgmma_tall_ab.py).
+WGMMA_TALL: dict[int, tuple[int, int]] = {}
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
 _WG_RING: dict[int, tuple[int, int, dict[int, int]]] = {
@@ -205,17 +213,17 @@ WG_PERSIST_WAVES = 2
 _WG_THREADS = 384  # two MMA warpgroups and one that issues the copies (wgmma.cu)
 
 
-def _wg_smem(ntok: int, qtype: Any = QT.Q4_K) -> int:
-    """Dynamic shared memory of wgmma_gemm<qtype, ntok, *>: its ring of slots (WgCfg in
+def _wg_smem(ntok: int, qtype: Any = QT.Q4_K, rows: int = _WG_ROWS) -> int:
+    """Dynamic shared memory of wgmma_gemm<qtype, ntok, *, rows>: its ring of slots (WgCfg in
     wgmma.cu: x and weight rows per slot), 1,024 bytes of alignment slack and three
     mbarriers per slot (weights full, empty, x full)."""
     kslot, wrow, stages_by_ntok = _WG_RING[int(_qtype(qtype))]
-    stages = stages_by_ntok[ntok]
-    return stages * (kslot * ntok * 2 + _WG_ROWS * wrow) + 1024 + 24 * stages
+    stages = _WG_TALL[2] if rows == _WG_TALL[1] else stages_by_ntok[ntok]
+    return stages * (kslot * ntok * 2 + rows * wrow) + 1024 + 24 * stages
 
 
 class WgPlan(NamedTuple):
-    """How the wgmma GEMM spreads its work: ``tiles`` (ntok-token x 128-row tiles) of
+    """How the wgmma GEMM spreads its work: ``tiles`` (ntok-token x ``rows``-row tiles) of
     ``slots`` ring slots each (128 K values for Q4_K, 256 for Q6_K) over ``ctas`` CTAs;
     ``resident``: all of them fit the GPU at once (one per SM) and WGMMA_FIXUP is on.  CTA b
     runs the units :meth:`cta_units` gives it, segment by segment in the order of
@@ -226,6 +234,7 @@ class WgPlan(NamedTuple):
     slots: int
     ctas: int
     resident: bool
+    rows: int = _WG_ROWS
 
     def cta_units(self, b: int) -> tuple[int, int]:
         """Units [u, u1) of CTA b among the U = tiles x slots, as WgWork splits them: with
@@ -298,18 +307,20 @@ def wgmma_plan(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> WgPlan
     an eager linear asks twice (whether the kernel can write f16, then the launch)."""
     q = int(_qtype(qtype))
     gain = WG_STREAM_K_GAIN if WGMMA_STREAM_K else 0.0
+    lo, hi = WGMMA_TALL.get(q, (0, -1))
+    ntoks, rows = ((_WG_TALL[0],), _WG_TALL[1]) if lo <= m <= hi else (_WG_NTOK[q], _WG_ROWS)
     plan = _wgmma_plan(m, n, k, sms, WGMMA_WAVE_FILL, _WG_RING[q][0], gain, WG_CTA_SLOTS, WG_PERSIST_WAVES,
-                       _WG_NTOK[q])
+                       ntoks, rows)
     return plan if WGMMA_FIXUP else plan._replace(resident=False)
 
 
 @functools.cache
 def _wgmma_plan(
     m: int, n: int, k: int, sms: int, fill_target: float, kslot: int, gain: float, cta_slots: int,
-    persist_waves: int, ntoks: tuple[int, ...],
+    persist_waves: int, ntoks: tuple[int, ...], rows: int = _WG_ROWS,
 ) -> WgPlan:
     ntok = next((t for t in ntoks if m <= t), ntoks[-1])
-    tiles = -(-m // ntok) * -(-n // _WG_ROWS)
+    tiles = -(-m // ntok) * -(-n // rows)
     nk = k // kslot
     if tiles * nk >= 2**31:  # WgWork counts units in 32 bits
         raise ValueError(f"the wgmma GEMM counts its work in 32 bits: M={m}, n={n}, k={k} is too large")
@@ -336,7 +347,7 @@ def _wgmma_plan(
             ctas = even
     elif persist_waves and tiles >= persist_waves * sms:
         ctas = sms
-    return WgPlan(ntok, tiles, nk, ctas, ctas <= sms)
+    return WgPlan(ntok, tiles, nk, ctas, ctas <= sms, rows)
 
 
 def _gemm_smem(q: QT) -> int:
@@ -487,15 +498,17 @@ def is_hopper(dev: int) -> bool:
     return (int(props["major"]), int(props["minor"])) == (9, 0)
 
 
-def _wg_name(qtype: Any, ntok: int, out: int) -> str:
-    return f"wgmma_gemm<{int(_qtype(qtype))}, {ntok}, {out}>"
+def _wg_name(qtype: Any, ntok: int, out: int, rows: int = _WG_ROWS) -> str:
+    tall = f", {rows}" if rows != _WG_ROWS else ""
+    return f"wgmma_gemm<{int(_qtype(qtype))}, {ntok}, {out}{tall}>"
 
 
-def _wg_variants() -> dict[str, tuple[int, int]]:
-    """The compiled wgmma kernels: name -> (format, token tile)."""
-    return {
-        _wg_name(q, nt, out): (q, nt) for q in sorted(WGMMA_TYPES) for nt in _WG_NTOK[q] for out in (X_F32, X_F16)
-    }
+def _wg_variants() -> dict[str, tuple[int, int, int]]:
+    """The compiled wgmma kernels: name -> (format, token tile, weight rows)."""
+    tiles = {q: [(nt, _WG_ROWS) for nt in _WG_NTOK[q]] for q in sorted(WGMMA_TYPES)}
+    tiles[int(QT.Q4_K)].append(_WG_TALL[:2])
+    return {_wg_name(q, nt, out, rows): (q, nt, rows) for q, ts in tiles.items() for nt, rows in ts
+            for out in (X_F32, X_F16)}
 
 
 _wg_functions: dict[tuple[int, str], Any] = {}
@@ -524,11 +537,11 @@ def _wg_kernel(dev: int, name: str) -> Any:
             cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
             mod = function.Module()
             mod.load(cubin)
-            for nm, (qt, ntok) in variants.items():
+            for nm, (qt, ntok, rows) in variants.items():
                 fn = mod.get_function(mapping[nm])
                 # a raw Function: its shared-memory limit through the driver
                 # (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8)
-                _cp().cuda.driver.funcSetAttribute(fn.ptr, 8, _wg_smem(ntok, qt))
+                _cp().cuda.driver.funcSetAttribute(fn.ptr, 8, _wg_smem(ntok, qt, rows))
                 _wg_functions[(dev, nm)] = (fn, mod)
     return _wg_functions[(dev, name)][0]
 
@@ -610,10 +623,11 @@ def wgmma_writes_f16(m: int, n: int, k: int, sms: int, qtype: Any = QT.Q4_K) -> 
 
 def wgmma_workspace_bytes(sms: int) -> int:
     """Bytes of the wgmma GEMM's workspace on a GPU of ``sms`` SMs: a flag per CTA (256-byte
-    aligned), then a partial tile of the widest token tile per CTA, float32.  Where the
+    aligned), then a partial tile of the largest tile per CTA, float32.  Where the
     plan splits tiles between resident CTAs (:attr:`WgPlan.fixup`) it must be passed in
     zeroed; the kernel leaves it zeroed."""
-    return _wg_flag_bytes(sms) + sms * max(max(t) for t in _WG_NTOK.values()) * _WG_ROWS * 4
+    largest = max(max(max(t) for t in _WG_NTOK.values()) * _WG_ROWS, _WG_TALL[0] * _WG_TALL[1])
+    return _wg_flag_bytes(sms) + sms * largest * 4
 
 
 def _wg_flag_bytes(sms: int) -> int:
@@ -665,12 +679,12 @@ def _wgmma(q: QT, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, wo
             )
         flags = cp.uint64(ws.data.ptr)
         part = cp.uint64(ws.data.ptr + _wg_flag_bytes(sms))
-    fn = _wg_kernel(dev, _wg_name(q, plan.ntok, X_F16 if f16_out else X_F32))
+    fn = _wg_kernel(dev, _wg_name(q, plan.ntok, X_F16 if f16_out else X_F32, plan.rows))
     i32 = cp.int32
     box_rows = wgmma_x_box_rows(m, plan.ntok)
     xmap = _x_tensor_map(xc, box_rows)
     fn((plan.ctas, 1, 1), (_WG_THREADS,), (wc, xmap, y, part, flags, i32(m), i32(n), i32(k), i32(box_rows)),
-       shared_mem=_wg_smem(plan.ntok, q))
+       shared_mem=_wg_smem(plan.ntok, q, plan.rows))
 
 
 def wgmma_applies(q: Any, m: int, n: int, k: int, *, x_is_f16: bool, hopper: bool) -> bool:

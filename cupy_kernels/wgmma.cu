@@ -42,7 +42,6 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define WG_ROWS 128          // weight rows per CTA
 #define WG_KT 128            // K values per stage (half a Q4_K block)
 #define WG_WROW 80           // smem bytes per weight row per stage: header 16 + 64 quant bytes
 #define Q6_BYTES 210         // a Q6_K block: ql[128], qh[64], int8 scales[16], f16 d
@@ -148,18 +147,30 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const u32 (&a)[4], u64
         : "memory");
 }
 
-// the ring of one format: a slot holds SPS steps of 128 K values (x and weights)
-template <int QT, int NTOK>
+// the ring of one format and tile: a slot holds SPS parts of 128 K values (x and weights)
+template <int QT, int NTOK, int ROWS>
 struct WgCfg {
+    // The tile is ROWS weight rows x NTOK tokens.  128 rows: each MMA warpgroup owns 64 of them
+    // and a step is 128 K values.  256 rows (Q4_K on 128-token tiles, the "tall" tile): each
+    // owns 128 as two 64-row groups (RG = 2) with two accumulators of m64n128, and a step is
+    // 64 K values so that the two register buffers of fragments stay 2 x 32 a thread.  Both hold
+    // 32,768 products a step in 128 accumulators a thread; the tall tile's slot takes 52 KiB
+    // (32 of x, 20 of weights) where the 256-token tile's takes 74 (64 + 10), so the ring
+    // holds four slots instead of three and each multiply-add needs 0.7x the bytes.
+    static_assert(ROWS == 128 || (QT == QT_Q4_K && NTOK == 128 && ROWS == 256), "256-row tiles: Q4_K, 128 tokens");
+    static constexpr int RG = ROWS / 128;                   // 64-row groups per MMA warpgroup
     static constexpr int XATOM = NTOK * 128;                // one 64-column swizzle atom of x
-    static constexpr int SPS = QT == QT_Q6_K ? 2 : 1;       // 128-K steps per slot
+    static constexpr int SPS = QT == QT_Q6_K ? 2 : 1;       // 128-K parts per slot
+    static constexpr int SPR = SPS * RG;                    // MMA steps per slot
+    static constexpr int KK = 8 / RG;                       // k16 wgmmas per row group and step
     static constexpr int KSLOT = WG_KT * SPS;
     static constexpr int WROW = QT == QT_Q6_K ? Q6_WROW : WG_WROW;
     static constexpr int XSLOT = 2 * SPS * XATOM;
-    static constexpr int SLOT = XSLOT + WG_ROWS * WROW;
+    static constexpr int SLOT = XSLOT + ROWS * WROW;
     // as many slots as fit in 227 KiB: the ring is what keeps enough bytes in flight
     // (launch._wg_smem: STAGES * SLOT + 1024 + 24 * STAGES)
-    static constexpr int STAGES = QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : NTOK <= 128 ? 5 : 3);
+    static constexpr int STAGES = ROWS == 256 ? 4
+                                  : QT == QT_Q6_K ? (NTOK <= 64 ? 3 : 2) : (NTOK <= 64 ? 8 : NTOK <= 128 ? 5 : 3);
     // a Q6_K slot of 256 tokens (158 KiB) would leave a ring of one slot
     static_assert(QT == QT_Q4_K || NTOK <= 128, "256-token tiles are Q4_K only");
     // MMA warpgroups' registers a thread after setmaxnreg (the producer keeps what is left of the
@@ -197,15 +208,17 @@ __device__ __forceinline__ void row_scales(const uint4& h, u32 (&s2)[4], u32 (&m
     }
 }
 
-// this thread's A fragments of one stage (8 k16 steps) of rows A and B, decoded
-template <int H>
-__device__ __forceinline__ void decode_stage(u32 (&F)[8][4], const u8* wrA, const u8* wrB, int t) {
+// this thread's A fragments of rows A and B for quarters JJ0 .. JJ0 + NJ - 1 (64 K values,
+// 4 k16 steps each) of half H of their blocks, decoded (the scales of the other quarters are
+// dead code)
+template <int H, int JJ0, int NJ>
+__device__ __forceinline__ void decode_q4(u32 (&F)[4 * NJ][4], const u8* wrA, const u8* wrB, int t) {
     const uint4 hA = *(const uint4*)wrA, hB = *(const uint4*)wrB;
     u32 sA[4], mA[4], sB[4], mB[4];
     row_scales<H>(hA, sA, mA);
     row_scales<H>(hB, sB, mB);
 #pragma unroll
-    for (int jj = 0; jj < 2; ++jj) {
+    for (int jj = JJ0; jj < JJ0 + NJ; ++jj) {
         // quant bytes 32 jj + {2t, 2t+8, 16+2t, 24+2t} (+1) of this half block, rows A and B;
         // their low nibbles are sub-block 2 jj, their high nibbles sub-block 2 jj + 1
         u32 pA[2][2], pB[2][2];
@@ -219,7 +232,7 @@ __device__ __forceinline__ void decode_stage(u32 (&F)[8][4], const u8* wrA, cons
             }
 #pragma unroll
         for (int k2 = 0; k2 < 4; ++k2) {
-            const int kk = 4 * jj + k2, sl = 2 * jj + (k2 >> 1), l = k2 & 1;
+            const int kk = 4 * (jj - JJ0) + k2, sl = 2 * jj + (k2 >> 1), l = k2 & 1;
             if (k2 < 2) {
                 F[kk][0] = dec2<false>(pA[l][0], sA[sl], mA[sl]);
                 F[kk][1] = dec2<false>(pB[l][0], sB[sl], mB[sl]);
@@ -303,13 +316,15 @@ __device__ __forceinline__ void decode_q6(u32 (&F)[8][4], const u8* bA, const u8
     }
 }
 
-// the 8 wgmmas of one stage as one commit group
-template <int NTOK>
-__device__ __forceinline__ void mma_stage(float (&acc)[NTOK / 2], const u32 (&F)[8][4], u32 xs) {
+// the 8 wgmmas of one step (KK k16 steps of each of RG row groups) as one commit group
+template <int NTOK, int RG, int KK>
+__device__ __forceinline__ void mma_stage(float (&acc)[RG][NTOK / 2], const u32 (&F)[RG][KK][4], u32 xs) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-        wgmma_rs(acc, F[kk], desc_sw128(xs + (kk >> 2) * (NTOK * 128) + (kk & 3) * 32));
+    for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+        for (int h = 0; h < RG; ++h)
+            wgmma_rs(acc[h], F[h][kk], desc_sw128(xs + (kk >> 2) * (NTOK * 128) + (kk & 3) * 32));
     wgmma_commit();
 }
 
@@ -365,10 +380,10 @@ __device__ __forceinline__ void tma_x(u32 dst, const TmaMap* map, int col, int r
 // the weight copies of one Q4_K slot: pieces p + 128 j; piece c = 5 row + q
 // is the row's header (q = 0) or quant bytes 16 (q - 1) .. of the half block, and lands at
 // row * WG_WROW + 16 q = 16 c
-template <int NTOK>
+template <int NTOK, int ROWS>
 struct WgLoader {
-    typedef WgCfg<QT_Q4_K, NTOK> C;
-    static constexpr int WN = 5;          // weight pieces per thread (640 / 128)
+    typedef WgCfg<QT_Q4_K, NTOK, ROWS> C;
+    static constexpr int WN = ROWS * 5 / 128;  // weight pieces per thread (5 a row, 128 threads)
     const u8* wsrc[WN];                   // piece j in the row's first block (rows >= N: row N - 1)
     u32 wh[WN], wdst;                     // 64 for quant pieces (they move with the half), 0 for headers
 
@@ -389,12 +404,40 @@ struct WgLoader {
     }
 };
 
+// the tall tile's Q4_K weight copies (256 rows, 10 pieces a thread), as WgLoader's but with
+// 32-bit offsets from the tile's first row: ten 64-bit pointers spilled the producer's 56 registers
+template <int NTOK, int ROWS>
+struct WgLoaderTall {
+    typedef WgCfg<QT_Q4_K, NTOK, ROWS> C;
+    static constexpr int WN = ROWS * 5 / 128;
+    const u8* wtile;                      // the tile's first row
+    u32 wofs[WN], wdst;                   // piece j's offset from it; bit 0 set for quant pieces
+
+    __device__ __forceinline__ WgLoaderTall(const u8* __restrict__ W, int N, int K, int n0, int p) {
+        const u32 rb = (u32)(K >> 8) * 144;
+        wtile = W + (long long)n0 * rb;
+#pragma unroll
+        for (int j = 0; j < WN; ++j) {
+            const int c = p + 128 * j, row = c / 5, q = c - row * 5;
+            wofs[j] = (u32)(min(n0 + row, N - 1) - n0) * rb + 16 * q + (q ? 1u : 0u);
+        }
+        wdst = C::XSLOT + 16 * p;
+    }
+    __device__ __forceinline__ void load(u32 st, int kt) const {
+        // a quant piece moves by 64 bytes in the second half: bit 0 + 63, or bit 0 - 1 in the first
+        const u32 boff = (u32)(kt >> 1) * 144, hq = (kt & 1) ? 63u : 0xFFFFFFFFu;
+#pragma unroll
+        for (int j = 0; j < WN; ++j)
+            cp_async16(st + wdst + 2048 * j, wtile + (boff + wofs[j] + ((wofs[j] & 1u) ? hq : 0u)));
+    }
+};
+
 // the Q6_K slot's weight copies: thread p
 // copies pieces p + 128 j of the 128 rows x 14 pieces that cover each row's block (32-bit
 // offsets from the tile's first row, aligned down to 16 bytes; rows >= N copy row N - 1)
 template <int NTOK>
 struct WgLoader6 {
-    typedef WgCfg<QT_Q6_K, NTOK> C;
+    typedef WgCfg<QT_Q6_K, NTOK, 128> C;
     static constexpr int WN = 14;
     const u8* wtile;                      // the tile's first row, aligned down to 16 bytes
     u32 tb, rb, last, row0, piece0;       // its misalignment, bytes per row, last row; piece p's place
@@ -404,7 +447,7 @@ struct WgLoader6 {
         const long long t0 = (long long)n0 * rb;
         wtile = W + (t0 & ~15LL);
         tb = (u32)(t0 & 15);
-        last = (u32)min(WG_ROWS, N - n0) - 1;
+        last = (u32)min(128, N - n0) - 1;
         row0 = (u32)p / WN;
         piece0 = (u32)p - row0 * WN;
     }
@@ -427,12 +470,16 @@ struct WgLoader6 {
 };
 
 // the producer's loader of each format
-template <int QT, int NTOK>
+template <int QT, int NTOK, int ROWS>
 struct WgLoaderOf {
-    typedef WgLoader<NTOK> T;
+    typedef WgLoader<NTOK, ROWS> T;
 };
 template <int NTOK>
-struct WgLoaderOf<QT_Q6_K, NTOK> {
+struct WgLoaderOf<QT_Q4_K, NTOK, 256> {
+    typedef WgLoaderTall<NTOK, 256> T;
+};
+template <int NTOK, int ROWS>
+struct WgLoaderOf<QT_Q6_K, NTOK, ROWS> {
     typedef WgLoader6<NTOK> T;
 };
 
@@ -452,13 +499,13 @@ struct WgSegment {
     int m0, n0, s0, n;  // token and weight row of the tile, first slot, slots
 };
 // few fields: the 256-token MMA threads have no register to spare (ptxas spilled with four more)
-template <int NTOK>
+template <int NTOK, int ROWS>
 struct WgWork {
     int u, u1, d0, mt, slots;  // d0: the deferred first segment's first unit (0: none); 31-bit units
     __device__ __forceinline__ WgWork(int M, int K, int N, int kslot) {
         mt = (M + NTOK - 1) / NTOK;
         slots = K / kslot;
-        const u32 units = (u32)(mt * ((N + WG_ROWS - 1) / WG_ROWS) * slots), g = gridDim.x, b = blockIdx.x;
+        const u32 units = (u32)(mt * ((N + ROWS - 1) / ROWS) * slots), g = gridDim.x, b = blockIdx.x;
         const u32 q = units / g, r = units - q * g;
         u = (int)(b * q + min(b, r));
         u1 = u + (int)q + (b < r ? 1 : 0);
@@ -466,7 +513,7 @@ struct WgWork {
         const int end = (u / slots + 1) * slots;
         if (u % slots != 0 && end < u1) d0 = u, u = end;
     }
-    __device__ __forceinline__ int tiles(int N) const { return mt * ((N + WG_ROWS - 1) / WG_ROWS); }
+    __device__ __forceinline__ int tiles(int N) const { return mt * ((N + ROWS - 1) / ROWS); }
     // the CTA that runs unit x (the inverse of the split above)
     __device__ __forceinline__ int cta_of(int x, int N) const {
         const u32 units = (u32)(tiles(N) * slots), g = gridDim.x, q = units / g, r = units - q * g;
@@ -482,7 +529,7 @@ struct WgWork {
         sg.s0 = u - tile * slots;
         sg.n = min(slots - sg.s0, u1 - u);
         sg.m0 = (tile % mt) * NTOK;
-        sg.n0 = (tile / mt) * WG_ROWS;
+        sg.n0 = (tile / mt) * ROWS;
         u += sg.n;
         return true;
     }
@@ -503,14 +550,14 @@ __device__ __forceinline__ void each_out(int m0, int nA, int t, int M, int N, F&
         }
 }
 
-template <int QT, int NTOK, int OUT>
+template <int QT, int NTOK, int OUT, int ROWS = 128>
 __global__ void __launch_bounds__(384, 1)
 wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* __restrict__ Y, float* __restrict__ P,
            u32* __restrict__ FLAGS, int M, int N, int K, int XBOX) {
-    // P, FLAGS: the partial-sum workspace (NTOK x WG_ROWS floats per CTA) and one zeroed flag
+    // P, FLAGS: the partial-sum workspace (NTOK x ROWS floats per CTA) and one zeroed flag
     // per CTA, left zeroed; null where partial tiles add atomically into a zeroed f32 y
-    typedef WgCfg<QT, NTOK> C;
-    constexpr int S = C::STAGES, SPS = C::SPS;
+    typedef WgCfg<QT, NTOK, ROWS> C;
+    constexpr int S = C::STAGES, SPS = C::SPS, RG = C::RG, SPR = C::SPR, KK = C::KK;
     extern __shared__ u8 smem_raw[];
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const u32 sbase = smem_addr(smem);
@@ -533,7 +580,7 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
-    WgWork<NTOK> work(M, K, N, C::KSLOT);
+    WgWork<NTOK, ROWS> work(M, K, N, C::KSLOT);
     WgSegment sg;
 
     if (tid >= 256) {  // the producer warpgroup: copies only, so it gives registers to the others
@@ -541,7 +588,7 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
         // ring slot ri of round r: the producer waits for round r - 1's to come back (parity (r - 1) & 1)
         int ri = 0, round = 0;
         while (work.next(sg)) {
-            const typename WgLoaderOf<QT, NTOK>::T loader(W, N, K, sg.n0, tid - 256);
+            const typename WgLoaderOf<QT, NTOK, ROWS>::T loader(W, N, K, sg.n0, tid - 256);
             const int boxes = (min(NTOK, M - sg.m0) + XBOX - 1) / XBOX;  // x boxes with a row < M
             for (int j = 0; j < sg.n; ++j) {
                 if (round) mbar_wait(bars + 8 * (S + ri), (round - 1) & 1);
@@ -565,93 +612,117 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::MMA_REGS) : "memory");
     const int wg = tid >> 7, warp = (tid >> 5) & 3;
     const int g = lane >> 2, t = lane & 3;
-    const int rA = wg * 64 + warp * 16 + g;
+    const int rA = wg * (64 * RG) + warp * 16 + g;  // row group h adds 64 h
     const u32 rb6 = (u32)(K >> 8) * Q6_BYTES;
     for (int base = 0; work.next(sg); base += sg.n) {
-        const int m0 = sg.m0, n0 = sg.n0, ks0 = sg.s0, n_it = sg.n * SPS;  // 128-K steps
-        float acc[NTOK / 2];
+        const int m0 = sg.m0, n0 = sg.n0, ks0 = sg.s0, n_it = sg.n * SPR;  // MMA steps
+        float acc[RG][NTOK / 2];
 #pragma unroll
-        for (int i = 0; i < NTOK / 2; ++i) {
-            acc[i] = 0.0f;
-            fence_reg(acc[i]);
-        }
-        u32 F0[8][4], F1[8][4];
+        for (int h = 0; h < RG; ++h)
+#pragma unroll
+            for (int i = 0; i < NTOK / 2; ++i) {
+                acc[h][i] = 0.0f;
+                fence_reg(acc[h][i]);
+            }
+        u32 F0[RG][KK][4], F1[RG][KK][4];
         // Q6_K: where rows A and B (clamped as the producer clamps them) sit in their byte stream
         const u32 offA = (u32)min(n0 + rA, N - 1) * rb6, offB = (u32)min(n0 + rA + 8, N - 1) * rb6;
-        // step it is half (ks0 SPS + it) & 1 of its block for both formats (a Q4_K slot is half a block)
-        auto decode = [&](u32 (&F)[8][4], int it) {
-            const int sl = base + it / SPS;
-            if (it % SPS == 0) {
+        // step it is in half (ks0 SPS + it / RG) & 1 of its block for both formats (a Q4_K slot is
+        // half a block), and on the tall tile in quarter it & 1 of that half
+        auto decode = [&](u32 (&F)[RG][KK][4], int it) {
+            const int sl = base + it / SPR;
+            if (it % SPR == 0) {
                 mbar_wait(full(sl), (sl / S) & 1);
                 fence_proxy_async();
             }
             const u8* ws = smem + slot(sl) + C::XSLOT;
-            const bool h1 = ((ks0 * SPS + it) & 1) != 0;
+            const bool h1 = ((ks0 * SPS + it / RG) & 1) != 0;
             if constexpr (QT == QT_Q6_K) {
                 const u32 kb = (u32)(ks0 + it / SPS) * Q6_BYTES;  // the block's offset in the row
                 const u8* bA = ws + rA * Q6_WROW + ((offA + kb) & 15);
                 const u8* bB = ws + (rA + 8) * Q6_WROW + ((offB + kb) & 15);
                 if (h1)
-                    decode_q6<1>(F, bA, bB, t);
+                    decode_q6<1>(F[0], bA, bB, t);
                 else
-                    decode_q6<0>(F, bA, bB, t);
-            } else {
+                    decode_q6<0>(F[0], bA, bB, t);
+            } else if constexpr (RG == 1) {
                 if (h1)
-                    decode_stage<1>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+                    decode_q4<1, 0, 2>(F[0], ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
                 else
-                    decode_stage<0>(F, ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+                    decode_q4<0, 0, 2>(F[0], ws + rA * WG_WROW, ws + (rA + 8) * WG_WROW, t);
+            } else {
+                const bool q1 = (it & 1) != 0;
+#pragma unroll
+                for (int h = 0; h < RG; ++h) {
+                    const u8* wa = ws + (rA + 64 * h) * WG_WROW;
+                    if (h1) {
+                        if (q1) decode_q4<1, 1, 1>(F[h], wa, wa + 8 * WG_WROW, t);
+                        else decode_q4<1, 0, 1>(F[h], wa, wa + 8 * WG_WROW, t);
+                    } else {
+                        if (q1) decode_q4<0, 1, 1>(F[h], wa, wa + 8 * WG_WROW, t);
+                        else decode_q4<0, 0, 1>(F[h], wa, wa + 8 * WG_WROW, t);
+                    }
+                }
             }
         };
         // the slot of step it goes back to the producer (its last step's wgmmas are done)
         auto release = [&](int it) {
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty(base + it / SPS));
+            if (lane == 0) mbar_arrive(empty(base + it / SPR));
         };
         // after step it's wgmmas are queued: step it - 1's are done, so the slot it ended goes
         // back to the producer; then step it + 1 is decoded under step it's wgmmas
-        auto advance = [&](u32 (&Fnext)[8][4], int it) {
+        auto advance = [&](u32 (&Fnext)[RG][KK][4], int it) {
             wgmma_wait<1>();
-            if (it >= 1 && (it - 1) % SPS == SPS - 1) release(it - 1);
+            if (it >= 1 && (it - 1) % SPR == SPR - 1) release(it - 1);
             if (it + 1 < n_it) decode(Fnext, it + 1);
         };
         // the x of step it: its slot's first step waits for the slot's x to land
         auto xs = [&](int it) {
-            const int sl = base + it / SPS;
-            if (it % SPS == 0) {
+            const int sl = base + it / SPR;
+            if (it % SPR == 0) {
                 mbar_wait(xfull(sl), (sl / S) & 1);
                 fence_proxy_async();
             }
-            return sbase + slot(sl) + (it % SPS) * 2 * C::XATOM;
+            return sbase + slot(sl) + (it % SPR) * (2 * C::XATOM / RG);
         };
         decode(F0, 0);
         int it = 0;
         for (; it + 1 < n_it; it += 2) {
-            mma_stage<NTOK>(acc, F0, xs(it));
+            mma_stage<NTOK, RG, KK>(acc, F0, xs(it));
             advance(F1, it);
-            mma_stage<NTOK>(acc, F1, xs(it + 1));
+            mma_stage<NTOK, RG, KK>(acc, F1, xs(it + 1));
             advance(F0, it + 1);
         }
         if (it < n_it) {
-            mma_stage<NTOK>(acc, F0, xs(it));
+            mma_stage<NTOK, RG, KK>(acc, F0, xs(it));
             advance(F1, it);
         }
         wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[i]);
+        for (int h = 0; h < RG; ++h)
+#pragma unroll
+            for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[h][i]);
         release(n_it - 1);  // the segment's last slot: the producer may be filling the ring for the next
 
         const int nA = n0 + rA;
+        constexpr int JW = RG * NTOK / 8;  // float4s of accumulators a thread: j is acc[j / (NTOK / 8)][4 (j % (NTOK / 8))..]
         if (sg.n != work.slots) {  // a partial tile
             if (P == nullptr) {    // atomically into the zeroed f32 y (launch.py never pairs it with f16)
-                if (OUT == 0) each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { atomicAdd((float*)Y + o, acc[j]); });
+                if (OUT == 0)
+#pragma unroll
+                    for (int h = 0; h < RG; ++h)
+                        each_out<NTOK>(m0, nA + 64 * h, t, M, N, [&](int j, long long o) { atomicAdd((float*)Y + o, acc[h][j]); });
                 continue;
             }
             // the workspace in fragment order: float4 j of thread tid at (j * 256 + tid) * 4
             if (ks0 + sg.n != work.slots) {  // the tile goes on in a later CTA: publish the part
-                float* p = P + (long long)blockIdx.x * (NTOK * WG_ROWS);
+                float* p = P + (long long)blockIdx.x * (NTOK * ROWS);
 #pragma unroll
-                for (int j = 0; j < NTOK / 8; ++j)
-                    st_cg4(p + 4 * (j * 256 + tid), acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+                for (int j = 0; j < JW; ++j) {
+                    const float* a = &acc[j / (NTOK / 8)][4 * (j % (NTOK / 8))];
+                    st_cg4(p + 4 * (j * 256 + tid), a[0], a[1], a[2], a[3]);
+                }
                 __threadfence();
                 asm volatile("bar.sync 1, 256;\n" ::: "memory");
                 if (tid == 0) flag_release(FLAGS + blockIdx.x);
@@ -659,7 +730,7 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
             }
             // the finisher: the CTAs from the one that ran the tile's first slot up to this one's
             // predecessor each left one part; add them in CTA order, then clear their flags
-            const int first = ((n0 / WG_ROWS) * work.mt + m0 / NTOK) * work.slots;  // the tile's first unit
+            const int first = ((n0 / ROWS) * work.mt + m0 / NTOK) * work.slots;  // the tile's first unit
             const int c0 = work.cta_of(first, N), c1 = (int)blockIdx.x;
             if (tid == 0)
                 for (int c = c0; c < c1; ++c) {
@@ -670,52 +741,63 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
             // 8 float4 a load burst: ptxas hoisted all of a part's loads at once (128 more
             // registers) and spilled; the CTA loop is kept rolled so bursts stay apart
 #pragma unroll
-            for (int j0 = 0; j0 < NTOK / 8; j0 += 8) {
+            for (int j0 = 0; j0 < JW; j0 += 8) {
 #pragma unroll 1
                 for (int c = c0; c < c1; ++c) {
-                    const float* p = P + (long long)c * (NTOK * WG_ROWS) + 4 * (j0 * 256 + tid);
+                    const float* p = P + (long long)c * (NTOK * ROWS) + 4 * (j0 * 256 + tid);
                     float v[8][4];
 #pragma unroll
                     for (int j = 0; j < 8; ++j) ld_cg4(p + 4 * 256 * j, v[j][0], v[j][1], v[j][2], v[j][3]);
 #pragma unroll
                     for (int j = 0; j < 8; ++j)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) acc[4 * (j0 + j) + e] += v[j][e];
+                        for (int e = 0; e < 4; ++e) acc[(j0 + j) / (NTOK / 8)][4 * ((j0 + j) % (NTOK / 8)) + e] += v[j][e];
                 }
             }
         }
         if (OUT == 0) {
-            each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { ((float*)Y)[o] = acc[j]; });
+#pragma unroll
+            for (int h = 0; h < RG; ++h)
+                each_out<NTOK>(m0, nA + 64 * h, t, M, N, [&](int j, long long o) { ((float*)Y)[o] = acc[h][j]; });
         } else {
             // two values per cvt (one cvt per value, as asm volatile, made ptxas serialise the
             // wgmmas of this kernel: C7514)
-            u16 hv[NTOK / 2];
+            u16 hv[RG][NTOK / 2];
 #pragma unroll
-            for (int i = 0; i < NTOK / 2; i += 2) {
-                u32 pr;
-                asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pr) : "f"(acc[i + 1]), "f"(acc[i]));
-                hv[i] = (u16)(pr & 0xFFFF);
-                hv[i + 1] = (u16)(pr >> 16);
-            }
+            for (int h = 0; h < RG; ++h)
+#pragma unroll
+                for (int i = 0; i < NTOK / 2; i += 2) {
+                    u32 pr;
+                    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pr) : "f"(acc[h][i + 1]), "f"(acc[h][i]));
+                    hv[h][i] = (u16)(pr & 0xFFFF);
+                    hv[h][i + 1] = (u16)(pr >> 16);
+                }
             u16* y = (u16*)Y;
-            if ((int)gridDim.x != work.tiles(N)) {
+            // (the tall tile always: its grids at the M it runs are stream-K or persistent, and
+            // the pass through shared memory spilled 32 bytes a thread)
+            if (RG > 1 || (int)gridDim.x != work.tiles(N)) {
                 // the ring may be filling for the CTA's next segment: straight from registers,
                 // 8 rows x 2 bytes a lane group (two such stores fill each 32-byte sector)
-                each_out<NTOK>(m0, nA, t, M, N, [&](int j, long long o) { y[o] = hv[j]; });
+#pragma unroll
+                for (int h = 0; h < RG; ++h)
+                    each_out<NTOK>(m0, nA + 64 * h, t, M, N, [&](int j, long long o) { y[o] = hv[h][j]; });
                 continue;
             }
             // one whole tile per CTA: this is its only segment and the ring is idle, so through
-            // shared memory as [NTOK][WG_ROWS + 8] f16 and out in 16-byte rows
+            // shared memory as [NTOK][ROWS + 8] f16 and out in 16-byte rows
             asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
             u16* ys = (u16*)smem;
-            const int ld = WG_ROWS + 8;
+            const int ld = ROWS + 8;
 #pragma unroll
-            for (int i = 0; i < NTOK / 8; ++i)
+            for (int h = 0; h < RG; ++h)
 #pragma unroll
-                for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[4 * i + v];
+                for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v)
+                        ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 64 * h + 8 * (v >> 1)] = hv[h][4 * i + v];
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
-            for (int c = tid; c < NTOK * (WG_ROWS / 8); c += 256) {
-                const int tl = c / (WG_ROWS / 8), nc = c % (WG_ROWS / 8);
+            for (int c = tid; c < NTOK * (ROWS / 8); c += 256) {
+                const int tl = c / (ROWS / 8), nc = c % (ROWS / 8);
                 const int tok = m0 + tl, n = n0 + nc * 8;
                 if (tok < M && n < N) *(uint4*)(y + (long long)tok * N + n) = *(const uint4*)(ys + tl * ld + nc * 8);
             }

@@ -412,14 +412,41 @@ def test_every_wgmma_variant_fits_the_sm90_shared_memory() -> None:
     from cupy_kernels import launch
 
     variants = launch._wg_variants()
-    assert {q for q, _ in variants.values()} == set(launch.WGMMA_TYPES)
-    for name, (qt, ntok) in variants.items():
-        smem = launch._wg_smem(ntok, qt)
+    assert {q for q, _, _ in variants.values()} == set(launch.WGMMA_TYPES)
+    assert {(q, nt, rows) for q, nt, rows in variants.values() if rows != 128} == {(int(QT.Q4_K), 128, 256)}
+    for name, (qt, ntok, rows) in variants.items():
+        smem = launch._wg_smem(ntok, qt, rows)
         kslot, wrow, _ = launch._WG_RING[qt]
         # at least two slots (the producer fills one while the other is consumed), and the
-        # f16 epilogue's [ntok][136] tile fits in the ring
-        assert 2 * (kslot * ntok * 2 + 128 * wrow) < smem <= 227 * 1024, (name, smem)
-        assert ntok * 136 * 2 <= smem, name
+        # f16 epilogue's [ntok][rows + 8] tile fits in the ring
+        assert 2 * (kslot * ntok * 2 + rows * wrow) < smem <= 227 * 1024, (name, smem)
+        assert ntok * (rows + 8) * 2 <= smem, name
+        assert (", 256>" in name) == (rows == 256), name
+    # the tall tile's ring is four slots (wgmma.cu's WgCfg::STAGES)
+    assert launch._wg_smem(128, QT.Q4_K, 256) == 4 * (128 * 128 * 2 + 256 * 80) + 1024 + 4 * 24
+
+
+@pytest.mark.parametrize("m,n,k", [(100, 296, 768), (257, 18944, 3584), (512, 3584, 18944), (512, 152064, 3584),
+                                   (384, 3584, 3584), (300, 1000, 3584)])
+def test_wgmma_tall_plan_covers_each_unit_once(m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over WGMMA_TALL's range the plan counts 128-token x 256-row tiles, runs every (tile, slot)
+    unit in exactly one CTA and names the tall kernel; outside it the tiles stay 128 rows."""
+    from cupy_kernels import launch
+
+    monkeypatch.setattr(launch, "WGMMA_TALL", {int(QT.Q4_K): (m, m)})
+    plan = launch.wgmma_plan(m, n, k, 132, QT.Q4_K)
+    assert (plan.ntok, plan.rows) == (128, 256)
+    assert plan.tiles == -(-m // 128) * -(-n // 256) and plan.slots == k // 128
+    seen = [[0] * plan.slots for _ in range(plan.tiles)]
+    for b in range(plan.ctas):
+        for tile, s0, cnt in _wg_segments(plan, b):
+            for s in range(s0, s0 + cnt):
+                seen[tile][s] += 1
+    assert all(c == 1 for row in seen for c in row)
+    assert launch._wg_name(QT.Q4_K, plan.ntok, 2, plan.rows) == "wgmma_gemm<12, 128, 2, 256>"
+    other = launch.wgmma_plan(m + 1, n, k, 132, QT.Q4_K)
+    assert other.rows == 128 and launch._wg_name(QT.Q4_K, other.ntok, 2, other.rows).count(",") == 2
+    assert launch.wgmma_plan(m, n, k, 132, QT.Q6_K).rows == 128  # Q6_K has no tall tile
 
 
 @pytest.mark.parametrize("ntok", [64, 128, 256])

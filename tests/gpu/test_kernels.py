@@ -280,6 +280,57 @@ def test_wgmma_one_cta_per_sm_on_many_tiles(
     assert err < WGMMA_TOL
 
 
+# The tall tile (Q4_K, 128 tokens x 256 weight rows, wgmma.cu's ROWS = 256), forced at every M:
+# a partial token tile and a partial row tile; three token tiles, the last of one row (8-row x
+# boxes); the 7B FFN shape at 512 (one CTA per SM over 296 tiles); stream-K as if the GPU had
+# 7 SMs (runs crossing tiles, split tiles summed in the kernel); a K-split grid larger than 7
+# SMs (atomics into a zeroed float32 y, f16 refused).
+@pytest.mark.parametrize("m,n,k,sms,stream_k", [(100, 296, 768, None, True), (257, 640, 3584, None, True),
+                                                (512, 18944, 3584, None, True), (300, 1000, 3584, 7, True),
+                                                (200, 512, 3584, 7, False)])
+def test_wgmma_tall_tile(
+    cp: Any, rng: np.random.Generator, m: int, n: int, k: int, sms: int | None, stream_k: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every output of the tall tile against the float64 product, float32 y and (where the plan
+    lets the kernel write it) f16 y, which must be the float32 y rounded: the two 64-row groups
+    of each MMA warpgroup, the 64-K steps and their quarter blocks, the 10-piece weight loader
+    and the epilogues all take part."""
+    import torch
+
+    from cupy_kernels import launch
+
+    _need_hopper(cp)
+    monkeypatch.setattr(launch, "WGMMA_TALL", {int(T.Q4_K): (1, 1 << 20)})
+    if sms is not None:
+        monkeypatch.setattr(launch, "sm_count", lambda dev: sms)
+    monkeypatch.setattr(launch, "WGMMA_STREAM_K", stream_k)
+    dev = int(cp.cuda.runtime.getDevice())
+    plan = launch.wgmma_plan(m, n, k, launch.sm_count(dev), T.Q4_K)
+    assert (plan.ntok, plan.rows) == (128, 256) and plan.tiles == -(-m // 128) * -(-n // 256), plan
+    raw, deq = random_weight(T.Q4_K, n, k, rng)
+    x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
+    w = cp.asarray(raw)
+    ws = cp.zeros(launch.wgmma_workspace_bytes(launch.sm_count(dev)), dtype=cp.uint8)
+    y32 = cp.full((m, n), cp.nan, dtype=cp.float32)
+    launch.qmatmul(x, w, T.Q4_K, n, k, out=y32, path="wgmma", workspace=ws)
+    got = cp.asnumpy(y32)
+    assert np.isfinite(got).all(), f"{int((~np.isfinite(got)).sum())} outputs not written ({plan})"
+    ref = x.double().cpu().numpy() @ deq.astype(np.float64).T
+    err = _rel(got, ref)
+    print(f"wgmma tall M={m} N={n} K={k} {plan}: rel err {err:.3g}")
+    assert err < WGMMA_TOL
+    y16 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    if plan.atomics:
+        with pytest.raises(ValueError, match="out must be float32"):
+            launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma", workspace=ws)
+        return
+    launch.qmatmul(x, w, T.Q4_K, n, k, out=y16, path="wgmma", workspace=ws)
+    want = torch.as_tensor(y32, device="cuda").half()
+    assert bool(torch.equal(y16, want)), f"{int((y16 != want).sum())} f16 outputs differ from the f32 y rounded"
+    assert int(cp.count_nonzero(ws[: 4 * plan.ctas])) == 0, "every flag is cleared by the CTA that read it"
+
+
 def test_wgmma_refuses_what_it_cannot_run(cp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
