@@ -12,7 +12,8 @@ and once more with ``--section WarpStateStats --section SourceCounters --section
 InstructionStats``. Session 27 prepared M = 512 (the 1x512 teacher's shape) the same way, and
 per SASS instruction with ``--page source --print-source sass --csv`` (``WG_LINEINFO=1``
 compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source lines); session
-28 ran it on an H100 (``docs/results/wgmma-ncu-512*-h100.*``, NOTES.md v28).
+28 ran it on an H100 (``docs/results/wgmma-ncu-512*-h100.*``, NOTES.md v28). ``WG_TALL=1`` runs
+the tall tile instead (session 32).
 """
 import os
 import sys
@@ -33,6 +34,9 @@ if os.environ.get("WG_LINEINFO") == "1":
         return _compile(self, (*tuple(options), "-lineinfo"), *args, **kwargs)
 
     compiler._NVRTCProgram.compile = _with_lineinfo
+
+if os.environ.get("WG_TALL") == "1":  # the tall tile (128 tokens x 256 weight rows) at every M
+    launch.WGMMA_TALL = {int(T.Q4_K): (1, 1 << 30)}
 
 n, k = 18944, 3584
 rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ shapes, or null) and ``wide_floor`` (the least weights N x K for WGMMA_WIDE: 358
 ``tall_attn`` beat ``tall`` by 0.5 % or more, else the tree's).  APPLY=1 also writes both into
 cupy_kernels/launch.py (the device pipeline runs the benches on the result) and prints the edit.
 
-    PYTHONPATH=$PWD python3 docs/experiments/wgmma_tall_ab.py
+    PYTHONPATH=$PWD:$PWD/docs/experiments python3 docs/experiments/wgmma_tall_ab.py
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from typing import Any
 import cupy as cp
 import torch
 from gguf import GGMLQuantizationType as QT
+from wgmma_ab import time_teacher as time_teacher_versions
+from wgmma_wide_ab import COPIES, shape_setup
 
 from cupy_kernels import launch
-from cupy_kernels.cmd_bench import _median_torch_time, random_weight_gpu
-from teacher.q4k_teacher import DeviceWeight, Q4KOps
+from cupy_kernels.cmd_bench import _median_torch_time
 
 LARGE = [(18944, 3584), (3584, 18944), (152064, 3584)]
 SMALL = [(3584, 3584)]
 MS = [int(v) for v in os.environ.get("MS", "160,192,256,320,384,448,512,640,768").split(",")]
-COPIES = 4
 Q4 = int(QT.Q4_K)
 TALL_TREE = dict(launch.WGMMA_TALL)
 WIDE_TREE = dict(launch.WGMMA_WIDE)
@@ -60,14 +60,10 @@ def _variants(m: int) -> dict[str, tuple[dict[int, tuple[int, int]], dict[int, t
 
 
 def _time_shape(n: int, k: int, ms: list[int]) -> list[dict[str, Any]]:
-    dev = torch.device("cuda", 0)
-    weights = {f"w{i}": DeviceWeight(f"w{i}", QT.Q4_K, n, k, random_weight_gpu(cp, QT.Q4_K, n, k))
-               for i in range(COPIES)}
-    ops = Q4KOps(weights, {}, dev, torch.float16)
-    dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    ops, dense = shape_setup(n, k)
     rows = []
     for m in ms:
-        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         xb = x.to(torch.bfloat16)
         row: dict[str, Any] = {"n": n, "k": k, "m": m}
         outs = {}
@@ -146,8 +142,6 @@ def tall_range(rows: list[dict[str, Any]]) -> tuple[int, int] | None:
 
 
 def time_teacher(tall: tuple[int, int] | None, rounds: int = 4) -> dict[str, Any]:
-    from wgmma_ab import time_teacher as time_teacher_versions
-
     rng = tall or (257, 512)
     attn_floor = 3584 * 3584
     settings = {
@@ -207,7 +201,7 @@ def main() -> None:
     out["linears"] = time_linears()
     rng = tall_range(out["linears"])
     print("tall range from the linears:", rng, flush=True)
-    out["teacher_1x512"] = time_teacher(rng)
+    out["teacher_1x512"] = time_teacher(rng, int(os.environ.get("ROUNDS", "4")))
     out["recommend"] = recommend(out["linears"], out["teacher_1x512"])
     print("recommend:", out["recommend"], flush=True)
     if os.environ.get("APPLY") == "1":

@@ -56,15 +56,21 @@ def time_linears() -> list[dict[str, Any]]:
     return rows
 
 
-def _time_shape(n: int, k: int, ms: list[int]) -> list[dict[str, Any]]:
+def shape_setup(n: int, k: int) -> tuple[Q4KOps, list[torch.Tensor]]:
+    """The teacher's ops over COPIES random Q4_K [n, k] weights (w0, w1, ...; so L2 holds none of
+    them) with f16 activations, and two dense bf16 weights of the shape for torch's time."""
     dev = torch.device("cuda", 0)
     weights = {f"w{i}": DeviceWeight(f"w{i}", QT.Q4_K, n, k, random_weight_gpu(cp, QT.Q4_K, n, k))
                for i in range(COPIES)}
-    ops = Q4KOps(weights, {}, dev, torch.float16)
     dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    return Q4KOps(weights, {}, dev, torch.float16), dense
+
+
+def _time_shape(n: int, k: int, ms: list[int]) -> list[dict[str, Any]]:
+    ops, dense = shape_setup(n, k)
     rows = []
     for m in ms:
-        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         xb = x.to(torch.bfloat16)
         row: dict[str, Any] = {"n": n, "k": k, "m": m}
         outs = {}
