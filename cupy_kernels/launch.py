@@ -173,8 +173,12 @@ _WG_ROWS = 128  # weight rows per CTA (wgmma.cu's ROWS) of every tile but the ta
 # products a step (0.7x the bytes per multiply-add, twice the decode per token).
 _WG_TALL = (128, 256, 4)  # tokens, weight rows, slots
 # The M range (first, last) per format over which the wgmma GEMM runs on the tall tile
-# instead of the token tiles of _WG_NTOK.  Empty: not measured yet (session 32,
-# docs/experiments/wgmma_tall_ab.py).
+# instead of the token tiles of _WG_NTOK; its kernels are compiled only while a range is set.
+# Empty: the tall tile lost where it was meant to win (H100, session 32,
+# docs/results/wgmma-tall-ab-h100.json, NOTES.md v32): 1.17-1.41x the 256-token tile's time
+# at M = 256 and 512 on the three large 7B shapes, 0.98-1.05x at 384, and the 1x512 teacher
+# forward 21.15 against 19.43 ms.  Each step's decode costs twice per token, and the MMA
+# warps' instructions, not x's arrival alone, hold it.
 WGMMA_TALL: dict[int, tuple[int, int]] = {}
 # per format, as wgmma.cu's WgCfg: (K values per ring slot, smem bytes per weight row
 # per slot, slots in the ring per token tile)
@@ -504,9 +508,13 @@ def _wg_name(qtype: Any, ntok: int, out: int, rows: int = _WG_ROWS) -> str:
 
 
 def _wg_variants() -> dict[str, tuple[int, int, int]]:
-    """The compiled wgmma kernels: name -> (format, token tile, weight rows)."""
+    """The compiled wgmma kernels: name -> (format, token tile, weight rows); the tall tile's
+    only while WGMMA_TALL gives it a range (a launch that asks for a kernel not yet compiled
+    compiles the module again with what this returns then)."""
     tiles = {q: [(nt, _WG_ROWS) for nt in _WG_NTOK[q]] for q in sorted(WGMMA_TYPES)}
-    tiles[int(QT.Q4_K)].append(_WG_TALL[:2])
+    for q, (lo, hi) in WGMMA_TALL.items():
+        if lo <= hi and q in tiles:
+            tiles[q].append(_WG_TALL[:2])
     return {_wg_name(q, nt, out, rows): (q, nt, rows) for q, ts in tiles.items() for nt, rows in ts
             for out in (X_F32, X_F16)}
 

@@ -15,9 +15,10 @@
 // copies the 16-byte pieces that cover it (14 at most) and the decode reads the block
 // at its offset within the first piece (2-byte loads only).
 //
-// CTA: three warpgroups (384 threads), 128 weight rows x NTOK tokens (64 or 128; Q4_K also
-// 256, where the decode of a fragment feeds twice the tokens).  Warpgroups
-// 0 and 1 decode and multiply (warpgroup wg owns rows 64 wg .. 64 wg + 63);
+// CTA: three warpgroups (384 threads), ROWS = 128 weight rows x NTOK tokens (64 or 128; Q4_K
+// also 256, where the decode of a fragment feeds twice the tokens, and the tall tile of
+// ROWS = 256 x 128 tokens, WgCfg).  Warpgroups 0 and 1 decode and multiply (warpgroup wg owns
+// rows 64 wg .. 64 wg + 63, on the tall tile 128 wg .. 128 wg + 127 as two 64-row groups);
 // warpgroup 2 only issues the copies of each stage (the weights by cp.async onto a full
 // mbarrier per slot, x by TMA from one thread onto an x mbarrier per slot), and the MMA
 // warpgroups hand a slot back through an empty mbarrier once its wgmmas are done, so no
