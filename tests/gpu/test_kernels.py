@@ -280,17 +280,17 @@ def test_wgmma_one_cta_per_sm_on_many_tiles(
     assert err < WGMMA_TOL
 
 
-# The tall tile (Q4_K, 128 tokens x 256 weight rows, wgmma.cu's ROWS = 256), forced at every M:
-# a partial token tile and a partial row tile; three token tiles, the last of one row (8-row x
-# boxes); the 7B FFN shape at 512 (one CTA per SM over 296 tiles); stream-K as if the GPU had
-# 7 SMs (runs crossing tiles, split tiles summed in the kernel); a K-split grid larger than 7
-# SMs (atomics into a zeroed float32 y, f16 refused).
-@pytest.mark.parametrize("m,n,k,sms,stream_k", [(100, 296, 768, None, True), (257, 640, 3584, None, True),
-                                                (512, 18944, 3584, None, True), (300, 1000, 3584, 7, True),
-                                                (200, 512, 3584, 7, False)])
+# The tall tile (Q4_K, 128 tokens x 256 weight rows, wgmma.cu's ROWS = 256), forced at every M.
+# On the GPU's own SMs: a partial token tile and a partial row tile (K split over resident
+# CTAs); three token tiles, the last of one row (8-row x boxes); the 7B FFN shape at 512 (one
+# CTA per SM over 296 tiles, runs crossing tiles, split tiles summed in the kernel).  As if the
+# GPU had 7 SMs: stream-K; a K-split grid larger than the GPU (atomics into a zeroed float32
+# y, f16 refused); 12 whole tiles, one per CTA, more CTAs than SMs.
+@pytest.mark.parametrize("m,n,k,mode", [(100, 296, 768, "gpu"), (257, 640, 3584, "gpu"), (512, 18944, 3584, "gpu"),
+                                        (200, 512, 3584, "stream-k"), (200, 512, 3584, "atomics"),
+                                        (300, 1000, 3584, "tiles")])
 def test_wgmma_tall_tile(
-    cp: Any, rng: np.random.Generator, m: int, n: int, k: int, sms: int | None, stream_k: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    cp: Any, rng: np.random.Generator, m: int, n: int, k: int, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every output of the tall tile against the float64 product, float32 y and (where the plan
     lets the kernel write it) f16 y, which must be the float32 y rounded: the two 64-row groups
@@ -302,12 +302,17 @@ def test_wgmma_tall_tile(
 
     _need_hopper(cp)
     monkeypatch.setattr(launch, "WGMMA_TALL", {int(T.Q4_K): (1, 1 << 20)})
-    if sms is not None:
-        monkeypatch.setattr(launch, "sm_count", lambda dev: sms)
-    monkeypatch.setattr(launch, "WGMMA_STREAM_K", stream_k)
+    if mode != "gpu":
+        monkeypatch.setattr(launch, "sm_count", lambda dev: 7)
+    monkeypatch.setattr(launch, "WGMMA_STREAM_K", mode != "atomics")
+    if mode == "stream-k":  # take it wherever K would be split
+        monkeypatch.setattr(launch, "WG_STREAM_K_GAIN", 100.0)
     dev = int(cp.cuda.runtime.getDevice())
     plan = launch.wgmma_plan(m, n, k, launch.sm_count(dev), T.Q4_K)
     assert (plan.ntok, plan.rows) == (128, 256) and plan.tiles == -(-m // 128) * -(-n // 256), plan
+    expect = {"stream-k": plan.fixup and plan.ctas == 7, "atomics": plan.atomics,
+              "tiles": plan.one_tile_each and plan.ctas > 7, "gpu": plan.resident}
+    assert expect[mode], (mode, plan)
     raw, deq = random_weight(T.Q4_K, n, k, rng)
     x = torch.from_numpy(_x(rng, m, k, "f16")).to("cuda").half()
     w = cp.asarray(raw)
