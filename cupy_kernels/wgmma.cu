@@ -784,18 +784,15 @@ wgmma_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* 
                     each_out<NTOK>(m0, nA + 64 * h, t, M, N, [&](int j, long long o) { y[o] = hv[h][j]; });
                 continue;
             }
-            // one whole tile per CTA: this is its only segment and the ring is idle, so through
-            // shared memory as [NTOK][ROWS + 8] f16 and out in 16-byte rows
+            // one whole tile per CTA (128-row tiles only, RG = 1): this is its only segment and the
+            // ring is idle, so through shared memory as [NTOK][ROWS + 8] f16 and out in 16-byte rows
             asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the MMA warpgroups only: the producer has left
             u16* ys = (u16*)smem;
             const int ld = ROWS + 8;
 #pragma unroll
-            for (int h = 0; h < RG; ++h)
+            for (int i = 0; i < NTOK / 8; ++i)
 #pragma unroll
-                for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v)
-                        ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 64 * h + 8 * (v >> 1)] = hv[h][4 * i + v];
+                for (int v = 0; v < 4; ++v) ys[(8 * i + 2 * t + (v & 1)) * ld + rA + 8 * (v >> 1)] = hv[0][4 * i + v];
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
             for (int c = tid; c < NTOK * (ROWS / 8); c += 256) {
                 const int tl = c / (ROWS / 8), nc = c % (ROWS / 8);
