@@ -99,11 +99,15 @@ def cases() -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
 
 
 def compare(
-    dirs: dict[str, Path], out_name: str, launchers: dict[str, Callable[..., None]] | None = None
+    dirs: dict[str, Path], out_name: str, launchers: dict[str, Callable[..., None]] | None = None,
+    prepare: Callable[[str, list[Any]], list[Any]] | None = None,
+    extra: Callable[..., dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Time every version (name -> directory of its wgmma.cu) on every case, interleaved
     twice, best of two; outputs compared with the first version's. ``launchers``: a version's
-    stand-in for ``launch._wgmma`` (how its kernel is launched), where it has one."""
+    stand-in for ``launch._wgmma`` (how its kernel is launched), where it has one;
+    ``prepare(name, weights)``: the weights as that version reads them (a load-time layout);
+    ``extra(qt, n, k, m, xs, ws)``: more timings of the case for its row (baselines)."""
     tree, tree_launch = launch._HERE, launch._wgmma
     versions = {name: compiled(d.resolve()) for name, d in dirs.items()}
     launch._HERE = tree
@@ -116,7 +120,8 @@ def compare(
             for name in names:
                 launch._wgmma = (launchers or {}).get(name, tree_launch)
                 try:
-                    t, ys[name] = time_version(versions[name], qt, xs, ws, n, k)
+                    wv = prepare(name, ws) if prepare else ws
+                    t, ys[name] = time_version(versions[name], qt, xs, wv, n, k)
                 finally:
                     launch._wgmma = tree_launch
                 runs[name].append(t)
@@ -127,6 +132,8 @@ def compare(
             row[f"{name}_us"] = min(runs[name])
             row[f"{name}_max_rel_diff"] = float(cp.abs(ref - ys[name]).max()) / (float(cp.abs(ref).max()) + 1e-30)
             row[f"{name}_bit_identical"] = bool(cp.array_equal(ref, ys[name]))
+        if extra:
+            row.update(extra(qt, n, k, m, xs, ws))
         rows.append(row)
         print(f"{qt.name} M={m:4d} {n}x{k}: " + "  ".join(f"{name} {row[name + '_us']:7.1f}" for name in names)
               + " us", flush=True)
@@ -185,7 +192,9 @@ def require(src: str, *texts: str, what: str = "ablations") -> None:
 
 
 def compare_sources(
-    sources: dict[str, str], out_name: str, launchers: dict[str, Callable[..., None]] | None = None
+    sources: dict[str, str], out_name: str, launchers: dict[str, Callable[..., None]] | None = None,
+    prepare: Callable[[str, list[Any]], list[Any]] | None = None,
+    extra: Callable[..., dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """``compare`` over versions given as wgmma.cu texts (the first one is the reference);
     $VARIANTS, a comma list of names, keeps only those besides the first."""
@@ -200,7 +209,7 @@ def compare_sources(
             d.mkdir()
             (d / "wgmma.cu").write_text(text)
             dirs[name] = d
-        return compare(dirs, out_name, launchers)
+        return compare(dirs, out_name, launchers, prepare, extra)
 
 
 def main() -> None:
