@@ -13,7 +13,8 @@ InstructionStats``. Session 27 prepared M = 512 (the 1x512 teacher's shape) the 
 per SASS instruction with ``--page source --print-source sass --csv`` (``WG_LINEINFO=1``
 compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source lines); session
 28 ran it on an H100 (``docs/results/wgmma-ncu-512*-h100.*``, NOTES.md v28). ``WG_TALL=1`` runs
-the tall tile instead (session 32).
+the tall tile instead (session 32). ``WG_SHUF=DIR`` runs the kernel of DIR/wgmma.cu (written by
+``wgmma_shuffle_ab.py --emit DIR``) on the blocks shuffled as it reads them (session 33).
 """
 import os
 import sys
@@ -43,6 +44,14 @@ rng = np.random.default_rng(0)
 raw = rng.integers(0, 256, size=(n, k // 256, 144), dtype=np.uint8)
 hdr = np.full((n, k // 256, 2), 0.01, dtype=np.float16).view(np.uint8)
 raw[:, :, 0:4] = hdr.reshape(n, k // 256, 4)
+if os.environ.get("WG_SHUF"):
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from wgmma_shuffle_ab import shuffle_q4k
+
+    launch._HERE = Path(os.environ["WG_SHUF"])
+    raw = shuffle_q4k(raw.reshape(-1)).reshape(raw.shape)
 w = cp.asarray(raw.reshape(-1))
 for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
     x = torch.randn(m, k, device="cuda").half()

@@ -22,12 +22,20 @@ the shuffled kernel's y must equal the tree's bit for bit (both run the same wgm
 same order). ``check_layout`` replays the kernel's bit extraction in numpy against the file's
 values on the CPU (``python3 docs/experiments/wgmma_shuffle_ab.py --check``).
 
-On the GPU, from the repository root:
+Versions: ``tree``; ``shuf`` (the shuffled kernel on shuffled copies of the weights);
+``shuf_tall`` (as shuf, with the tall tile of 128 tokens x 256 rows over M = $TALL, default
+129,512: half the bytes a multiply-add for twice the decode a token, NOTES.md v32). Beside them
+in the same run: torch bf16 (cuBLAS) and, from M = 1024, the dispatch's decode + cuBLAS path.
+Then (TEACHER=0 skips it) the qwen2.5-7b-shape teacher's 1x512 forward with the same three
+(``time_teacher``: shuffled copies only for the linears on the wgmma path, through the
+teacher's per-path weight overrides; its logits must equal the tree's bit for bit).
 
-    PYTHONPATH=$PWD MS=256,512,2048 python3 docs/experiments/wgmma_shuffle_ab.py
+On the GPU, from the repository root (``wgmma_shuffle_device.sh`` runs it in two calls):
 
-writes $OUT/wgmma-shuffle-ab.json. ``--emit DIR`` writes the shuffled kernel's wgmma.cu to DIR
-(to compile it offline).
+    PYTHONPATH=$PWD MS=64,256,512,2048 python3 docs/experiments/wgmma_shuffle_ab.py
+
+writes $OUT/wgmma-shuffle-ab.json and $OUT/wgmma-shuffle-teacher.json. ``--emit DIR`` writes
+the shuffled kernel's wgmma.cu to DIR (to compile it offline).
 """
 
 from __future__ import annotations
@@ -327,6 +335,20 @@ def main() -> None:
     shuf = shuffled_source(src)
     rows = wgmma_ab.compare_sources({"tree": src, "shuf": shuf, "shuf_tall": shuf}, "wgmma-shuffle-ab.json",
                                     launchers, prepare=prepare, extra=extra)
+    # compare() recorded each case's plan while the tall range was set for the compile: the
+    # plans each version ran, as its launcher saw them
+    sms = launch.sm_count(cp.cuda.Device().id)
+    out = os.path.join(os.environ.get("OUT", "."), "wgmma-shuffle-ab.json")
+    for r in rows:
+        for key, rng in (("plan", {}), ("plan_shuf_tall", dict(launch.WGMMA_TALL))):
+            saved, launch.WGMMA_TALL = launch.WGMMA_TALL, rng
+            r[key] = launch.wgmma_plan(r["M"], r["N"], r["K"], sms, T.Q4_K)._asdict()
+            launch.WGMMA_TALL = saved
+    with open(out) as f:
+        doc = json.load(f)
+    doc["rows"] = rows
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
     for r in rows:
         line = f"M={r['M']:5d} {r['N']}x{r['K']}: shuf/tree {r['shuf_us'] / r['tree_us']:.3f}"
         if "shuf_tall_us" in r:
@@ -336,6 +358,83 @@ def main() -> None:
             line += f"  torch/dequant {r['torch_bf16_us'] / r['dequant_cublas_us']:.3f}"
         print(line + f"  identical {r['shuf_bit_identical']}  rel {r['shuf_max_rel_diff']:.2e}", flush=True)
     print(json.dumps({"summary": [{k: r[k] for k in r if k.endswith("_us") or k in ("M", "N", "K")} for r in rows]}))
+    if os.environ.get("TEACHER", "1") == "1":
+        res = time_teacher(src, (tall[0], tall[1]))
+        with open(os.path.join(os.environ.get("OUT", "."), "wgmma-shuffle-teacher.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def time_teacher(src: str, tall: tuple[int, int], rounds: int = 4, reps: int = 10) -> dict[str, Any]:
+    """The qwen2.5-7b-shape Q4K teacher's 1x512 forward (graphed, float32 logits), interleaved
+    over ``rounds`` (median ms): ``tree``; ``shuf`` (every Q4_K linear that takes the wgmma path
+    reads a shuffled copy of its weight, through the teacher's per-path weight overrides, and
+    the shuffled kernel; the decode + cuBLAS path keeps the file's bytes); ``shuf_tall`` (as
+    shuf, with the tall tile over ``tall``). shuf's logits must equal tree's bit for bit."""
+    import dataclasses
+    import statistics
+    import tempfile
+
+    import cupy as cp
+    import torch
+    import wgmma_ab
+    from gguf import GGMLQuantizationType as T
+
+    from cupy_kernels import launch
+    from teacher.bench import _time_forward
+    from teacher.models import resolve_model
+    from teacher.q4k_teacher import Q4KTeacher
+
+    tree_dir = launch._HERE
+    launch.WGMMA_TALL = {int(T.Q4_K): tall}  # every version compiles the tall kernels too
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "wgmma.cu").write_text(shuffled_source(src))
+        funcs = {"tree": wgmma_ab.compiled(tree_dir), "shuf": wgmma_ab.compiled(Path(tmp))}
+    launch._HERE = tree_dir
+    launch.WGMMA_TALL = {}
+    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
+    ops = teacher._ops
+    shuffled = {name: dataclasses.replace(w, data=shuffle_q4k(w.data, cp))
+                for name, w in ops.weights.items() if int(w.qtype) == int(T.Q4_K)}
+    settings = {"tree": ("tree", {}, None), "shuf": ("shuf", {}, shuffled),
+                "shuf_tall": ("shuf", {int(T.Q4_K): tall}, shuffled)}
+
+    def put(name: str) -> None:
+        kernels, tall_range, over = settings[name]
+        launch._wg_functions.clear()
+        launch._wg_functions.update(funcs[kernels])
+        launch.WGMMA_TALL = dict(tall_range)
+        ops.path_overrides.pop("wgmma", None)
+        if over is not None:
+            ops.path_overrides["wgmma"] = over
+        teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+
+    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
+    seconds: dict[str, list[float]] = {v: [] for v in settings}
+    logits: dict[str, torch.Tensor] = {}
+    taken: dict[str, dict[str, int]] = {}
+    try:
+        for r in range(rounds):
+            for name in settings:
+                put(name)
+                if r == 0:
+                    ops.taken.clear()
+                    logits[name] = teacher.logits_for_batch(ids).float()[0]
+                    taken[name] = dict(ops.taken)
+                t = _time_forward(teacher, ids, reps, torch.float32)
+                seconds[name].append(t)
+                print(f"teacher round {r} {name:<9} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
+    finally:
+        put("tree")
+    res: dict[str, Any] = {"seconds": seconds, "paths_taken": taken, "logits_vs_tree": {}}
+    for name in settings:
+        cos = torch.nn.functional.cosine_similarity(logits[name], logits["tree"], dim=-1)
+        res["logits_vs_tree"][name] = {"min_cosine": float(cos.min()),
+                                       "bit_identical": bool(torch.equal(logits[name], logits["tree"]))}
+    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in seconds.items()}
+    res["over_tree"] = {v: res["median_ms"][v] / res["median_ms"]["tree"] for v in settings}
+    print(json.dumps({k: res[k] for k in ("median_ms", "over_tree", "logits_vs_tree", "paths_taken")}, indent=1),
+          flush=True)
+    return res
 
 
 if __name__ == "__main__":
