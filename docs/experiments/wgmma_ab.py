@@ -88,10 +88,13 @@ def cases() -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
     """(format, N, K, M, weights, f16 activations): random valid blocks, copies rotated
     below 100 M weights."""
     ms = [int(v) for v in os.environ.get("MS", "16,64").split(",")]
+    # $SHAPES: NxK pairs, comma-separated (default the three large 7B shapes)
+    shapes = [tuple(int(d) for d in v.split("x")) for v in os.environ["SHAPES"].split(",")] \
+        if os.environ.get("SHAPES") else SHAPES
     types = [T[v] for v in os.environ.get("TYPES", "Q4_K,Q6_K").split(",")]
     cp.random.seed(0)
     for qt in types:
-        for n, k in SHAPES:
+        for n, k in shapes:
             ws = [random_weight_gpu(cp, qt, n, k) for _ in range(3 if n * k < 100_000_000 else 1)]
             for m in ms:
                 xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]

@@ -26,9 +26,11 @@ Versions: ``tree``; ``shuf`` (the shuffled kernel on shuffled copies of the weig
 ``shuf_tall`` (as shuf, with the tall tile of 128 tokens x 256 rows over M = $TALL, default
 129,512: half the bytes a multiply-add for twice the decode a token, NOTES.md v32). Beside them
 in the same run: torch bf16 (cuBLAS) and, from M = 1024, the dispatch's decode + cuBLAS path.
-Then (TEACHER=0 skips it) the qwen2.5-7b-shape teacher's 1x512 forward with the same three
-(``time_teacher``: shuffled copies only for the linears on the wgmma path, through the
-teacher's per-path weight overrides; its logits must equal the tree's bit for bit).
+$SHAPES (wgmma_ab.cases) may add 3584x3584, the attention projections. Then (TEACHER=0 skips
+it) the qwen2.5-7b-shape teacher's 1x512 forward with the same three and ``shuf_attn`` (the
+attention projections on the shuffled GEMM too) (``time_teacher``: shuffled copies only for
+the linears on the wgmma path, through the teacher's per-path weight overrides; shuf's logits
+must equal the tree's bit for bit).
 
 On the GPU, from the repository root (``wgmma_shuffle_device.sh`` runs it in two calls):
 
@@ -369,7 +371,8 @@ def time_teacher(src: str, tall: tuple[int, int], rounds: int = 4, reps: int = 1
     over ``rounds`` (median ms): ``tree``; ``shuf`` (every Q4_K linear that takes the wgmma path
     reads a shuffled copy of its weight, through the teacher's per-path weight overrides, and
     the shuffled kernel; the decode + cuBLAS path keeps the file's bytes); ``shuf_tall`` (as
-    shuf, with the tall tile over ``tall``). shuf's logits must equal tree's bit for bit."""
+    shuf, with the tall tile over ``tall``); ``shuf_attn`` (as shuf, with the attention
+    projections on it too). shuf's logits must equal tree's bit for bit."""
     import dataclasses
     import statistics
     import tempfile
@@ -395,14 +398,20 @@ def time_teacher(src: str, tall: tuple[int, int], rounds: int = 4, reps: int = 1
     ops = teacher._ops
     shuffled = {name: dataclasses.replace(w, data=shuffle_q4k(w.data, cp))
                 for name, w in ops.weights.items() if int(w.qtype) == int(T.Q4_K)}
-    settings = {"tree": ("tree", {}, None), "shuf": ("shuf", {}, shuffled),
-                "shuf_tall": ("shuf", {int(T.Q4_K): tall}, shuffled)}
+    # shuf_attn: as shuf, with the 3584 x 3584 attention projections on the wgmma GEMM at M = 512
+    # too (the tree's WGMMA_WIDE floor keeps them on decode + cuBLAS, which won there, v30)
+    q4, wide = int(T.Q4_K), dict(launch.WGMMA_WIDE)
+    wide_attn = {q4: (wide[q4][0], wide[q4][1], 3584 * 3584)}
+    settings = {"tree": ("tree", {}, wide, None), "shuf": ("shuf", {}, wide, shuffled),
+                "shuf_tall": ("shuf", {q4: tall}, wide, shuffled),
+                "shuf_attn": ("shuf", {}, wide_attn, shuffled)}
 
     def put(name: str) -> None:
-        kernels, tall_range, over = settings[name]
+        kernels, tall_range, wide_range, over = settings[name]
         launch._wg_functions.clear()
         launch._wg_functions.update(funcs[kernels])
         launch.WGMMA_TALL = dict(tall_range)
+        launch.WGMMA_WIDE = dict(wide_range)
         ops.path_overrides.pop("wgmma", None)
         if over is not None:
             ops.path_overrides["wgmma"] = over

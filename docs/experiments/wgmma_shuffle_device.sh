@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
 python3 docs/experiments/wgmma_shuffle_ab.py --check || exit 1
 if [ "${STAGE:-1}" = 1 ]; then
-  TEACHER=0 MS=${MS:-64,256,512,2048} timeout ${AB_S:-360} python3 docs/experiments/wgmma_shuffle_ab.py > $OUT/shuffle-ab.txt 2>&1
+  TEACHER=0 MS=${MS:-64,256,512,2048} SHAPES=${SHAPES:-18944x3584,3584x18944,152064x3584,3584x3584} timeout ${AB_S:-360} python3 docs/experiments/wgmma_shuffle_ab.py > $OUT/shuffle-ab.txt 2>&1
   echo "ab rc $?"; grep -v "^ \|^{" $OUT/shuffle-ab.txt | tail -30
   python3 docs/experiments/wgmma_shuffle_ab.py --emit /tmp/shufk
   NCU="ncu --clock-control none -k regex:wgmma_gemm --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats"
