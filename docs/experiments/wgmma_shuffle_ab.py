@@ -24,7 +24,9 @@ values on the CPU (``python3 docs/experiments/wgmma_shuffle_ab.py --check``).
 
 Versions: ``tree``; ``shuf`` (the shuffled kernel on shuffled copies of the weights);
 ``shuf_tall`` (as shuf, with the tall tile of 128 tokens x 256 rows over M = $TALL, default
-129,512: half the bytes a multiply-add for twice the decode a token, NOTES.md v32). Beside them
+129,512: half the bytes a multiply-add for twice the decode a token, NOTES.md v32); ``bare``
+(wgmma_q4k_ablation's: the tree with almost no decode, wrong values, the bound on what a cheaper
+decode can gain; $VARIANTS keeps some of the versions besides the tree). Beside them
 in the same run: torch bf16 (cuBLAS) and, from M = 1024, the dispatch's decode + cuBLAS path.
 $SHAPES (wgmma_ab.cases) may add 3584x3584, the attention projections. Then (TEACHER=0 skips
 it) the qwen2.5-7b-shape teacher's 1x512 forward with the same three and ``shuf_attn`` (the
@@ -333,10 +335,16 @@ def main() -> None:
                 launch.WGMMA_TALL = saved
         return run
 
-    launchers = {"tree": with_tall({}), "shuf": with_tall({}), "shuf_tall": with_tall(dict(launch.WGMMA_TALL))}
+    # bare: the tree with one LOP3 a fragment and constant scales (wgmma_q4k_ablation.py, wrong
+    # values on purpose): what is left of the time with almost no decode, the bound on what any
+    # cheaper decode can take off
+    from wgmma_q4k_ablation import variants as ablations
+
+    launchers = {"tree": with_tall({}), "shuf": with_tall({}), "shuf_tall": with_tall(dict(launch.WGMMA_TALL)),
+                 "bare": with_tall({})}
     shuf = shuffled_source(src)
-    rows = wgmma_ab.compare_sources({"tree": src, "shuf": shuf, "shuf_tall": shuf}, "wgmma-shuffle-ab.json",
-                                    launchers, prepare=prepare, extra=extra)
+    rows = wgmma_ab.compare_sources({"tree": src, "shuf": shuf, "shuf_tall": shuf, "bare": ablations(src)["bare"]},
+                                    "wgmma-shuffle-ab.json", launchers, prepare=prepare, extra=extra)
     # compare() recorded each case's plan while the tall range was set for the compile: the
     # plans each version ran, as its launcher saw them
     sms = launch.sm_count(cp.cuda.Device().id)
@@ -353,8 +361,9 @@ def main() -> None:
         json.dump(doc, f, indent=1)
     for r in rows:
         line = f"M={r['M']:5d} {r['N']}x{r['K']}: shuf/tree {r['shuf_us'] / r['tree_us']:.3f}"
-        if "shuf_tall_us" in r:
-            line += f"  shuf_tall/tree {r['shuf_tall_us'] / r['tree_us']:.3f}"
+        for v in ("shuf_tall", "bare"):
+            if f"{v}_us" in r:
+                line += f"  {v}/tree {r[v + '_us'] / r['tree_us']:.3f}"
         line += f"  torch/tree {r['torch_bf16_us'] / r['tree_us']:.3f}  torch/shuf {r['torch_bf16_us'] / r['shuf_us']:.3f}"
         if "dequant_cublas_us" in r:
             line += f"  torch/dequant {r['torch_bf16_us'] / r['dequant_cublas_us']:.3f}"
