@@ -114,13 +114,21 @@ def shuffle_q4k(raw: Any, xp: Any = np) -> Any:
 
 def check_layout(nblocks: int = 64, seed: int = 0) -> None:
     """Replay the shuffled kernel's extraction (below, ``DECODE``) on random blocks in numpy and
-    compare every quant, scale and min with the file's; raises AssertionError on a mismatch."""
+    compare every quant, scale and min with the file's, whose reading here is first checked
+    against gguf's own dequantize; raises AssertionError on a mismatch."""
+    from gguf import GGMLQuantizationType, quants
+
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(nblocks, Q4K_BYTES), dtype=np.uint8)
+    raw[:, 0:4] = rng.uniform(-0.02, 0.02, (nblocks, 2)).astype(np.float16).view(np.uint8)  # finite d, dmin
     shuf = shuffle_q4k(raw)
     qs = raw[:, 16:].reshape(-1, 4, 32)
     vals = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
     sc, mn = file_scales(raw[:, 4:16], np)
+    d, dmin = (raw[:, 0:4].copy().view(np.float16).astype(np.float64)[:, i : i + 1] for i in (0, 1))
+    mine = d * np.repeat(sc, 32, axis=1) * vals - dmin * np.repeat(mn, 32, axis=1)
+    oracle = quants.dequantize(raw, GGMLQuantizationType.Q4_K).reshape(nblocks, 256).astype(np.float64)
+    assert np.allclose(mine, oracle, rtol=1e-6, atol=1e-9), "the file's values as read here differ from gguf's"
     words = shuf.view("<u4").reshape(nblocks, 36)  # 0: d, dmin; 1-3: scales; 4-35: quants
 
     def lanes(v: np.ndarray, mask: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
