@@ -20,7 +20,8 @@ the tree: 17 LDS, 16 PRMT, 28-40 SHF, 49-63 LOP3, 36 HADD2, 32 HFMA2, and for th
 Rounding is the tree's: (d sc) and (dmin m) are single roundings of exact products in both, so
 the shuffled kernel's y must equal the tree's bit for bit (both run the same wgmmas in the
 same order). ``check_layout`` replays the kernel's bit extraction in numpy against the file's
-values on the CPU (``python3 docs/experiments/wgmma_shuffle_ab.py --check``).
+values, read as gguf's dequantize reads them, on the CPU (``python3
+docs/experiments/wgmma_shuffle_ab.py --check``).
 
 Versions: ``tree``; ``shuf`` (the shuffled kernel on shuffled copies of the weights);
 ``shuf_tall`` (as shuf, with the tall tile of 128 tokens x 256 rows over M = $TALL, default
@@ -29,7 +30,7 @@ Versions: ``tree``; ``shuf`` (the shuffled kernel on shuffled copies of the weig
 decode can gain; $VARIANTS keeps some of the versions besides the tree). Beside them
 in the same run: torch bf16 (cuBLAS) and, from M = 1024, the dispatch's decode + cuBLAS path.
 $SHAPES (wgmma_ab.cases) may add 3584x3584, the attention projections. Then (TEACHER=0 skips
-it) the qwen2.5-7b-shape teacher's 1x512 forward with the same three and ``shuf_attn`` (the
+it) the qwen2.5-7b-shape teacher's 1x512 forward with tree, shuf, shuf_tall and ``shuf_attn`` (the
 attention projections on the shuffled GEMM too) (``time_teacher``: shuffled copies only for
 the linears on the wgmma path, through the teacher's per-path weight overrides; shuf's logits
 must equal the tree's bit for bit).
