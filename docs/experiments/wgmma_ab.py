@@ -148,10 +148,12 @@ def compare(
 
 
 def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], None], rounds: int = 4,
-                 reps: int = 10) -> dict[str, Any]:
+                 reps: int = 10, teacher: Any = None) -> dict[str, Any]:
     """The qwen2.5-7b-shape Q4K teacher's 1x512 forward (graphed, float32 logits) with each
-    version put in place by its callable, interleaved over ``rounds`` (median ms), and each
-    version's logits against the first's; ``restore`` puts the tree back."""
+    version put in place by its callable, interleaved over ``rounds`` (median ms), each
+    version's logits against the first's, and the kernel paths its linears took; ``restore``
+    puts the tree back. ``teacher``: that teacher, already loaded (for versions that change
+    its weights), else loaded here."""
     import statistics
 
     import torch
@@ -160,9 +162,11 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
     from teacher.models import resolve_model
     from teacher.q4k_teacher import Q4KTeacher
 
-    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
+    if teacher is None:
+        teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
+    taken = teacher._ops.taken
     ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    res: dict[str, Any] = {"seconds": {v: [] for v in versions}, "logits_vs_first": {}}
+    res: dict[str, Any] = {"seconds": {v: [] for v in versions}, "logits_vs_first": {}, "paths_taken": {}}
     logits = {}
     try:
         for r in range(rounds):
@@ -170,7 +174,9 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
                 put_in_place()
                 teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
                 if r == 0:
+                    taken.clear()
                     logits[name] = teacher.logits_for_batch(ids).float()[0]
+                    res["paths_taken"][name] = dict(taken)
                 t = _time_forward(teacher, ids, reps, torch.float32)
                 res["seconds"][name].append(t)
                 print(f"teacher round {r} {name:<8} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)

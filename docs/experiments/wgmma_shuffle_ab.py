@@ -390,18 +390,16 @@ def time_teacher(src: str, tall: tuple[int, int], rounds: int = 4, reps: int = 1
     reads a shuffled copy of its weight, through the teacher's per-path weight overrides, and
     the shuffled kernel; the decode + cuBLAS path keeps the file's bytes); ``shuf_tall`` (as
     shuf, with the tall tile over ``tall``); ``shuf_attn`` (as shuf, with the attention
-    projections on it too). shuf's logits must equal tree's bit for bit."""
+    projections on it too). shuf's logits must equal tree's bit for bit (``logits_vs_first``)."""
     import dataclasses
-    import statistics
+    import functools
     import tempfile
 
     import cupy as cp
-    import torch
     import wgmma_ab
     from gguf import GGMLQuantizationType as T
 
     from cupy_kernels import launch
-    from teacher.bench import _time_forward
     from teacher.models import resolve_model
     from teacher.q4k_teacher import Q4KTeacher
 
@@ -433,34 +431,11 @@ def time_teacher(src: str, tall: tuple[int, int], rounds: int = 4, reps: int = 1
         ops.path_overrides.pop("wgmma", None)
         if over is not None:
             ops.path_overrides["wgmma"] = over
-        teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
 
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    seconds: dict[str, list[float]] = {v: [] for v in settings}
-    logits: dict[str, torch.Tensor] = {}
-    taken: dict[str, dict[str, int]] = {}
-    try:
-        for r in range(rounds):
-            for name in settings:
-                put(name)
-                if r == 0:
-                    ops.taken.clear()
-                    logits[name] = teacher.logits_for_batch(ids).float()[0]
-                    taken[name] = dict(ops.taken)
-                t = _time_forward(teacher, ids, reps, torch.float32)
-                seconds[name].append(t)
-                print(f"teacher round {r} {name:<9} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
-    finally:
-        put("tree")
-    res: dict[str, Any] = {"seconds": seconds, "paths_taken": taken, "logits_vs_tree": {}}
-    for name in settings:
-        cos = torch.nn.functional.cosine_similarity(logits[name], logits["tree"], dim=-1)
-        res["logits_vs_tree"][name] = {"min_cosine": float(cos.min()),
-                                       "bit_identical": bool(torch.equal(logits[name], logits["tree"]))}
-    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in seconds.items()}
+    res = wgmma_ab.time_teacher({name: functools.partial(put, name) for name in settings},
+                                functools.partial(put, "tree"), rounds, reps, teacher=teacher)
     res["over_tree"] = {v: res["median_ms"][v] / res["median_ms"]["tree"] for v in settings}
-    print(json.dumps({k: res[k] for k in ("median_ms", "over_tree", "logits_vs_tree", "paths_taken")}, indent=1),
-          flush=True)
+    print(json.dumps({"over_tree": res["over_tree"], "paths_taken": res["paths_taken"]}, indent=1), flush=True)
     return res
 
 
