@@ -172,8 +172,11 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
         for r in range(rounds):
             for name, put_in_place in versions.items():
                 put_in_place()
-                teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+                teacher.runner.drop_graphs()
                 if r == 0:
+                    # forget the shape too, so the next call runs one eager forward, not a
+                    # capture's two (warm-up + capture; session 35's paths_taken counted both)
+                    teacher.runner._seen.clear()
                     taken.clear()
                     logits[name] = teacher.logits_for_batch(ids).float()[0]
                     res["paths_taken"][name] = dict(taken)
