@@ -15,6 +15,8 @@ compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source li
 28 ran it on an H100 (``docs/results/wgmma-ncu-512*-h100.*``, NOTES.md v28). ``WG_TALL=1`` runs
 the tall tile instead (session 32). ``WG_SHUF=DIR`` runs the kernel of DIR/wgmma.cu (written by
 ``wgmma_shuffle_ab.py --emit DIR``) on the blocks shuffled as it reads them (session 33).
+``WG_TORCH=1`` runs torch's bf16 linear (cuBLAS) on the same shape instead, for ncu with ``-k
+regex:"nvjet|gemm|xmma"`` (session 35: what each SM receives from L2 beside the wgmma GEMM).
 """
 import os
 import sys
@@ -53,6 +55,15 @@ if os.environ.get("WG_SHUF"):
     launch._HERE = Path(os.environ["WG_SHUF"])
     raw = shuffle_q4k(raw.reshape(-1)).reshape(raw.shape)
 w = cp.asarray(raw.reshape(-1))
+if os.environ.get("WG_TORCH") == "1":
+    wt = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
+        xt = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(6):
+            torch.nn.functional.linear(xt, wt)
+        torch.cuda.synchronize()
+        print(f"M={m} torch bf16 linear", flush=True)
+    sys.exit(0)
 for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
     x = torch.randn(m, k, device="cuda").half()
     plan = launch.wgmma_plan(m, n, k, launch.sm_count(0), T.Q4_K)
