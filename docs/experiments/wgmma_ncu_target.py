@@ -16,7 +16,7 @@ compiles wgmma.cu with ``-lineinfo`` so that the SASS rows carry their source li
 the tall tile instead (session 32). ``WG_SHUF=DIR`` runs the kernel of DIR/wgmma.cu (written by
 ``wgmma_shuffle_ab.py --emit DIR``) on the blocks shuffled as it reads them (session 33).
 ``WG_TORCH=1`` runs torch's bf16 linear (cuBLAS) on the same shape instead, for ncu with ``-k
-regex:"nvjet|gemm|xmma"`` (session 35: what each SM receives from L2 beside the wgmma GEMM).
+regex:"nvjet|gemm|xmma|cutlass"`` (session 35: what each SM receives from L2 beside the wgmma GEMM).
 """
 import os
 import sys
