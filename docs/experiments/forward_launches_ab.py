@@ -73,7 +73,7 @@ def main() -> None:
             for r in range(rounds):
                 for name, fn in versions.items():
                     runtime.hidden_states = fn
-                    teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+                    teacher.runner.drop_graphs()  # the next call captures (eager only on a fresh teacher)
                     if r == 0:
                         logits[name] = teacher.logits_for_batch(ids).float()
                     times[name].append(_time_forward(teacher, ids, reps, torch.float32))

@@ -174,12 +174,13 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
                 put_in_place()
                 teacher.runner.drop_graphs()
                 if r == 0:
-                    # forget the shape too, so the next call runs one eager forward, not a
-                    # capture's two (warm-up + capture; session 35's paths_taken counted both)
-                    teacher.runner._seen.clear()
+                    # one eager forward, not a capture's two traces (warm-up + capture), which
+                    # session 35's paths_taken counted for every version after the first
+                    graphs, teacher.runner.graphs = teacher.runner.graphs, False
                     taken.clear()
                     logits[name] = teacher.logits_for_batch(ids).float()[0]
                     res["paths_taken"][name] = dict(taken)
+                    teacher.runner.graphs = graphs
                 t = _time_forward(teacher, ids, reps, torch.float32)
                 res["seconds"][name].append(t)
                 print(f"teacher round {r} {name:<8} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)

@@ -105,7 +105,7 @@ def time_teacher(rounds: int = 4, reps: int = 10) -> dict[str, Any]:
     for r in range(rounds):
         for name, fixup in VARIANTS.items():
             launch.WGMMA_FIXUP = fixup
-            teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+            teacher.runner.drop_graphs()  # the next call captures (eager only on a fresh teacher)
             if r == 0:
                 ops = teacher._ops
                 ops.taken.clear()

@@ -42,6 +42,16 @@ if os.environ.get("WG_TALL") == "1":  # the tall tile (128 tokens x 256 weight r
     launch.WGMMA_TALL = {int(T.Q4_K): (1, 1 << 30)}
 
 n, k = 18944, 3584
+ms = [int(a) for a in sys.argv[1:]] or [128, 256]
+if os.environ.get("WG_TORCH") == "1":  # cuBLAS on the same shape; no blocks needed
+    wt = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    for m in ms:
+        xt = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(6):
+            torch.nn.functional.linear(xt, wt)
+        torch.cuda.synchronize()
+        print(f"M={m} torch bf16 linear", flush=True)
+    sys.exit(0)
 rng = np.random.default_rng(0)
 raw = rng.integers(0, 256, size=(n, k // 256, 144), dtype=np.uint8)
 hdr = np.full((n, k // 256, 2), 0.01, dtype=np.float16).view(np.uint8)
@@ -55,16 +65,7 @@ if os.environ.get("WG_SHUF"):
     launch._HERE = Path(os.environ["WG_SHUF"])
     raw = shuffle_q4k(raw.reshape(-1)).reshape(raw.shape)
 w = cp.asarray(raw.reshape(-1))
-if os.environ.get("WG_TORCH") == "1":
-    wt = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
-        xt = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for _ in range(6):
-            torch.nn.functional.linear(xt, wt)
-        torch.cuda.synchronize()
-        print(f"M={m} torch bf16 linear", flush=True)
-    sys.exit(0)
-for m in [int(a) for a in sys.argv[1:]] or [128, 256]:
+for m in ms:
     x = torch.randn(m, k, device="cuda").half()
     plan = launch.wgmma_plan(m, n, k, launch.sm_count(0), T.Q4_K)
     # f16 y where the teacher's f16 layers get it (WG_F32=1: the float32 y, as session 20 ran)

@@ -117,12 +117,12 @@ def time_teacher(rounds: int = 4, reps: int = 10) -> dict[str, Any]:
     for r in range(rounds):
         for name, wide in variants.items():
             launch.WGMMA_WIDE = wide
-            teacher.runner.drop_graphs()  # the next call runs eagerly, the one after captures
+            teacher.runner.drop_graphs()  # the next call captures (eager only on a fresh teacher)
             if r == 0:
                 ops = teacher._ops
                 ops.taken.clear()
                 logits[name] = teacher.logits_for_batch(ids).float()[0]
-                res["taken"][name] = dict(ops.taken)  # the eager call's linears by path
+                res["taken"][name] = dict(ops.taken)  # linears by path; a capture traces twice
             t = _time_forward(teacher, ids, reps, torch.float32)
             res["seconds"][name].append(t)
             print(f"round {r} {name:<5} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
