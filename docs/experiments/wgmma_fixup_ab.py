@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cupy as cp
 import torch
 from gguf import GGMLQuantizationType as QT
+from wgmma_ab import time_teacher as time_teacher_versions  # run as a script from this folder
 
 from cupy_kernels import launch
 from cupy_kernels.cmd_bench import _median_torch_time, random_weight_gpu
-from teacher.q4k_teacher import DeviceWeight, Q4KOps, Q4KTeacher
+from teacher.q4k_teacher import DeviceWeight, Q4KOps
 
 LARGE = [(18944, 3584), (3584, 18944), (152064, 3584)]
 MS = {QT.Q4_K: [16, 64, 128, 256, 512], QT.Q6_K: [16, 64, 128]}
@@ -94,35 +95,17 @@ def _time_linear(ops: Q4KOps, dense: list[torch.Tensor], qt: QT, n: int, k: int,
     return row
 
 
-def time_teacher(rounds: int = 4, reps: int = 10) -> dict[str, Any]:
-    from teacher.bench import _time_forward
-    from teacher.models import resolve_model
+def time_teacher(rounds: int = 4) -> dict[str, Any]:
+    """The 1x512 forward with the fix-up off and on (``wgmma_ab.time_teacher``); ``before``
+    runs first, so ``logits_vs_first`` compares ``fixup`` against it."""
 
-    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    res: dict[str, Any] = {"seconds": {v: [] for v in VARIANTS}, "taken": {}}
-    logits = {}
-    for r in range(rounds):
-        for name, fixup in VARIANTS.items():
-            launch.WGMMA_FIXUP = fixup
-            teacher.runner.drop_graphs()  # the next call captures (eager only on a fresh teacher)
-            if r == 0:
-                ops = teacher._ops
-                ops.taken.clear()
-                logits[name] = teacher.logits_for_batch(ids).float()[0]
-                res["taken"][name] = dict(ops.taken)
-            t = _time_forward(teacher, ids, reps, torch.float32)
-            res["seconds"][name].append(t)
-            print(f"round {r} {name:<6} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
-    a, b = logits["fixup"], logits["before"]
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    res["logits_fixup_vs_before"] = {"min_cosine": float(cos.min()), "max_abs_diff": float((a - b).abs().max())}
-    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
+    def put(fixup: bool) -> Callable[[], None]:
+        return lambda: setattr(launch, "WGMMA_FIXUP", fixup)
+
+    res = time_teacher_versions({name: put(fixup) for name, fixup in VARIANTS.items()}, put(True), rounds=rounds)
     res["fixup_over_before_time"] = res["median_ms"]["fixup"] / res["median_ms"]["before"]
     res["fixup_faster_every_round"] = all(
         f < b for f, b in zip(res["seconds"]["fixup"], res["seconds"]["before"], strict=True))
-    launch.WGMMA_FIXUP = True
-    del teacher
     torch.cuda.empty_cache()
     return res
 
@@ -136,7 +119,7 @@ def main() -> None:
     out["teacher_1x512"] = time_teacher()
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps({k: out["teacher_1x512"][k] for k in
-                      ("median_ms", "fixup_over_before_time", "fixup_faster_every_round", "logits_fixup_vs_before")},
+                      ("median_ms", "fixup_over_before_time", "fixup_faster_every_round", "logits_vs_first")},
                      indent=1))
     dest = Path(os.environ.get("OUT", ".")) / "wgmma-fixup-ab.json"
     dest.write_text(json.dumps(out, indent=1))

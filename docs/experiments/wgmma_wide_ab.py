@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cupy as cp
 import torch
 from gguf import GGMLQuantizationType as QT
+from wgmma_ab import time_teacher as time_teacher_versions  # run as a script from this folder
 
 from cupy_kernels import launch
 from cupy_kernels.cmd_bench import _median_torch_time, random_weight_gpu
-from teacher.q4k_teacher import DeviceWeight, Q4KOps, Q4KTeacher
+from teacher.q4k_teacher import DeviceWeight, Q4KOps
 
 LARGE = [(18944, 3584), (3584, 18944), (152064, 3584)]  # N * K >= 2^26
 SMALL = [(3584, 3584), (512, 3584)]  # the attention projections
@@ -105,37 +106,16 @@ def _time_shape(n: int, k: int, ms: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def time_teacher(rounds: int = 4, reps: int = 10) -> dict[str, Any]:
-    from teacher.bench import _time_forward
-    from teacher.models import resolve_model
-
+def time_teacher(rounds: int = 4) -> dict[str, Any]:
+    """The 1x512 forward with each WIDE range in place (``wgmma_ab.time_teacher``)."""
     variants = {"base": {}, "wide": WIDE_TREE, "all": {Q4: (launch.WGMMA_MAX_M[Q4] + 1, 512, 0)}}
-    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
-    res: dict[str, Any] = {"seconds": {v: [] for v in variants}, "taken": {}, "logits_vs_base": {}}
-    logits = {}
-    for r in range(rounds):
-        for name, wide in variants.items():
-            launch.WGMMA_WIDE = wide
-            teacher.runner.drop_graphs()  # the next call captures (eager only on a fresh teacher)
-            if r == 0:
-                ops = teacher._ops
-                ops.taken.clear()
-                logits[name] = teacher.logits_for_batch(ids).float()[0]
-                res["taken"][name] = dict(ops.taken)  # linears by path; a capture traces twice
-            t = _time_forward(teacher, ids, reps, torch.float32)
-            res["seconds"][name].append(t)
-            print(f"round {r} {name:<5} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
-    for name in variants:
-        a, b = logits[name], logits["base"]
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-        res["logits_vs_base"][name] = {"min_cosine": float(cos.min()),
-                                       "max_abs_diff": float((a - b).abs().max())}
-    res["median_ms"] = {v: statistics.median(s) * 1e3 for v, s in res["seconds"].items()}
+
+    def put(wide: dict[int, tuple[int, int, int]]) -> Callable[[], None]:
+        return lambda: setattr(launch, "WGMMA_WIDE", wide)
+
+    res = time_teacher_versions({name: put(wide) for name, wide in variants.items()}, put(WIDE_TREE), rounds=rounds)
     res["wide_over_base_time"] = res["median_ms"]["wide"] / res["median_ms"]["base"]
     res["all_over_base_time"] = res["median_ms"]["all"] / res["median_ms"]["base"]
-    launch.WGMMA_WIDE = WIDE_TREE
-    del teacher
     torch.cuda.empty_cache()
     return res
 
@@ -162,7 +142,7 @@ def main() -> None:
     out["teacher_1x512"] = time_teacher()
     out["recommend_wide_first_m"] = recommend(out["linears"], out["teacher_1x512"])
     out["seconds"] = time.perf_counter() - t0
-    print(json.dumps({k: out["teacher_1x512"][k] for k in ("median_ms", "taken", "logits_vs_base")}, indent=1))
+    print(json.dumps({k: out["teacher_1x512"][k] for k in ("median_ms", "paths_taken", "logits_vs_first")}, indent=1))
     print("recommend_wide_first_m:", out["recommend_wide_first_m"])
     dest = Path(os.environ.get("OUT", ".")) / "wgmma-wide-ab.json"
     dest.write_text(json.dumps(out, indent=1))
