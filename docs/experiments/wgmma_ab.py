@@ -148,12 +148,12 @@ def compare(
 
 
 def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], None], rounds: int = 4,
-                 reps: int = 10, teacher: Any = None) -> dict[str, Any]:
-    """The qwen2.5-7b-shape Q4K teacher's 1x512 forward (graphed, float32 logits) with each
-    version put in place by its callable, interleaved over ``rounds`` (median ms), each
-    version's logits against the first's, and the kernel paths its linears took; ``restore``
-    puts the tree back. ``teacher``: that teacher, already loaded (for versions that change
-    its weights), else loaded here."""
+                 reps: int = 10, teacher: Any = None, shape: tuple[int, int] = (1, 512)) -> dict[str, Any]:
+    """The qwen2.5-7b-shape Q4K teacher's forward of ``shape`` (batch, tokens; graphed, float32
+    logits) with each version put in place by its callable, interleaved over ``rounds`` (median
+    ms), each version's logits against the first's, and the kernel paths its linears took;
+    ``restore`` puts the tree back. ``teacher``: that teacher, already loaded (for versions that
+    change its weights), else loaded here."""
     import statistics
 
     import torch
@@ -165,7 +165,7 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
     if teacher is None:
         teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)
     taken = teacher._ops.taken
-    ids = torch.randint(0, teacher.vocab_size(), (1, 512), generator=torch.Generator().manual_seed(512))
+    ids = torch.randint(0, teacher.vocab_size(), shape, generator=torch.Generator().manual_seed(shape[0] * shape[1]))
     res: dict[str, Any] = {"seconds": {v: [] for v in versions}, "logits_vs_first": {}, "paths_taken": {}}
     logits = {}
     try:
@@ -178,12 +178,13 @@ def time_teacher(versions: dict[str, Callable[[], None]], restore: Callable[[], 
                     # session 35's paths_taken counted for every version after the first
                     graphs, teacher.runner.graphs = teacher.runner.graphs, False
                     taken.clear()
-                    logits[name] = teacher.logits_for_batch(ids).float()[0]
+                    logits[name] = teacher.logits_for_batch(ids).float().flatten(0, 1)
                     res["paths_taken"][name] = dict(taken)
                     teacher.runner.graphs = graphs
                 t = _time_forward(teacher, ids, reps, torch.float32)
                 res["seconds"][name].append(t)
-                print(f"teacher round {r} {name:<8} {t * 1e3:7.2f} ms  {512 / t:8.0f} tok/s", flush=True)
+                print(f"teacher {shape[0]}x{shape[1]} round {r} {name:<8} {t * 1e3:7.2f} ms  "
+                      f"{shape[0] * shape[1] / t:8.0f} tok/s", flush=True)
     finally:
         restore()
     first = next(iter(versions))

@@ -17,6 +17,8 @@ the tall tile instead (session 32). ``WG_SHUF=DIR`` runs the kernel of DIR/wgmma
 ``wgmma_shuffle_ab.py --emit DIR``) on the blocks shuffled as it reads them (session 33).
 ``WG_TORCH=1`` runs torch's bf16 linear (cuBLAS) on the same shape instead, for ncu with ``-k
 regex:"nvjet|gemm|xmma|cutlass"`` (session 35: what each SM receives from L2 beside the wgmma GEMM).
+``WG_SS=1`` runs the SS variant (``wgmma_ss.cu``: the decode in its own warpgroup, into shared
+memory) where it applies, for ncu with ``-k regex:wgmma_ss_gemm`` (session 36).
 """
 import os
 import sys
@@ -64,6 +66,11 @@ if os.environ.get("WG_SHUF"):
 
     launch._HERE = Path(os.environ["WG_SHUF"])
     raw = shuffle_q4k(raw.reshape(-1)).reshape(raw.shape)
+if os.environ.get("WG_SS") == "1":  # the SS kernel (wgmma_ss.cu) where it applies, -k regex:wgmma_ss_gemm
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from wgmma_ss_ab import TREE_CU, ss_launcher, ss_source
+
+    launch._wgmma = ss_launcher(ss_source(TREE_CU.read_text()), launch._wgmma)
 w = cp.asarray(raw.reshape(-1))
 for m in ms:
     x = torch.randn(m, k, device="cuda").half()

@@ -1,0 +1,279 @@
+"""The Q4_K wgmma GEMM with its decode moved off the MMA warps (``wgmma_ss.cu``, NOTES.md v36)
+against the tree's, timed in one run on an sm_90 GPU with torch bf16 (cuBLAS) and the decode +
+cuBLAS path beside them.
+
+In the tree's kernel (wgmma.cu) the two MMA warpgroups decode their own A fragments between
+their wgmmas (wgmma from registers).  In ``ss`` the third warpgroup decodes every weight row of
+the tile into f16 in shared memory, in the layout wgmma's A descriptor reads, and the MMA
+warpgroups issue wgmmas with both operands in shared memory, as cuBLAS's do.  The decode is the
+tree's arithmetic, so y must equal the tree's bit for bit.  Only the 256-token Q4_K tile
+(M >= 129) has the variant; every other launch stays the tree's.
+
+Versions: ``tree``; ``ss``; ``bare`` (wgmma_q4k_ablation's: the tree with almost no decode,
+wrong values on purpose, the bound NOTES.md v33 measured; $VARIANTS keeps some of the versions
+besides the tree).  Shapes: the three large 7B shapes and the attention projection (3584 x 3584)
+at M = $MS (default 256,512,1024,2048; the wgmma path is forced, so past 512 these rows say
+whether ss could take the chunked path's M too).  Then (TEACHER=0 skips it) the
+qwen2.5-7b-shape teacher: at 1x512 ``tree``, ``ss`` and ``ss_attn`` (the attention projections
+on ss too); at 4x512 (TEACHER_4X512=0 skips it) ``tree`` and ``ss_wide`` (the large Q4_K
+weights on ss up to M = 2048 instead of decode + cuBLAS).
+
+CPU checks, before any GPU run (``--check``): ``check_layout`` replays in numpy where the
+decoder puts each quant, scale and min, against gguf's dequantize; ``check_compile`` builds
+the kernel with the local nvcc for sm_90a and fails on any spill.
+
+On the GPU, from the repository root:
+
+    PYTHONPATH=$PWD python3 docs/experiments/wgmma_ss_ab.py
+
+writes $OUT/wgmma-ss-ab.json and $OUT/wgmma-ss-teacher.json.  ``--emit DIR`` writes the
+combined wgmma.cu to DIR (to compile or profile it offline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+TREE_CU = HERE.parents[1] / "cupy_kernels" / "wgmma.cu"
+SS_CU = HERE / "wgmma_ss.cu"
+
+# SsCfg<256> in wgmma_ss.cu: three x slots of 128 K values, two decoded stages of 128 rows x
+# 64 K values, four mbarriers a slot / stage pair, 1,024 bytes of alignment slack
+SS_NTOK, SS_THREADS = 256, 384
+SS_SMEM = 3 * (2 * SS_NTOK * 128) + 2 * (128 * 128) + 8 * (2 * 3 + 2 * 2) + 1024
+SS_NAMES = {0: "wgmma_ss_gemm<256, 0>", 2: "wgmma_ss_gemm<256, 2>"}  # by OUT: f32, f16 y
+# what wgmma_ss.cu uses of wgmma.cu (it is appended to it)
+NEEDS = ("struct WgWork", "struct WgSegment", "u64 desc_sw128(", "void tma_x(", "void mbar_expect_tx(",
+         "void each_out(", "#define WG_KT 128", "        const int nA = n0 + rA;")
+
+
+def ss_source(src: str) -> str:
+    """wgmma.cu's text with the SS kernel appended."""
+    for text in NEEDS:
+        if text not in src:
+            raise SystemExit(f"wgmma.cu has changed: {text!r} not found; update wgmma_ss.cu")
+    return src + "\n" + SS_CU.read_text()
+
+
+# ---- CPU checks -------------------------------------------------------------------------------
+
+def check_layout(nblocks: int = 64, seed: int = 0) -> None:
+    """ss_decode in numpy: for each 64-K step q of random Q4_K blocks, the value the decoder
+    stores in chunk c (K values 8 c .. 8 c + 7 of the step) from the nibbles, scale and min it
+    picks (sub_scales' byte indexing, the f16 roundings), against gguf's dequantize of the
+    block; raises AssertionError on a mismatch."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(nblocks, 144), dtype=np.uint8)
+    raw[:, 0:4] = rng.uniform(-0.02, 0.02, (nblocks, 2)).astype(np.float16).view(np.uint8)
+    oracle = quants.dequantize(raw, GGMLQuantizationType.Q4_K).reshape(nblocks, 256).astype(np.float64)
+    d = raw[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+    dmin = raw[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
+    sb_bytes = raw[:, 4:16].astype(np.uint32)  # header bytes 4..15: h.y, h.z, h.w
+
+    def sbyte(i: int) -> np.ndarray:  # sbyte_rt: scale byte i of h.y / h.z / h.w
+        return sb_bytes[:, i]
+
+    def sub_scales(sb: int) -> tuple[np.ndarray, np.ndarray]:
+        if sb < 4:
+            sc, mn = sbyte(sb) & 63, sbyte(sb + 4) & 63
+        else:
+            sc = (sbyte(sb + 4) & 0xF) | ((sbyte(sb - 4) >> 6) << 4)
+            mn = (sbyte(sb + 4) >> 4) | ((sbyte(sb) >> 6) << 4)
+        # f16x2_splat(d * (float)sc): an f32 product rounded to f16
+        return (d * sc.astype(np.float32)).astype(np.float16), (-dmin * mn.astype(np.float32)).astype(np.float16)
+
+    for q in range(4):
+        qs = raw[:, 16 + 32 * q: 16 + 32 * q + 32]
+        (s_lo, m_lo), (s_hi, m_hi) = sub_scales(2 * q), sub_scales(2 * q + 1)
+        for c in range(8):
+            nib = qs[:, 8 * (c % 4): 8 * (c % 4) + 8]
+            nib = (nib & 15) if c < 4 else (nib >> 4)
+            s, m = (s_lo, m_lo) if c < 4 else (s_hi, m_hi)
+            # dec2: (1024 + q) - 1024 exact, then one fused multiply-add rounded to f16
+            sq, m64 = nib.astype(np.float64) * s.astype(np.float64)[:, None], m.astype(np.float64)[:, None]
+            w = (sq + m64).astype(np.float16)
+            ref = oracle[:, 64 * q + 8 * c: 64 * q + 8 * c + 8]
+            # f16 roundings of (d sc), (dmin m) and the sum: half an ulp (2^-11 relative) each,
+            # a wrong nibble, scale or sub-block is off by a whole step of the scale
+            tol = 2.0 ** -10 * (np.abs(sq) + np.abs(m64) + np.abs(ref)) + 1e-7
+            assert np.all(np.abs(w.astype(np.float64) - ref) <= tol), f"step {q} chunk {c}"
+    print(f"check_layout: {nblocks} random blocks, every 64-K step and chunk as the decoder stores it")
+
+
+def check_compile() -> None:
+    """The combined source through the local nvcc for sm_90a (-Xptxas -v): both SS kernels must
+    compile without a spill.  Skipped (said so) where nvcc is missing."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("check_compile: no nvcc here, skipped")
+        return
+    sig = ("(const u8* __restrict__, const __grid_constant__ TmaMap, void* __restrict__, float* __restrict__, "
+           "u32* __restrict__, int, int, int, int);")
+    inst = "".join(f"template __global__ void {name}{sig}\n" for name in SS_NAMES.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "wgmma_ss_all.cu"
+        cu.write_text(ss_source(TREE_CU.read_text()) + "\n" + inst)
+        proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", str(cu), "-o",
+                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"check_compile: nvcc failed:\n{proc.stderr}")
+    report = [ln for ln in proc.stderr.splitlines() if "wgmma_ss_gemm" in ln or "spill" in ln or "Used" in ln]
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
+    print("check_compile:\n  " + "\n  ".join(report))
+    if any(spills):
+        raise SystemExit(f"check_compile: spills ({spills} bytes of spill stores)")
+
+
+# ---- on the GPU ----------------------------------------------------------------------------
+
+def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., None]:
+    """A stand-in for ``launch._wgmma``: the SS kernel for Q4_K plans on the 256-token tile,
+    the tree's launch for every other plan.  Its kernels are compiled at the first call."""
+    import cupy as cp
+    from gguf import GGMLQuantizationType as T
+
+    from cupy_kernels import launch
+
+    fns: dict[tuple[int, int], Any] = {}
+
+    def kernel(dev: int, out: int) -> Any:
+        if (dev, out) not in fns:
+            from cupy.cuda import compiler, function
+
+            names = list(SS_NAMES.values())
+            prog = compiler._NVRTCProgram(src_ss, "wgmma.cu", name_expressions=names, method="cubin")
+            cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
+            mod = function.Module()
+            mod.load(cubin)
+            for o, name in SS_NAMES.items():
+                fn = mod.get_function(mapping[name])
+                cp.cuda.driver.funcSetAttribute(fn.ptr, 8, SS_SMEM)  # max dynamic shared memory
+                fns[(dev, o)] = (fn, mod)
+        return fns[(dev, out)][0]
+
+    def run(q: Any, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, workspace: Any) -> None:
+        sms = launch.sm_count(dev)
+        plan = launch.wgmma_plan(m, n, k, sms, q)
+        if int(q) != int(T.Q4_K) or plan.ntok != SS_NTOK or plan.rows != 128:
+            tree_launch(q, xc, wc, y, m, n, k, dev, workspace)
+            return
+        # launch._wgmma's checks and workspace, with the SS kernel
+        f16_out = y.dtype == cp.float16
+        if f16_out and (plan.atomics or n % 8):
+            raise ValueError(f"ss: f16 y needs a plan without atomics and n % 8 == 0 (M={m}, n={n}, k={k})")
+        part = flags = cp.uint64(0)
+        if plan.atomics:
+            cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
+        elif plan.fixup:
+            ws = launch._wg_workspace(dev) if workspace is None else workspace
+            flags = cp.uint64(ws.data.ptr)
+            part = cp.uint64(ws.data.ptr + launch._wg_flag_bytes(sms))
+        box_rows = launch.wgmma_x_box_rows(m, plan.ntok)
+        xmap = launch._x_tensor_map(xc, box_rows)
+        i32 = cp.int32
+        fn = kernel(dev, launch.X_F16 if f16_out else launch.X_F32)
+        fn((plan.ctas, 1, 1), (SS_THREADS,), (wc, xmap, y, part, flags, i32(m), i32(n), i32(k), i32(box_rows)),
+           shared_mem=SS_SMEM)
+
+    return run
+
+
+def main() -> None:
+    import cupy as cp
+    import torch
+    import wgmma_ab
+    from gguf import GGMLQuantizationType as T
+    from wgmma_q4k_ablation import variants as ablations
+
+    from cupy_kernels import launch
+    from cupy_kernels.cmd_bench import _median_torch_time
+
+    src = TREE_CU.read_text()
+    src_ss = ss_source(src)
+    os.environ.setdefault("TYPES", "Q4_K")
+    os.environ.setdefault("MS", "256,512,1024,2048")
+    os.environ.setdefault("SHAPES", "18944x3584,3584x18944,152064x3584,3584x3584")
+    tree_launch = launch._wgmma
+    ss_launch = ss_launcher(src_ss, tree_launch)
+    dense: dict[tuple[int, int], Any] = {}
+
+    def extra(qt: T, n: int, k: int, m: int, xs: list[Any], ws: list[Any]) -> dict[str, float]:
+        """torch bf16 (cuBLAS) and the decode + cuBLAS path on the same case."""
+        if (n, k) not in dense:
+            dense.clear()
+            dense[(n, k)] = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        w = dense[(n, k)]
+        xt = [torch.as_tensor(x, device="cuda").to(torch.bfloat16) for x in xs]
+        yt = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        t, _, _ = _median_torch_time(torch, lambda i: torch.matmul(xt[i % 3], w.t(), out=yt), 50)
+        y = cp.zeros((m, n), dtype=cp.float32)
+        return {"torch_bf16_us": t * 1e6, "dequant_cublas_us": wgmma_ab.timed(
+            lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))}
+
+    rows = wgmma_ab.compare_sources({"tree": src, "ss": src_ss, "bare": ablations(src)["bare"]},
+                                    "wgmma-ss-ab.json", {"ss": ss_launch}, extra=extra)
+    for r in rows:
+        line = f"M={r['M']:5d} {r['N']}x{r['K']}: ss/tree {r['ss_us'] / r['tree_us']:.3f}"
+        if "bare_us" in r:
+            line += f"  bare/tree {r['bare_us'] / r['tree_us']:.3f}"
+        line += (f"  torch/tree {r['torch_bf16_us'] / r['tree_us']:.3f}  torch/ss {r['torch_bf16_us'] / r['ss_us']:.3f}"
+                 f"  torch/dequant {r['torch_bf16_us'] / r['dequant_cublas_us']:.3f}"
+                 f"  identical {r['ss_bit_identical']}  rel {r['ss_max_rel_diff']:.2e}")
+        print(line, flush=True)
+    if os.environ.get("TEACHER", "1") != "1":
+        return
+    q4 = int(T.Q4_K)
+    wide = dict(launch.WGMMA_WIDE)
+    wide_attn = {q4: (wide[q4][0], wide[q4][1], 3584 * 3584)}
+    wide_2048 = {q4: (wide[q4][0], 2048, wide[q4][2])}
+
+    def put(launcher: Callable[..., None], wide_range: dict[int, tuple[int, int, int]]) -> Callable[[], None]:
+        def go() -> None:
+            launch._wgmma = launcher
+            launch.WGMMA_WIDE = dict(wide_range)
+        return go
+
+    from teacher.models import resolve_model
+    from teacher.q4k_teacher import Q4KTeacher
+
+    teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)  # one load for both shapes
+    restore = put(tree_launch, wide)
+    res = {"1x512": wgmma_ab.time_teacher(
+        {"tree": restore, "ss": put(ss_launch, wide), "ss_attn": put(ss_launch, wide_attn)}, restore,
+        teacher=teacher)}
+    if os.environ.get("TEACHER_4X512", "1") == "1":
+        torch.cuda.empty_cache()
+        res["4x512"] = wgmma_ab.time_teacher({"tree": restore, "ss_wide": put(ss_launch, wide_2048)}, restore,
+                                             teacher=teacher, shape=(4, 512))
+    for shape, r in res.items():
+        r["over_tree"] = {v: ms / r["median_ms"]["tree"] for v, ms in r["median_ms"].items()}
+        print(shape, json.dumps({"over_tree": r["over_tree"], "logits_vs_first": r["logits_vs_first"]}), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "wgmma-ss-teacher.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    if "--check" in sys.argv:
+        check_layout()
+        check_compile()
+    elif "--emit" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--emit") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "wgmma.cu").write_text(ss_source(TREE_CU.read_text()))
+    else:
+        main()
