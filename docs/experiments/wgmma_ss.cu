@@ -1,39 +1,36 @@
-// wgmma_ss.cu (experiment, session 36): the Q4_K GEMM of wgmma.cu with the decode moved off
-// the MMA warps.  docs/experiments/wgmma_ss_ab.py appends this file to cupy_kernels/wgmma.cu
-// (NVRTC takes one source, no headers) and launches wgmma_ss_gemm where the tree launches
-// wgmma_gemm<Q4_K, 256, OUT>; everything else stays the tree's.
+// wgmma_ss.cu (experiment, session 36): the Q4_K and Q6_K GEMMs of wgmma.cu with the decode
+// moved off the MMA warps.  docs/experiments/wgmma_ss_ab.py appends this file to
+// cupy_kernels/wgmma.cu (NVRTC takes one source, no headers) and launches wgmma_ss_gemm where
+// a plan has 256-token tiles; everything else stays the tree's.
 //
-// Why (cupy_kernels/NOTES.md v33): at M = 512 the tree's GEMM runs at 0.74-0.78 of cuBLAS.
+// Why (cupy_kernels/NOTES.md v33, v36): at M = 512 the tree's GEMM runs at 0.74-0.78 of cuBLAS.
 // With almost no decode (`bare`) it reached 0.91-0.96, and v9's skeleton with no decode and
 // no copies beat cuBLAS: the decode, done by the MMA warps between their wgmmas, costs
 // 12-14 %, and the warps that must keep the tensor cores fed also wait on every LDS of the
 // weights.  cuBLAS's MMA warps only issue wgmmas.  Here they do too:
 //
 // - warpgroups 0 and 1: wgmma with *both* operands in shared memory (SS), 64 weight rows
-//   each x 256 tokens, f32 accumulators as in the tree; they wait for a decoded stage and an
-//   x slot and hand both back, nothing else;
-// - warpgroup 2, the decoder: thread r owns weight row r of the 128-row tile.  It loads its
-//   row's quant bytes (and the block header) from global memory two steps ahead, decodes 64 K
-//   values a step with the tree's arithmetic (dec2's LOP3 / sub / fma, the same f16 scale
-//   roundings), and stores them as f16 into a decoded stage in the layout wgmma's A
-//   descriptor reads (K-major, 128-byte swizzle: 16-byte chunk c of row r at
-//   r * 128 + ((c ^ (r & 7)) << 4), as TMA lays out x).  Its first thread also issues x's TMA
-//   copies: once a step it issues every slot the ring has room for, without waiting.  (A
-//   fourth warpgroup for x alone does not fit: at 512 threads ptxas has 128 registers a
-//   thread, and an m64n256 wgmma with its 128 accumulators needs 154.)
+//   each x 256 tokens, f32 accumulators as in the tree.  Per step of 64 K values each waits
+//   for that step's x slot and decoded stage, issues four wgmmas and hands back the previous
+//   step's slot and stage, nothing else;
+// - warpgroup 2, the decoder: thread r owns weight row r of the 128-row tile and writes its 64
+//   K values of a step as f16 into a decoded stage, in the layout wgmma's A descriptor reads
+//   (K-major, 128-byte swizzle: 16-byte chunk c of row r at r * 128 + ((c ^ (r & 7)) << 4), as
+//   TMA lays out x).  The arithmetic is the tree's (dec2 for Q4_K, dec6 for Q6_K, the same f16
+//   roundings of the scales), so y is the tree's bit for bit.  Q4_K: it loads its row's 48
+//   bytes a step (block header and one quarter's 32 quant bytes) from global memory into
+//   registers, two steps ahead.  Q6_K, whose 210-byte blocks sit at any even offset: it
+//   copies its row's next block into a quant stage by cp.async (14 aligned 16-byte pieces, as
+//   the tree's producer) while it decodes the current one from shared memory.  Its first
+//   thread also issues x's TMA copies: once a step it issues every slot the ring has room for,
+//   without waiting.  (A fourth warpgroup for x alone does not fit: at 512 threads ptxas has
+//   128 registers a thread, and an m64n256 wgmma with its 128 accumulators needs 154.)
 //
-// Shared memory (NTOK = 256): three x slots of 128 K values (64 KiB each, as the tree's
-// ring) and two decoded stages of 64 K values (128 rows x 128 bytes = 16 KiB), 224 KiB in all.
-// The weights no longer pass through shared memory as quant bytes: each decoder thread reads
-// 48 bytes a step straight into registers.
-//
-// Predictions (to be measured, NOTES.md v36): the decoded f16 weights equal the tree's
-// fragments bit for bit and the wgmma shape and K order are the same, so y is bit-identical;
-// at M = 512 on the three large 7B shapes the kernel runs at or near `bare` (0.86-0.88 of the
-// tree's time), not slower than the tree.  If it is slower, the shared-memory traffic of the
-// decoded stage (16 KiB written and 16 read per 64-K step beside x's 32 KiB read twice) or the
-// decoder's latency (two steps of prefetch) is what to look at first (ncu: the decoder's
-// stalls, smem bank throughput).
+// Shared memory: x slots of one step (256 tokens x 64 K values, 32 KiB), six for Q4_K and four
+// for Q6_K; two decoded stages (128 rows x 64 K values, 16 KiB); for Q6_K two quant stages of
+// one block a row (128 x 224 bytes).  225 KiB (Q4_K) and 217 KiB (Q6_K) with barriers and slack.
+// The work is split as the tree's Q4_K plans split it (launch.wgmma_plan for Q4_K: units of 128
+// K values, 256-token tiles), for both formats.
 
 // wgmma m64n256k16, f32 += f16, A and B from shared-memory descriptors (K-major both)
 __device__ __forceinline__ void wgmma_ss(float (&d)[128], u64 da, u64 db) {
@@ -58,6 +55,8 @@ __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
 __device__ __forceinline__ void st_shared4(u32 addr, u32 a, u32 b, u32 c, u32 d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
+
+// ---- Q4_K: one row's step from registers
 
 // two quant bytes of p picked by SEL (0x4140: bytes 0 and 1, 0x4342: bytes 2 and 3) -> f16x2 of
 // their low (HI = false) or high nibbles, s q - m: dec2's arithmetic
@@ -95,8 +94,8 @@ __device__ __forceinline__ void sub_scales(const uint4& h, int sb, u32& s2, u32&
     m2 = f16x2_splat(-dmin * (float)mn);
 }
 
-// a decoder thread's bytes for one 64-K step of its row: the block header and the 32 quant bytes
-// of quarter q of the block (low nibbles: sub-block 2 q, high nibbles: 2 q + 1)
+// a decoder thread's bytes for one step of its row: the block header and the 32 quant bytes of
+// quarter q of the block (low nibbles: sub-block 2 q, high nibbles: 2 q + 1)
 struct SsRaw {
     uint4 h, q0, q1;
 };
@@ -108,7 +107,7 @@ __device__ __forceinline__ void ss_load(SsRaw& b, const uint4* __restrict__ row,
     b.q1 = __ldg(blk + 2 + 2 * (hs & 3));
 }
 // decode one step of a row into its 128-byte row of a decoded stage (dst), chunk c at c ^ sw
-__device__ __forceinline__ void ss_decode(const SsRaw& b, int q, u32 dst, u32 sw) {
+__device__ __forceinline__ void ss_decode_q4(const SsRaw& b, int q, u32 dst, u32 sw) {
     u32 sA, mA, sB, mB;
     sub_scales(b.h, 2 * q, sA, mA);
     sub_scales(b.h, 2 * q + 1, sB, mB);
@@ -123,27 +122,62 @@ __device__ __forceinline__ void ss_decode(const SsRaw& b, int q, u32 dst, u32 sw
     }
 }
 
-template <int NTOK>
+// ---- Q6_K: one row's step from its block in a quant stage
+
+// values 64 P .. 64 P + 63 of half H of the block at bp (2-byte aligned, in shared memory): P = 0
+// is the half's quarters 0 and 1, P = 1 its quarters 2 and 3.  Value i' = 64 P + 8 c + e of the
+// half is quarter qd = 2 P + (c >> 2), l = 8 (c & 3) + e: nibble P of ql byte 64 H + 32 (c >> 2)
+// + l, bits 2 qd of qh byte 32 H + l, scale 8 H + 4 P + (c >> 1) (decode_q6's reading of a block)
+template <int P>
+__device__ __forceinline__ void ss_decode_q6(const u8* bp, int H, u32 dst, u32 sw) {
+    const float d = f16_to_f32(*(const u16*)(bp + 208));
+    u32 s2[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s2[j] = f16x2_splat(d * (float)(signed char)bp[192 + 8 * H + 4 * P + j]);
+#pragma unroll
+    for (int c4 = 0; c4 < 4; ++c4) {
+        u32 ph[4], pl0[4], pl1[4];
+#pragma unroll
+        for (int e2 = 0; e2 < 4; ++e2) {
+            ph[e2] = *(const u16*)(bp + 128 + 32 * H + 8 * c4 + 2 * e2);
+            pl0[e2] = *(const u16*)(bp + 64 * H + 8 * c4 + 2 * e2);
+            pl1[e2] = *(const u16*)(bp + 64 * H + 32 + 8 * c4 + 2 * e2);
+        }
+        const u32 sl = s2[c4 >> 1], sh = s2[2 + (c4 >> 1)];
+        st_shared4(dst + (((u32)c4 ^ sw) << 4), dec6(pl0[0], ph[0], sl, P, 2 * P), dec6(pl0[1], ph[1], sl, P, 2 * P),
+                   dec6(pl0[2], ph[2], sl, P, 2 * P), dec6(pl0[3], ph[3], sl, P, 2 * P));
+        st_shared4(dst + (((u32)(c4 + 4) ^ sw) << 4), dec6(pl1[0], ph[0], sh, P, 2 * P + 1),
+                   dec6(pl1[1], ph[1], sh, P, 2 * P + 1), dec6(pl1[2], ph[2], sh, P, 2 * P + 1),
+                   dec6(pl1[3], ph[3], sh, P, 2 * P + 1));
+    }
+}
+
+template <int QT, int NTOK>
 struct SsCfg {
     static_assert(NTOK == 256, "the SS variant is built for the 256-token tile only");
-    static constexpr int XATOM = NTOK * 128;   // 64 K columns of x
-    static constexpr int XSLOT = 2 * XATOM;    // an x slot: 128 K values
-    static constexpr int S = 3;                // x slots
-    static constexpr int D = 2;                // decoded stages
-    static constexpr int DSTAGE = 128 * 128;   // 128 rows x 64 K values f16
-    static constexpr int BARS = S * XSLOT + D * DSTAGE;
-    // wgmma_ss_ab.py's ss_smem mirrors this: the layout, four mbarriers kinds, alignment slack
+    static_assert(QT == QT_Q4_K || QT == QT_Q6_K, "Q4_K or Q6_K");
+    static constexpr int XSLOT = NTOK * 128;                  // x of one step: 64 K columns
+    static constexpr int S = QT == QT_Q6_K ? 4 : 6;           // x slots
+    static constexpr int D = 2;                               // decoded stages
+    static constexpr int DSTAGE = 128 * 128;                  // 128 rows x 64 K values f16
+    static constexpr int QROW = 224;                          // Q6_K: 14 pieces cover a row's block
+    static constexpr int QS = QT == QT_Q6_K ? 2 : 0;          // Q6_K quant stages, a block a row
+    static constexpr int QSTAGE = 128 * QROW;
+    static constexpr int QBASE = S * XSLOT + D * DSTAGE;
+    static constexpr int BARS = QBASE + QS * QSTAGE;
+    // wgmma_ss_ab.py's ss_smem mirrors this: the layout, four barriers a slot / stage, slack
     static constexpr int SMEM = BARS + 8 * (2 * S + 2 * D) + 1024;
     // setmaxnreg, as the tree's kernel: launched at 168 registers a thread, the decoder gives
-    // back what the MMA warpgroups take (freed = taken, or setmaxnreg.inc hangs)
+    // back what the MMA warpgroups take (freed = taken, or setmaxnreg.inc hangs); at 88 the
+    // Q4_K decoder spilled
     static constexpr int DEC_REGS = 104, MMA_REGS = 168 + (168 - DEC_REGS) / 2;
 };
 
-template <int NTOK, int OUT>
+template <int QT, int NTOK, int OUT>
 __global__ void __launch_bounds__(384, 1)
 wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* __restrict__ Y, float* __restrict__ P,
               u32* __restrict__ FLAGS, int M, int N, int K, int XBOX) {
-    typedef SsCfg<NTOK> C;
+    typedef SsCfg<QT, NTOK> C;
     constexpr int S = C::S, D = C::D, ROWS = 128, RG = 1;
     extern __shared__ u8 smem_raw[];
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -165,15 +199,14 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
-    WgWork<NTOK, ROWS> work(M, K, N, WG_KT);
+    WgWork<NTOK, ROWS> work(M, K, N, WG_KT);  // the tree's Q4_K units: 128 K values, two steps
     WgSegment sg;
 
     if (tid >= 256) {  // the decoder: thread r decodes weight row r of the tile, 64 K values a step
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::DEC_REGS) : "memory");
         const int r = tid - 256;
         const u32 sw = (u32)(r & 7);
-        const long long rb = (long long)(K >> 8) * 9;  // 16-byte units per row
-        // x: thread 256 issues each slot's TMA copies as soon as the ring has room, checked
+        // x: thread 256 issues each step's TMA copies as soon as the ring has room, checked
         // without waiting once a step (its own walk over the CTA's segments, xw)
         WgWork<NTOK, ROWS> xw = work;
         WgSegment xsg;
@@ -191,42 +224,84 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
                     xboxes = (min(NTOK, M - xsg.m0) + XBOX - 1) / XBOX;
                 }
                 if (xround && !mbar_test(xempty(xi), (xround - 1) & 1)) return;
-                mbar_expect_tx(xfull(xi), (u32)(2 * xboxes * XBOX * 128));
-                for (int a = 0; a < 2; ++a)
-                    for (int b = 0; b < xboxes; ++b)
-                        tma_x(sbase + xi * C::XSLOT + a * C::XATOM + b * XBOX * 128, &XMAP,
-                              (xsg.s0 + xj) * WG_KT + 64 * a, xsg.m0 + b * XBOX, xfull(xi));
+                mbar_expect_tx(xfull(xi), (u32)(xboxes * XBOX * 128));
+                for (int b = 0; b < xboxes; ++b)
+                    tma_x(sbase + xi * C::XSLOT + b * XBOX * 128, &XMAP, (2 * xsg.s0 + xj) * 64, xsg.m0 + b * XBOX,
+                          xfull(xi));
                 if (++xi == S) xi = 0, ++xround;
-                if (++xj == xsg.n) xhave = false;
+                if (++xj == 2 * xsg.n) xhave = false;
             }
         };
         int st = 0;  // steps decoded so far (all segments): stage st % D of round st / D
+        // before decoding a step: x issued where there is room, the stage handed back
+        auto claim = [&]() {
+            if (r == 0) x_pump();
+            if (st >= D) mbar_wait(dempty(st % D), ((st / D) - 1) & 1);
+            return dbase + (st % D) * C::DSTAGE + r * 128;
+        };
+        auto publish = [&]() {
+            fence_proxy_async();  // the stores, generic proxy, before wgmma's async-proxy reads
+            mbar_arrive(dfull(st % D));
+            ++st;
+        };
         while (work.next(sg)) {
-            const uint4* row = (const uint4*)W + (long long)min(sg.n0 + r, N - 1) * rb;
-            const int h0 = 2 * sg.s0, nh = 2 * sg.n;
-            // step i: its bytes loaded two steps ahead (nxt), then decoded into its stage once the
-            // MMA warps have handed that stage back
-            auto step = [&](const SsRaw& cur, SsRaw& nxt, int i) {
-                if (i + 2 < nh) ss_load(nxt, row, h0 + i + 2);
-                if (r == 0) x_pump();
-                const int s = st % D;
-                if (st >= D) mbar_wait(dempty(s), ((st / D) - 1) & 1);
-                ss_decode(cur, (h0 + i) & 3, dbase + s * C::DSTAGE + r * 128, sw);
-                fence_proxy_async();  // the stores, generic proxy, before wgmma's async-proxy reads
-                mbar_arrive(dfull(s));
-                ++st;
-            };
-            SsRaw b0, b1, b2;
-            ss_load(b0, row, h0);
-            ss_load(b1, row, h0 + 1);  // nh >= 2: a segment is whole slots of two steps
-            int i = 0;
-            for (; i + 2 < nh; i += 3) {
-                step(b0, b2, i);
-                step(b1, b0, i + 1);
-                step(b2, b1, i + 2);
+            const int h0 = 2 * sg.s0, nh = 2 * sg.n;  // the segment's steps in the row
+            if constexpr (QT == QT_Q4_K) {
+                const uint4* row = (const uint4*)W + (long long)min(sg.n0 + r, N - 1) * ((K >> 8) * 9);
+                // step i: its bytes loaded two steps ahead (nxt), then decoded into its stage
+                auto step = [&](const SsRaw& cur, SsRaw& nxt, int i) {
+                    if (i + 2 < nh) ss_load(nxt, row, h0 + i + 2);
+                    const u32 dst = claim();
+                    ss_decode_q4(cur, (h0 + i) & 3, dst, sw);
+                    publish();
+                };
+                SsRaw b0, b1, b2;
+                ss_load(b0, row, h0);
+                ss_load(b1, row, h0 + 1);  // nh >= 2: a segment is whole units of two steps
+                int i = 0;
+                for (; i + 2 < nh; i += 3) {
+                    step(b0, b2, i);
+                    step(b1, b0, i + 1);
+                    step(b2, b1, i + 2);
+                }
+                if (i < nh) step(b0, b2, i);
+                if (i + 1 < nh) step(b1, b0, i + 1);
+            } else {
+                // the row's block b starts at byte o = row * rb + 210 b; its 14 pieces from o & ~15
+                // go to the quant stage's row (rows past N read row N - 1, as the tree's producer)
+                const long long o0 = (long long)min(sg.n0 + r, N - 1) * ((K >> 8) * Q6_BYTES);
+                const u32 qrow = sbase + C::QBASE + r * C::QROW;
+                auto copy = [&](int b, int stage) {
+                    const long long o = o0 + (long long)b * Q6_BYTES;
+                    const u8* src = W + (o & ~15LL);
+                    const int mis = (int)(o & 15);
+#pragma unroll
+                    for (int j = 0; j < 14; ++j)
+                        cp_async16(qrow + stage * C::QSTAGE + 16 * j, src + 16 * j, min(16, mis + Q6_BYTES - 16 * j));
+                    cp_async_commit();
+                };
+                const int b0 = h0 >> 2, b1 = (h0 + nh - 1) >> 2;
+                copy(b0, 0);
+                for (int b = b0; b <= b1; ++b) {
+                    const int stage = (b - b0) & 1;
+                    if (b < b1) {
+                        copy(b + 1, stage ^ 1);
+                        cp_async_wait<1>();
+                    } else {
+                        cp_async_wait<0>();
+                    }
+                    const long long o = o0 + (long long)b * Q6_BYTES;
+                    const u8* bp = smem + (C::QBASE + r * C::QROW + stage * C::QSTAGE + (int)(o & 15));
+                    for (int hs = max(h0, 4 * b); hs < min(h0 + nh, 4 * b + 4); ++hs) {
+                        const u32 dst = claim();
+                        if (hs & 1)
+                            ss_decode_q6<1>(bp, (hs >> 1) & 1, dst, sw);
+                        else
+                            ss_decode_q6<0>(bp, (hs >> 1) & 1, dst, sw);
+                        publish();
+                    }
+                }
             }
-            if (i < nh) step(b0, b2, i);
-            if (i + 1 < nh) step(b1, b0, i + 1);
         }
         if (r == 0)
             while (!xdone) x_pump();  // (every slot is issued by now; kept for safety)
@@ -237,7 +312,7 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
     const int wg = tid >> 7, warp = (tid >> 5) & 3;
     const int g = lane >> 2, t = lane & 3;
     const int rA = wg * 64 + warp * 16 + g;
-    int st = 0, xs = 0;  // steps and x slots consumed so far (all segments)
+    int st = 0;  // steps consumed so far (all segments): x slot st % S, decoded stage st % D
     while (work.next(sg)) {
         const int m0 = sg.m0, n0 = sg.n0, ks0 = sg.s0, nh = 2 * sg.n;
         float acc[RG][NTOK / 2];
@@ -246,35 +321,34 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
             acc[0][i] = 0.0f;
             fence_reg(acc[0][i]);
         }
-        // step h's stage goes back to the decoder, and its x slot x to the x thread where h ends it
-        auto release = [&](int h, int x) {
+        // step h's x slot and stage go back (the slot first: the decoder, woken by the stage,
+        // then finds the slot free too)
+        auto release = [&](int h) {
             __syncwarp();
             if (lane == 0) {
-                // the slot first: the decoder, woken by the stage, then finds the slot free too
-                if (h & 1) mbar_arrive(xempty(x % S));
+                mbar_arrive(xempty(h % S));
                 mbar_arrive(dempty(h % D));
             }
         };
         for (int i = 0; i < nh; ++i) {
-            const int h = st + i, x = xs + (i >> 1);
-            if ((i & 1) == 0) mbar_wait(xfull(x % S), (x / S) & 1);
+            const int h = st + i;
+            mbar_wait(xfull(h % S), (h / S) & 1);
             mbar_wait(dfull(h % D), (h / D) & 1);
             fence_proxy_async();
             const u32 a = dbase + (h % D) * C::DSTAGE + wg * 8192;  // this warpgroup's 64 rows
-            const u32 b = sbase + (x % S) * C::XSLOT + (i & 1) * C::XATOM;
+            const u32 b = sbase + (h % S) * C::XSLOT;
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) wgmma_ss(acc[0], desc_sw128(a + kk * 32), desc_sw128(b + kk * 32));
             wgmma_commit();
-            wgmma_wait<1>();  // step i - 1's wgmmas are done: its stage (and slot) go back
-            if (i >= 1) release(h - 1, xs + ((i - 1) >> 1));
+            wgmma_wait<1>();  // step i - 1's wgmmas are done: its slot and stage go back
+            if (i >= 1) release(h - 1);
         }
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < NTOK / 2; ++i) fence_reg(acc[0][i]);
-        release(st + nh - 1, xs + ((nh - 1) >> 1));
+        release(st + nh - 1);
         st += nh;
-        xs += sg.n;
 
         // ---- the epilogue: wgmma_gemm's for RG = 1, as it stands in wgmma.cu
         const int nA = n0 + rA;

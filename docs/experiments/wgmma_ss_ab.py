@@ -1,22 +1,24 @@
-"""The Q4_K wgmma GEMM with its decode moved off the MMA warps (``wgmma_ss.cu``, NOTES.md v36)
-against the tree's, timed in one run on an sm_90 GPU with torch bf16 (cuBLAS) and the decode +
-cuBLAS path beside them.
+"""The Q4_K and Q6_K wgmma GEMMs with the decode moved off the MMA warps (``wgmma_ss.cu``,
+NOTES.md v36) against the tree's, timed in one run on an sm_90 GPU with torch bf16 (cuBLAS) and
+the decode + cuBLAS path beside them.
 
 In the tree's kernel (wgmma.cu) the two MMA warpgroups decode their own A fragments between
 their wgmmas (wgmma from registers).  In ``ss`` the third warpgroup decodes every weight row of
 the tile into f16 in shared memory, in the layout wgmma's A descriptor reads, and the MMA
 warpgroups issue wgmmas with both operands in shared memory, as cuBLAS's do.  The decode is the
-tree's arithmetic, so y must equal the tree's bit for bit.  Only the 256-token Q4_K tile
-(M >= 129) has the variant; every other launch stays the tree's.
+tree's arithmetic, so y must equal the tree's bit for bit (Q6_K: the tree's own Q6_K GEMM runs
+128-token tiles, the same products in the same K order).  Only plans of 256-token tiles (M >= 129)
+take the variant, for Q6_K split as the tree splits Q4_K; every other launch stays the tree's.
 
-Versions: ``tree``; ``ss``; ``bare`` (wgmma_q4k_ablation's: the tree with almost no decode,
-wrong values on purpose, the bound NOTES.md v33 measured; $VARIANTS keeps some of the versions
-besides the tree).  Shapes: the three large 7B shapes and the attention projection (3584 x 3584)
-at M = $MS (default 256,512,1024,2048; the wgmma path is forced, so past 512 these rows say
-whether ss could take the chunked path's M too).  Then (TEACHER=0 skips it) the
-qwen2.5-7b-shape teacher: at 1x512 ``tree``, ``ss`` and ``ss_attn`` (the attention projections
-on ss too); at 4x512 (TEACHER_4X512=0 skips it) ``tree`` and ``ss_wide`` (the large Q4_K
-weights on ss up to M = 2048 instead of decode + cuBLAS).
+Versions: ``tree``; ``ss``; ``bare`` (wgmma_q4k_ablation's: the tree with almost no Q4_K
+decode, wrong values on purpose, the bound NOTES.md v33 measured; $VARIANTS keeps some of the
+versions besides the tree).  Shapes: the three large 7B shapes and the attention projection
+(3584 x 3584), Q4_K and Q6_K ($TYPES), at M = $MS (default 256,512,2048; the wgmma path is
+forced, so past 512 these rows say whether ss could take the chunked path's M too).  Then
+(TEACHER=0 skips it) the qwen2.5-7b-shape teacher: at 1x512 ``tree``, ``ss`` (the Q4_K FFN
+weights), ``ss_q6`` (ss, and the Q6_K ffn_down and lm_head on ss instead of decode + cuBLAS) and
+``ss_attn`` (ss_q6, and the attention projections too); at 4x512 (TEACHER_4X512=0 skips it)
+``tree`` and ``ss_wide`` (the large Q4_K and Q6_K weights on ss up to M = 2048).
 
 CPU checks, before any GPU run (``--check``): ``check_layout`` replays in numpy where the
 decoder puts each quant, scale and min, against gguf's dequantize; ``check_compile`` builds
@@ -26,8 +28,9 @@ On the GPU, from the repository root:
 
     PYTHONPATH=$PWD python3 docs/experiments/wgmma_ss_ab.py
 
-writes $OUT/wgmma-ss-ab.json and $OUT/wgmma-ss-teacher.json.  ``--emit DIR`` writes the
-combined wgmma.cu to DIR (to compile or profile it offline).
+writes $OUT/wgmma-ss-ab.json and $OUT/wgmma-ss-teacher.json (TEACHER=0: the kernels only;
+AB_TEACHER_ONLY=1: the teacher only; ``wgmma_ss_device.sh`` runs the two in two calls).
+``--emit DIR`` writes the combined wgmma.cu to DIR (to compile or profile it offline).
 """
 
 from __future__ import annotations
@@ -50,11 +53,24 @@ sys.path.insert(0, str(HERE))
 TREE_CU = HERE.parents[1] / "cupy_kernels" / "wgmma.cu"
 SS_CU = HERE / "wgmma_ss.cu"
 
-# SsCfg<256> in wgmma_ss.cu: three x slots of 128 K values, two decoded stages of 128 rows x
-# 64 K values, four mbarriers a slot / stage pair, 1,024 bytes of alignment slack
 SS_NTOK, SS_THREADS = 256, 384
-SS_SMEM = 3 * (2 * SS_NTOK * 128) + 2 * (128 * 128) + 8 * (2 * 3 + 2 * 2) + 1024
-SS_NAMES = {0: "wgmma_ss_gemm<256, 0>", 2: "wgmma_ss_gemm<256, 2>"}  # by OUT: f32, f16 y
+Q4K, Q6K = 12, 14  # GGML type numbers
+SS_OUTS = (0, 2)  # f32, f16 y
+
+
+def ss_smem(qtype: int) -> int:
+    """SsCfg<qtype, 256>::SMEM in wgmma_ss.cu: x slots of one step (256 tokens x 64 K f16), two
+    decoded stages (128 rows x 64 K f16), Q6_K's two quant stages (128 rows x 224 bytes), two
+    mbarriers a slot and two a stage, 1,024 bytes of alignment slack."""
+    slots, quant = (4, 2 * 128 * 224) if qtype == Q6K else (6, 0)
+    return slots * SS_NTOK * 128 + 2 * 128 * 128 + quant + 8 * (2 * slots + 2 * 2) + 1024
+
+
+def ss_name(qtype: int, out: int) -> str:
+    return f"wgmma_ss_gemm<{qtype}, {SS_NTOK}, {out}>"
+
+
+SS_NAMES = [ss_name(q, o) for q in (Q4K, Q6K) for o in SS_OUTS]
 # what wgmma_ss.cu uses of wgmma.cu (it is appended to it)
 NEEDS = ("struct WgWork", "struct WgSegment", "u64 desc_sw128(", "void tma_x(", "void mbar_expect_tx(",
          "void each_out(", "#define WG_KT 128", "        const int nA = n0 + rA;")
@@ -71,13 +87,21 @@ def ss_source(src: str) -> str:
 # ---- CPU checks -------------------------------------------------------------------------------
 
 def check_layout(nblocks: int = 64, seed: int = 0) -> None:
-    """ss_decode in numpy: for each 64-K step q of random Q4_K blocks, the value the decoder
-    stores in chunk c (K values 8 c .. 8 c + 7 of the step) from the nibbles, scale and min it
-    picks (sub_scales' byte indexing, the f16 roundings), against gguf's dequantize of the
+    """The decoders in numpy: for each 64-K step of random Q4_K and Q6_K blocks, the value each
+    stores in chunk c (K values 8 c .. 8 c + 7 of the step) from the bits and scales it picks
+    (wgmma_ss.cu's byte and bit indexing, the f16 roundings), against gguf's dequantize of the
     block; raises AssertionError on a mismatch."""
     from gguf import GGMLQuantizationType, quants
 
     rng = np.random.default_rng(seed)
+
+    def close(w: np.ndarray, ref: np.ndarray, terms: np.ndarray, what: str) -> None:
+        # f16 roundings of the scale and of the result, half an ulp (2^-11 relative) each: a
+        # wrong nibble, bit field, scale or sub-block is off by a whole step of the scale
+        tol = 2.0 ** -10 * (terms + np.abs(ref)) + 1e-7
+        assert np.all(np.abs(w.astype(np.float64) - ref) <= tol), what
+
+    # Q4_K: ss_load + ss_decode_q4
     raw = rng.integers(0, 256, size=(nblocks, 144), dtype=np.uint8)
     raw[:, 0:4] = rng.uniform(-0.02, 0.02, (nblocks, 2)).astype(np.float16).view(np.uint8)
     oracle = quants.dequantize(raw, GGMLQuantizationType.Q4_K).reshape(nblocks, 256).astype(np.float64)
@@ -106,25 +130,42 @@ def check_layout(nblocks: int = 64, seed: int = 0) -> None:
             s, m = (s_lo, m_lo) if c < 4 else (s_hi, m_hi)
             # dec2: (1024 + q) - 1024 exact, then one fused multiply-add rounded to f16
             sq, m64 = nib.astype(np.float64) * s.astype(np.float64)[:, None], m.astype(np.float64)[:, None]
-            w = (sq + m64).astype(np.float16)
-            ref = oracle[:, 64 * q + 8 * c: 64 * q + 8 * c + 8]
-            # f16 roundings of (d sc), (dmin m) and the sum: half an ulp (2^-11 relative) each,
-            # a wrong nibble, scale or sub-block is off by a whole step of the scale
-            tol = 2.0 ** -10 * (np.abs(sq) + np.abs(m64) + np.abs(ref)) + 1e-7
-            assert np.all(np.abs(w.astype(np.float64) - ref) <= tol), f"step {q} chunk {c}"
-    print(f"check_layout: {nblocks} random blocks, every 64-K step and chunk as the decoder stores it")
+            close((sq + m64).astype(np.float16), oracle[:, 64 * q + 8 * c: 64 * q + 8 * c + 8],
+                  np.abs(sq) + np.abs(m64), f"Q4_K step {q} chunk {c}")
+
+    # Q6_K: ss_decode_q6 on a block at an even offset, as the quant stage holds it
+    raw6 = rng.integers(0, 256, size=(nblocks, 210), dtype=np.uint8)
+    raw6[:, 208:210] = rng.uniform(-0.02, 0.02, (nblocks, 1)).astype(np.float16).view(np.uint8)
+    oracle6 = quants.dequantize(raw6, GGMLQuantizationType.Q6_K).reshape(nblocks, 256).astype(np.float64)
+    d6 = raw6[:, 208:210].copy().view(np.float16)[:, 0].astype(np.float32)
+    for hs in range(4):  # the block's steps: half H = hs >> 1, P = hs & 1
+        h, p = hs >> 1, hs & 1
+        s2 = [(d6 * raw6[:, 192 + 8 * h + 4 * p + j].view(np.int8).astype(np.float32)).astype(np.float16)
+              for j in range(4)]
+        for c in range(8):
+            c4, qd = c & 3, 2 * p + (c >> 2)
+            ql = raw6[:, 64 * h + 32 * (c >> 2) + 8 * c4: 64 * h + 32 * (c >> 2) + 8 * c4 + 8]
+            qh = raw6[:, 128 + 32 * h + 8 * c4: 128 + 32 * h + 8 * c4 + 8]
+            qv = ((ql >> (4 * p)) & 15) | (((qh >> (2 * qd)) & 3) << 4)
+            sc = (s2[c4 >> 1] if c < 4 else s2[2 + (c4 >> 1)]).astype(np.float64)[:, None]
+            # dec6: (1024 + 32 + q - 32) - 1056 exact, times the f16 scale, one rounding
+            prod = (qv.astype(np.float64) - 32) * sc
+            close(prod.astype(np.float16), oracle6[:, 128 * h + 64 * p + 8 * c: 128 * h + 64 * p + 8 * c + 8],
+                  np.abs(prod), f"Q6_K step {hs} chunk {c}")
+    print(f"check_layout: {nblocks} random Q4_K and Q6_K blocks, every 64-K step and chunk as the decoders store it")
 
 
 def check_compile() -> None:
-    """The combined source through the local nvcc for sm_90a (-Xptxas -v): both SS kernels must
-    compile without a spill.  Skipped (said so) where nvcc is missing."""
+    """The combined source through the local nvcc for sm_90a (-Xptxas -v): the four SS kernels
+    (Q4_K, Q6_K; f32, f16 y) must compile without a spill.  Skipped (said so) where nvcc is
+    missing."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("check_compile: no nvcc here, skipped")
         return
     sig = ("(const u8* __restrict__, const __grid_constant__ TmaMap, void* __restrict__, float* __restrict__, "
            "u32* __restrict__, int, int, int, int);")
-    inst = "".join(f"template __global__ void {name}{sig}\n" for name in SS_NAMES.values())
+    inst = "".join(f"template __global__ void {name}{sig}\n" for name in SS_NAMES)
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / "wgmma_ss_all.cu"
         cu.write_text(ss_source(TREE_CU.read_text()) + "\n" + inst)
@@ -142,40 +183,47 @@ def check_compile() -> None:
 # ---- on the GPU ----------------------------------------------------------------------------
 
 def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., None]:
-    """A stand-in for ``launch._wgmma``: the SS kernel for Q4_K plans on the 256-token tile,
-    the tree's launch for every other plan.  Its kernels are compiled at the first call."""
+    """A stand-in for ``launch._wgmma``: the SS kernel for Q4_K and Q6_K where the Q4_K plan of
+    the shape has 256-token tiles (Q6_K split as the tree splits Q4_K), the tree's launch for
+    every other call, and for an f16 y the SS plan cannot write (atomics).  Its kernels are
+    compiled at the first call; ``run.counts`` says how many calls took which."""
+    import collections
+
     import cupy as cp
     from gguf import GGMLQuantizationType as T
 
     from cupy_kernels import launch
 
-    fns: dict[tuple[int, int], Any] = {}
+    fns: dict[tuple[int, str], Any] = {}
+    counts: collections.Counter[str] = collections.Counter()
 
-    def kernel(dev: int, out: int) -> Any:
-        if (dev, out) not in fns:
+    def kernel(dev: int, name: str) -> Any:
+        if (dev, name) not in fns:
             from cupy.cuda import compiler, function
 
-            names = list(SS_NAMES.values())
-            prog = compiler._NVRTCProgram(src_ss, "wgmma.cu", name_expressions=names, method="cubin")
+            prog = compiler._NVRTCProgram(src_ss, "wgmma.cu", name_expressions=SS_NAMES, method="cubin")
             cubin, mapping = prog.compile(("--std=c++17", "-arch=sm_90a"))
             mod = function.Module()
             mod.load(cubin)
-            for o, name in SS_NAMES.items():
-                fn = mod.get_function(mapping[name])
-                cp.cuda.driver.funcSetAttribute(fn.ptr, 8, SS_SMEM)  # max dynamic shared memory
-                fns[(dev, o)] = (fn, mod)
-        return fns[(dev, out)][0]
+            for nm in SS_NAMES:
+                fn = mod.get_function(mapping[nm])
+                qt = int(nm.split("<")[1].split(",")[0])
+                cp.cuda.driver.funcSetAttribute(fn.ptr, 8, ss_smem(qt))  # max dynamic shared memory
+                fns[(dev, nm)] = (fn, mod)
+        return fns[(dev, name)][0]
 
     def run(q: Any, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, workspace: Any) -> None:
         sms = launch.sm_count(dev)
-        plan = launch.wgmma_plan(m, n, k, sms, q)
-        if int(q) != int(T.Q4_K) or plan.ntok != SS_NTOK or plan.rows != 128:
+        qt = int(q)
+        plan = launch.wgmma_plan(m, n, k, sms, T.Q4_K)  # for both formats: units of 128 K values
+        f16_out = y.dtype == cp.float16
+        if (qt not in (Q4K, Q6K) or plan.ntok != SS_NTOK or plan.rows != 128
+                or (f16_out and (plan.atomics or n % 8))):
+            counts[f"tree {T(qt).name}"] += 1
             tree_launch(q, xc, wc, y, m, n, k, dev, workspace)
             return
-        # launch._wgmma's checks and workspace, with the SS kernel
-        f16_out = y.dtype == cp.float16
-        if f16_out and (plan.atomics or n % 8):
-            raise ValueError(f"ss: f16 y needs a plan without atomics and n % 8 == 0 (M={m}, n={n}, k={k})")
+        counts[f"ss {T(qt).name}"] += 1
+        # launch._wgmma's workspace, with the SS kernel
         part = flags = cp.uint64(0)
         if plan.atomics:
             cp.cuda.runtime.memsetAsync(y.data.ptr, 0, y.nbytes, cp.cuda.get_current_stream().ptr)
@@ -186,10 +234,11 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., 
         box_rows = launch.wgmma_x_box_rows(m, plan.ntok)
         xmap = launch._x_tensor_map(xc, box_rows)
         i32 = cp.int32
-        fn = kernel(dev, launch.X_F16 if f16_out else launch.X_F32)
+        fn = kernel(dev, ss_name(qt, launch.X_F16 if f16_out else launch.X_F32))
         fn((plan.ctas, 1, 1), (SS_THREADS,), (wc, xmap, y, part, flags, i32(m), i32(n), i32(k), i32(box_rows)),
-           shared_mem=SS_SMEM)
+           shared_mem=ss_smem(qt))
 
+    run.counts = counts  # type: ignore[attr-defined]
     return run
 
 
@@ -205,8 +254,8 @@ def main() -> None:
 
     src = TREE_CU.read_text()
     src_ss = ss_source(src)
-    os.environ.setdefault("TYPES", "Q4_K")
-    os.environ.setdefault("MS", "256,512,1024,2048")
+    os.environ.setdefault("TYPES", "Q4_K,Q6_K")
+    os.environ.setdefault("MS", "256,512,2048")
     os.environ.setdefault("SHAPES", "18944x3584,3584x18944,152064x3584,3584x3584")
     tree_launch = launch._wgmma
     ss_launch = ss_launcher(src_ss, tree_launch)
@@ -225,8 +274,10 @@ def main() -> None:
         return {"torch_bf16_us": t * 1e6, "dequant_cublas_us": wgmma_ab.timed(
             lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))}
 
-    rows = wgmma_ab.compare_sources({"tree": src, "ss": src_ss, "bare": ablations(src)["bare"]},
-                                    "wgmma-ss-ab.json", {"ss": ss_launch}, extra=extra)
+    # AB_TEACHER_ONLY=1: the teacher part alone (the device script's second call)
+    rows = [] if os.environ.get("AB_TEACHER_ONLY") == "1" else wgmma_ab.compare_sources(
+        {"tree": src, "ss": src_ss, "bare": ablations(src)["bare"]}, "wgmma-ss-ab.json", {"ss": ss_launch},
+        extra=extra)
     for r in rows:
         line = f"M={r['M']:5d} {r['N']}x{r['K']}: ss/tree {r['ss_us'] / r['tree_us']:.3f}"
         if "bare_us" in r:
@@ -237,10 +288,12 @@ def main() -> None:
         print(line, flush=True)
     if os.environ.get("TEACHER", "1") != "1":
         return
-    q4 = int(T.Q4_K)
+    q4, q6 = int(T.Q4_K), int(T.Q6_K)
     wide = dict(launch.WGMMA_WIDE)
-    wide_attn = {q4: (wide[q4][0], wide[q4][1], 3584 * 3584)}
-    wide_2048 = {q4: (wide[q4][0], 2048, wide[q4][2])}
+    lo, hi, big = wide[q4]
+    wide_q6 = {q4: (lo, hi, big), q6: (129, hi, big)}  # Q6_K from 129: where ss has 256-token tiles
+    wide_attn = {q4: (lo, hi, 3584 * 3584), q6: (129, hi, 3584 * 3584)}
+    wide_2048 = {q4: (lo, 2048, big), q6: (129, 2048, big)}
 
     def put(launcher: Callable[..., None], wide_range: dict[int, tuple[int, int, int]]) -> Callable[[], None]:
         def go() -> None:
@@ -252,15 +305,19 @@ def main() -> None:
     from teacher.q4k_teacher import Q4KTeacher
 
     teacher = Q4KTeacher.from_gguf(resolve_model("qwen2.5-7b-shape"), device=0)  # one load for both shapes
+    ss_launch.counts.clear()  # type: ignore[attr-defined]  # the teacher's launches only
     restore = put(tree_launch, wide)
     res = {"1x512": wgmma_ab.time_teacher(
-        {"tree": restore, "ss": put(ss_launch, wide), "ss_attn": put(ss_launch, wide_attn)}, restore,
-        teacher=teacher)}
+        {"tree": restore, "ss": put(ss_launch, wide), "ss_q6": put(ss_launch, wide_q6),
+         "ss_attn": put(ss_launch, wide_attn)}, restore, teacher=teacher)}
     if os.environ.get("TEACHER_4X512", "1") == "1":
         torch.cuda.empty_cache()
         res["4x512"] = wgmma_ab.time_teacher({"tree": restore, "ss_wide": put(ss_launch, wide_2048)}, restore,
                                              teacher=teacher, shape=(4, 512))
+    res["launches"] = dict(ss_launch.counts)  # type: ignore[attr-defined]
     for shape, r in res.items():
+        if shape == "launches":
+            continue
         r["over_tree"] = {v: ms / r["median_ms"]["tree"] for v, ms in r["median_ms"].items()}
         print(shape, json.dumps({"over_tree": r["over_tree"], "logits_vs_first": r["logits_vs_first"]}), flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "wgmma-ss-teacher.json"), "w") as f:
