@@ -178,7 +178,8 @@ def test_config_vocab_must_match_lm_head(native: DequantTeacher) -> None:
         DequantTeacher(bad, native.ops)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NOT RUN: needs CUDA: torch sees no CUDA device")
 def test_cuda_matches_cpu(tiny_path: Path, native: DequantTeacher) -> None:  # pragma: no cover
     gpu = DequantTeacher.from_gguf(tiny_path, device="cuda")
     ids = _ids(native.native_vocab)
