@@ -26,9 +26,9 @@
 //   without waiting.  (A fourth warpgroup for x alone does not fit: at 512 threads ptxas has
 //   128 registers a thread, and an m64n256 wgmma with its 128 accumulators needs 154.)
 //
-// Shared memory: x slots of one step (256 tokens x 64 K values, 32 KiB), six for Q4_K and four
-// for Q6_K; two decoded stages (128 rows x 64 K values, 16 KiB); for Q6_K two quant stages of
-// one block a row (128 x 224 bytes).  225 KiB (Q4_K) and 217 KiB (Q6_K) with barriers and slack.
+// Shared memory: DS (2 or 3) decoded stages (128 rows x 64 K values, 16 KiB); for Q6_K two quant
+// stages of one block a row (128 x 224 bytes); x slots of one step (256 tokens x 64 K values, 32
+// KiB), as many as fit beside them in 227 KiB: six / five for Q4_K, four / three for Q6_K.
 // The work is split as the tree's Q4_K plans split it (launch.wgmma_plan for Q4_K: units of 128
 // K values, 256-token tiles), for both formats.
 
@@ -152,32 +152,37 @@ __device__ __forceinline__ void ss_decode_q6(const u8* bp, int H, u32 dst, u32 s
     }
 }
 
-template <int QT, int NTOK>
+// DS decoded stages: with two, the decoder must finish step h + 2 while step h + 1's wgmmas run;
+// a third gives it a step of slack for one x slot less
+template <int QT, int NTOK, int DS>
 struct SsCfg {
     static_assert(NTOK == 256, "the SS variant is built for the 256-token tile only");
     static_assert(QT == QT_Q4_K || QT == QT_Q6_K, "Q4_K or Q6_K");
+    static_assert(DS == 2 || DS == 3, "two or three decoded stages");
     static constexpr int XSLOT = NTOK * 128;                  // x of one step: 64 K columns
-    static constexpr int S = QT == QT_Q6_K ? 4 : 6;           // x slots
-    static constexpr int D = 2;                               // decoded stages
+    static constexpr int D = DS;                              // decoded stages
     static constexpr int DSTAGE = 128 * 128;                  // 128 rows x 64 K values f16
     static constexpr int QROW = 224;                          // Q6_K: 14 pieces cover a row's block
     static constexpr int QS = QT == QT_Q6_K ? 2 : 0;          // Q6_K quant stages, a block a row
     static constexpr int QSTAGE = 128 * QROW;
+    // x slots: as many as fit in 227 KiB beside the rest (Q4_K 6 / 5, Q6_K 4 / 3 for DS = 2 / 3)
+    static constexpr int S = (232448 - 1024 - 192 - D * DSTAGE - QS * QSTAGE) / XSLOT;
     static constexpr int QBASE = S * XSLOT + D * DSTAGE;
     static constexpr int BARS = QBASE + QS * QSTAGE;
     // wgmma_ss_ab.py's ss_smem mirrors this: the layout, four barriers a slot / stage, slack
     static constexpr int SMEM = BARS + 8 * (2 * S + 2 * D) + 1024;
+    static_assert(S >= 3 && SMEM <= 232448, "the ring must fit an sm_90 CTA's 227 KiB");
     // setmaxnreg, as the tree's kernel: launched at 168 registers a thread, the decoder gives
     // back what the MMA warpgroups take (freed = taken, or setmaxnreg.inc hangs); at 88 the
     // Q4_K decoder spilled
     static constexpr int DEC_REGS = 104, MMA_REGS = 168 + (168 - DEC_REGS) / 2;
 };
 
-template <int QT, int NTOK, int OUT>
+template <int QT, int NTOK, int OUT, int DS>
 __global__ void __launch_bounds__(384, 1)
 wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, void* __restrict__ Y, float* __restrict__ P,
               u32* __restrict__ FLAGS, int M, int N, int K, int XBOX) {
-    typedef SsCfg<QT, NTOK> C;
+    typedef SsCfg<QT, NTOK, DS> C;
     constexpr int S = C::S, D = C::D, ROWS = 128, RG = 1;
     extern __shared__ u8 smem_raw[];
     u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);

@@ -6,19 +6,22 @@ In the tree's kernel (wgmma.cu) the two MMA warpgroups decode their own A fragme
 their wgmmas (wgmma from registers).  In ``ss`` the third warpgroup decodes every weight row of
 the tile into f16 in shared memory, in the layout wgmma's A descriptor reads, and the MMA
 warpgroups issue wgmmas with both operands in shared memory, as cuBLAS's do.  The decode is the
-tree's arithmetic, so y must equal the tree's bit for bit (Q6_K: the tree's own Q6_K GEMM runs
-128-token tiles, the same products in the same K order).  Only plans of 256-token tiles (M >= 129)
-take the variant, for Q6_K split as the tree splits Q4_K; every other launch stays the tree's.
+tree's arithmetic, so Q4_K's y must equal the tree's bit for bit (Q6_K's only where neither
+plan splits K: the tree's own Q6_K GEMM runs other plans).  Only plans of 256-token tiles (M >=
+129) take the variant, for Q6_K split as the tree splits Q4_K; every other launch stays the
+tree's.
 
-Versions: ``tree``; ``ss``; ``bare`` (wgmma_q4k_ablation's: the tree with almost no Q4_K
-decode, wrong values on purpose, the bound NOTES.md v33 measured; $VARIANTS keeps some of the
-versions besides the tree).  Shapes: the three large 7B shapes and the attention projection
-(3584 x 3584), Q4_K and Q6_K ($TYPES), at M = $MS (default 256,512,2048; the wgmma path is
-forced, so past 512 these rows say whether ss could take the chunked path's M too).  Then
-(TEACHER=0 skips it) the qwen2.5-7b-shape teacher: at 1x512 ``tree``, ``ss`` (the Q4_K FFN
-weights), ``ss_q6`` (ss, and the Q6_K ffn_down and lm_head on ss instead of decode + cuBLAS) and
-``ss_attn`` (ss_q6, and the attention projections too); at 4x512 (TEACHER_4X512=0 skips it)
-``tree`` and ``ss_wide`` (the large Q4_K and Q6_K weights on ss up to M = 2048).
+Versions: ``tree``; ``ss`` (two decoded stages) and ``ss3`` (three, one x slot less); ``bare``
+(wgmma_q4k_ablation's: the tree with almost no Q4_K decode, wrong values on purpose, the bound
+NOTES.md v33 measured; $VARIANTS keeps some of the versions besides the tree).  Shapes: the
+three large 7B shapes and the attention projection (3584 x 3584), Q4_K and Q6_K ($TYPES), at M
+= $MS (default 256,512,2048; the wgmma path is forced, so past 512 these rows say whether ss
+could take the chunked path's M too).  Then (TEACHER=0 skips it) the qwen2.5-7b-shape teacher,
+on the stage count that was faster for Q4_K at M = 512 ($SS_DS overrides): at 1x512 ``tree``,
+``ss`` (the Q4_K FFN weights), ``ss_q6`` (ss, and the Q6_K ffn_down and lm_head on ss instead of
+decode + cuBLAS) and ``ss_attn`` (ss_q6, and the attention projections too); at 4x512
+(TEACHER_4X512=0 skips it) ``tree`` and ``ss_wide`` (the large Q4_K and Q6_K weights on ss up
+to M = 2048).
 
 CPU checks, before any GPU run (``--check``): ``check_layout`` replays in numpy where the
 decoder puts each quant, scale and min, against gguf's dequantize; ``check_compile`` builds
@@ -58,19 +61,32 @@ Q4K, Q6K = 12, 14  # GGML type numbers
 SS_OUTS = (0, 2)  # f32, f16 y
 
 
-def ss_smem(qtype: int) -> int:
-    """SsCfg<qtype, 256>::SMEM in wgmma_ss.cu: x slots of one step (256 tokens x 64 K f16), two
-    decoded stages (128 rows x 64 K f16), Q6_K's two quant stages (128 rows x 224 bytes), two
-    mbarriers a slot and two a stage, 1,024 bytes of alignment slack."""
-    slots, quant = (4, 2 * 128 * 224) if qtype == Q6K else (6, 0)
-    return slots * SS_NTOK * 128 + 2 * 128 * 128 + quant + 8 * (2 * slots + 2 * 2) + 1024
+SS_DS = (2, 3)  # decoded stages (SsCfg's DS)
+SMEM_MAX = 232448  # an sm_90 CTA's dynamic shared memory, 227 KiB
 
 
-def ss_name(qtype: int, out: int) -> str:
-    return f"wgmma_ss_gemm<{qtype}, {SS_NTOK}, {out}>"
+def ss_slots(qtype: int, ds: int) -> int:
+    """SsCfg<qtype, 256, ds>::S: x slots of one step (256 tokens x 64 K f16) that fit beside ds
+    decoded stages (128 rows x 64 K f16) and Q6_K's two quant stages (128 rows x 224 bytes)."""
+    quant = 2 * 128 * 224 if qtype == Q6K else 0
+    return (SMEM_MAX - 1024 - 192 - ds * 128 * 128 - quant) // (SS_NTOK * 128)
 
 
-SS_NAMES = [ss_name(q, o) for q in (Q4K, Q6K) for o in SS_OUTS]
+def ss_smem(qtype: int, ds: int) -> int:
+    """SsCfg<qtype, 256, ds>::SMEM: the x slots, the stages, two mbarriers a slot and two a
+    decoded stage, 1,024 bytes of alignment slack."""
+    slots = ss_slots(qtype, ds)
+    quant = 2 * 128 * 224 if qtype == Q6K else 0
+    smem = slots * SS_NTOK * 128 + ds * 128 * 128 + quant + 8 * (2 * slots + 2 * ds) + 1024
+    assert slots >= 3 and smem <= SMEM_MAX, (qtype, ds, slots, smem)  # as SsCfg's static_assert
+    return smem
+
+
+def ss_name(qtype: int, out: int, ds: int) -> str:
+    return f"wgmma_ss_gemm<{qtype}, {SS_NTOK}, {out}, {ds}>"
+
+
+SS_NAMES = [ss_name(q, o, ds) for q in (Q4K, Q6K) for o in SS_OUTS for ds in SS_DS]
 # what wgmma_ss.cu uses of wgmma.cu (it is appended to it)
 NEEDS = ("struct WgWork", "struct WgSegment", "u64 desc_sw128(", "void tma_x(", "void mbar_expect_tx(",
          "void each_out(", "#define WG_KT 128", "        const int nA = n0 + rA;")
@@ -182,11 +198,13 @@ def check_compile() -> None:
 
 # ---- on the GPU ----------------------------------------------------------------------------
 
-def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., None]:
-    """A stand-in for ``launch._wgmma``: the SS kernel for Q4_K and Q6_K where the Q4_K plan of
-    the shape has 256-token tiles (Q6_K split as the tree splits Q4_K), the tree's launch for
-    every other call, and for an f16 y the SS plan cannot write (atomics).  Its kernels are
-    compiled at the first call; ``run.counts`` says how many calls took which."""
+def ss_launcher(src_ss: str, tree_launch: Callable[..., None], ds: int = 2,
+                fns: dict[tuple[int, str], Any] | None = None) -> Callable[..., None]:
+    """A stand-in for ``launch._wgmma``: the SS kernel with ``ds`` decoded stages for Q4_K and
+    Q6_K where the Q4_K plan of the shape has 256-token tiles (Q6_K split as the tree splits
+    Q4_K), the tree's launch for every other call, and for an f16 y the SS plan cannot write
+    (atomics).  Its kernels are compiled at the first call (into ``fns``, which launchers may
+    share); ``run.counts`` says how many calls took which."""
     import collections
 
     import cupy as cp
@@ -194,7 +212,7 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., 
 
     from cupy_kernels import launch
 
-    fns: dict[tuple[int, str], Any] = {}
+    fns = {} if fns is None else fns
     counts: collections.Counter[str] = collections.Counter()
 
     def kernel(dev: int, name: str) -> Any:
@@ -207,8 +225,8 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., 
             mod.load(cubin)
             for nm in SS_NAMES:
                 fn = mod.get_function(mapping[nm])
-                qt = int(nm.split("<")[1].split(",")[0])
-                cp.cuda.driver.funcSetAttribute(fn.ptr, 8, ss_smem(qt))  # max dynamic shared memory
+                qt, _, _, d = (int(v) for v in nm.split("<")[1].rstrip(">").split(","))
+                cp.cuda.driver.funcSetAttribute(fn.ptr, 8, ss_smem(qt, d))  # max dynamic shared memory
                 fns[(dev, nm)] = (fn, mod)
         return fns[(dev, name)][0]
 
@@ -234,9 +252,9 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None]) -> Callable[..., 
         box_rows = launch.wgmma_x_box_rows(m, plan.ntok)
         xmap = launch._x_tensor_map(xc, box_rows)
         i32 = cp.int32
-        fn = kernel(dev, ss_name(qt, launch.X_F16 if f16_out else launch.X_F32))
+        fn = kernel(dev, ss_name(qt, launch.X_F16 if f16_out else launch.X_F32, ds))
         fn((plan.ctas, 1, 1), (SS_THREADS,), (wc, xmap, y, part, flags, i32(m), i32(n), i32(k), i32(box_rows)),
-           shared_mem=ss_smem(qt))
+           shared_mem=ss_smem(qt, ds))
 
     run.counts = counts  # type: ignore[attr-defined]
     return run
@@ -258,7 +276,8 @@ def main() -> None:
     os.environ.setdefault("MS", "256,512,2048")
     os.environ.setdefault("SHAPES", "18944x3584,3584x18944,152064x3584,3584x3584")
     tree_launch = launch._wgmma
-    ss_launch = ss_launcher(src_ss, tree_launch)
+    shared: dict[tuple[int, str], Any] = {}  # the SS kernels, compiled once for both launchers
+    ss_by_ds = {ds: ss_launcher(src_ss, tree_launch, ds, shared) for ds in SS_DS}
     dense: dict[tuple[int, int], Any] = {}
 
     def extra(qt: T, n: int, k: int, m: int, xs: list[Any], ws: list[Any]) -> dict[str, float]:
@@ -275,19 +294,32 @@ def main() -> None:
             lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))}
 
     # AB_TEACHER_ONLY=1: the teacher part alone (the device script's second call)
+    # ss: two decoded stages, ss3: three (one x slot less)
     rows = [] if os.environ.get("AB_TEACHER_ONLY") == "1" else wgmma_ab.compare_sources(
-        {"tree": src, "ss": src_ss, "bare": ablations(src)["bare"]}, "wgmma-ss-ab.json", {"ss": ss_launch},
-        extra=extra)
+        {"tree": src, "ss": src_ss, "ss3": src_ss, "bare": ablations(src)["bare"]}, "wgmma-ss-ab.json",
+        {"ss": ss_by_ds[2], "ss3": ss_by_ds[3]}, extra=extra)
     for r in rows:
         line = f"M={r['M']:5d} {r['N']}x{r['K']}: ss/tree {r['ss_us'] / r['tree_us']:.3f}"
-        if "bare_us" in r:
-            line += f"  bare/tree {r['bare_us'] / r['tree_us']:.3f}"
+        for v in ("ss3", "bare"):
+            if f"{v}_us" in r:
+                line += f"  {v}/tree {r[v + '_us'] / r['tree_us']:.3f}"
         line += (f"  torch/tree {r['torch_bf16_us'] / r['tree_us']:.3f}  torch/ss {r['torch_bf16_us'] / r['ss_us']:.3f}"
                  f"  torch/dequant {r['torch_bf16_us'] / r['dequant_cublas_us']:.3f}"
                  f"  identical {r['ss_bit_identical']}  rel {r['ss_max_rel_diff']:.2e}")
         print(line, flush=True)
+    # the teacher runs the stage count that was faster on the large Q4_K shapes at M = 512 (kept in
+    # /tmp for the device script's second call, which the warm machine keeps); $SS_DS overrides
+    best = Path("/tmp/wgmma_ss_best_ds")
+    large = [r for r in rows if r["type"] == "Q4_K" and r["M"] == 512 and r["N"] * r["K"] >= 1 << 26
+             and "ss3_us" in r]
+    if large:
+        ds = 3 if sum(r["ss3_us"] for r in large) < sum(r["ss_us"] for r in large) else 2
+        best.write_text(str(ds))
+        print(f"decoded stages for the teacher: {ds}", flush=True)
     if os.environ.get("TEACHER", "1") != "1":
         return
+    ds = int(os.environ.get("SS_DS") or (best.read_text() if best.exists() else "2"))
+    ss_launch = ss_by_ds[ds]
     q4, q6 = int(T.Q4_K), int(T.Q6_K)
     wide = dict(launch.WGMMA_WIDE)
     lo, hi, big = wide[q4]
@@ -315,8 +347,9 @@ def main() -> None:
         res["4x512"] = wgmma_ab.time_teacher({"tree": restore, "ss_wide": put(ss_launch, wide_2048)}, restore,
                                              teacher=teacher, shape=(4, 512))
     res["launches"] = dict(ss_launch.counts)  # type: ignore[attr-defined]
+    res["decoded_stages"] = ds
     for shape, r in res.items():
-        if shape == "launches":
+        if shape in ("launches", "decoded_stages"):
             continue
         r["over_tree"] = {v: ms / r["median_ms"]["tree"] for v, ms in r["median_ms"].items()}
         print(shape, json.dumps({"over_tree": r["over_tree"], "logits_vs_first": r["logits_vs_first"]}), flush=True)

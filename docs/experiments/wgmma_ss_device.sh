@@ -4,9 +4,9 @@
 # gguf==0.19.0; carry .whl on each call). Two calls, back to back on a warm machine:
 #   STAGE=1 bash docs/experiments/wgmma_ss_device.sh   # CPU checks + kernel A/B (~5 min)
 #   STAGE=2 bash docs/experiments/wgmma_ss_device.sh   # teacher A/B (1x512, 4x512) + ncu at M = 512
-# Stage 1: tree, ss and bare, torch bf16 and decode + cuBLAS beside them, Q4_K and Q6_K on the
+# Stage 1: tree, ss (two decoded stages), ss3 (three) and bare, torch bf16 and decode + cuBLAS beside them, Q4_K and Q6_K on the
 # three large 7B shapes and 3584x3584 at M = 256, 512 and 2048 (MS, SHAPES, TYPES as wgmma_ab.cases).
-# Stage 2: the teacher (TEACHER_4X512=0 skips 4x512), then ncu of ss, the tree and cuBLAS on
+# Stage 2: the teacher on the faster of ss and ss3 (TEACHER_4X512=0 skips 4x512), then ncu of ss, the tree and cuBLAS on
 # 18944x3584 at M = 512 (NCU=0 skips it; STAGE=3 runs the ncu alone). Results under $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
