@@ -25,7 +25,12 @@ import cupy as cp
 from gguf import GGMLQuantizationType as T
 
 from cupy_kernels import launch
-from cupy_kernels.cmd_bench import _median_graph_time, _spin_kernel, random_weight_gpu
+from cupy_kernels.cmd_bench import (
+    _median_graph_time,
+    _median_torch_time,
+    _spin_kernel,
+    random_weight_gpu,
+)
 
 SHAPES = [(18944, 3584), (3584, 18944), (152064, 3584)]
 
@@ -99,6 +104,32 @@ def cases() -> Iterator[tuple[T, int, int, int, list[Any], list[Any]]]:
             for m in ms:
                 xs = [cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16) for _ in range(3)]
                 yield qt, n, k, m, ws, xs
+
+
+def baselines(dequant_from_m: int = 0) -> Callable[..., dict[str, float]]:
+    """An ``extra`` for :func:`compare`: torch bf16 (cuBLAS, x @ W.T on a random dense W of the
+    case's shape) and, from M = ``dequant_from_m``, the dispatch's decode + cuBLAS path on the
+    case's own blocks."""
+    import torch
+
+    dense: dict[tuple[int, int], Any] = {}
+
+    def extra(qt: T, n: int, k: int, m: int, xs: list[Any], ws: list[Any]) -> dict[str, float]:
+        if (n, k) not in dense:
+            dense.clear()
+            dense[(n, k)] = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        w = dense[(n, k)]
+        xt = [torch.as_tensor(x, device="cuda").to(torch.bfloat16) for x in xs]
+        yt = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        t, _, _ = _median_torch_time(torch, lambda i: torch.matmul(xt[i % 3], w.t(), out=yt), 50)
+        res = {"torch_bf16_us": t * 1e6}
+        if m >= dequant_from_m:
+            y = cp.zeros((m, n), dtype=cp.float32)
+            res["dequant_cublas_us"] = timed(
+                lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))
+        return res
+
+    return extra
 
 
 def compare(

@@ -288,12 +288,10 @@ def shuffled_source(src: str) -> str:
 
 def main() -> None:
     import cupy as cp
-    import torch
     import wgmma_ab
     from gguf import GGMLQuantizationType as T
 
     from cupy_kernels import launch
-    from cupy_kernels.cmd_bench import _median_torch_time
 
     src = (launch._HERE / "wgmma.cu").read_text()
     os.environ.setdefault("TYPES", "Q4_K")
@@ -309,23 +307,7 @@ def main() -> None:
             shuffled[key] = [shuffle_q4k(w, cp) for w in ws]
         return shuffled[key]
 
-    dense: dict[tuple[int, int], Any] = {}
-
-    def extra(qt: T, n: int, k: int, m: int, xs: list[Any], ws: list[Any]) -> dict[str, float]:
-        """torch bf16 (cuBLAS) and, for M >= 1024, the dispatch's decode + cuBLAS path."""
-        if (n, k) not in dense:
-            dense.clear()
-            dense[(n, k)] = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        w = dense[(n, k)]
-        xt = [torch.as_tensor(x, device="cuda").to(torch.bfloat16) for x in xs]
-        yt = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        t, _, _ = _median_torch_time(torch, lambda i: torch.matmul(xt[i % 3], w.t(), out=yt), 50)
-        res = {"torch_bf16_us": t * 1e6}
-        if m >= 1024:
-            y = cp.zeros((m, n), dtype=cp.float32)
-            res["dequant_cublas_us"] = wgmma_ab.timed(
-                lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))
-        return res
+    extra = wgmma_ab.baselines(dequant_from_m=1024)  # torch bf16; decode + cuBLAS from M = 1024
 
     # shuf_tall: the shuffled kernel with the tall tile (128 tokens x 256 rows) over TALL, which
     # needs half the bytes a multiply-add and twice the decode per token (NOTES.md v32). Every

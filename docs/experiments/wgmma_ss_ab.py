@@ -87,17 +87,25 @@ def ss_name(qtype: int, out: int, ds: int) -> str:
 
 
 SS_NAMES = [ss_name(q, o, ds) for q in (Q4K, Q6K) for o in SS_OUTS for ds in SS_DS]
-# what wgmma_ss.cu uses of wgmma.cu (it is appended to it)
+# what wgmma_ss.cu uses of wgmma.cu (it is appended to it), and the two ends of wgmma_gemm's
+# epilogue, which ss_source splices into wgmma_ss_gemm (RG = 1: the same accumulators and names)
 NEEDS = ("struct WgWork", "struct WgSegment", "u64 desc_sw128(", "void tma_x(", "void mbar_expect_tx(",
-         "void each_out(", "#define WG_KT 128", "        const int nA = n0 + rA;")
+         "void each_out(", "#define WG_KT 128", "u32 dec6(", "void cp_async16(u32 dst, const void* src, int bytes)")
+EPILOGUE = ("        const int nA = n0 + rA;", "    }  // segments\n}")
+EPILOGUE_MARK = "// @EPILOGUE@\n"
 
 
 def ss_source(src: str) -> str:
-    """wgmma.cu's text with the SS kernel appended."""
-    for text in NEEDS:
+    """wgmma.cu's text with the SS kernel appended, wgmma_gemm's epilogue spliced into it."""
+    for text in (*NEEDS, *EPILOGUE):
         if text not in src:
             raise SystemExit(f"wgmma.cu has changed: {text!r} not found; update wgmma_ss.cu")
-    return src + "\n" + SS_CU.read_text()
+    ss = SS_CU.read_text()
+    if ss.count(EPILOGUE_MARK) != 1:
+        raise SystemExit(f"{SS_CU} must hold {EPILOGUE_MARK.strip()!r} once")
+    start = src.index(EPILOGUE[0])
+    epilogue = src[start: src.index(EPILOGUE[1], start)]
+    return src + "\n" + ss.replace(EPILOGUE_MARK, epilogue)
 
 
 # ---- CPU checks -------------------------------------------------------------------------------
@@ -261,14 +269,12 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None], ds: int = 2,
 
 
 def main() -> None:
-    import cupy as cp
     import torch
     import wgmma_ab
     from gguf import GGMLQuantizationType as T
     from wgmma_q4k_ablation import variants as ablations
 
     from cupy_kernels import launch
-    from cupy_kernels.cmd_bench import _median_torch_time
 
     src = TREE_CU.read_text()
     src_ss = ss_source(src)
@@ -278,20 +284,7 @@ def main() -> None:
     tree_launch = launch._wgmma
     shared: dict[tuple[int, str], Any] = {}  # the SS kernels, compiled once for both launchers
     ss_by_ds = {ds: ss_launcher(src_ss, tree_launch, ds, shared) for ds in SS_DS}
-    dense: dict[tuple[int, int], Any] = {}
-
-    def extra(qt: T, n: int, k: int, m: int, xs: list[Any], ws: list[Any]) -> dict[str, float]:
-        """torch bf16 (cuBLAS) and the decode + cuBLAS path on the same case."""
-        if (n, k) not in dense:
-            dense.clear()
-            dense[(n, k)] = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        w = dense[(n, k)]
-        xt = [torch.as_tensor(x, device="cuda").to(torch.bfloat16) for x in xs]
-        yt = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        t, _, _ = _median_torch_time(torch, lambda i: torch.matmul(xt[i % 3], w.t(), out=yt), 50)
-        y = cp.zeros((m, n), dtype=cp.float32)
-        return {"torch_bf16_us": t * 1e6, "dequant_cublas_us": wgmma_ab.timed(
-            lambda i: launch.qmatmul(xs[i % 3], ws[i % len(ws)], qt, n, k, out=y, path="dequant"))}
+    extra = wgmma_ab.baselines()  # torch bf16 and decode + cuBLAS on every case
 
     # AB_TEACHER_ONLY=1: the teacher part alone (the device script's second call)
     # ss: two decoded stages, ss3: three (one x slot less)
