@@ -24,8 +24,10 @@ decode + cuBLAS) and ``ss_attn`` (ss_q6, and the attention projections too); at 
 to M = 2048).
 
 CPU checks, before any GPU run (``--check``): ``check_layout`` replays in numpy where the
-decoder puts each quant, scale and min, against gguf's dequantize; ``check_compile`` builds
-the kernel with the local nvcc for sm_90a and fails on any spill.
+decoders put each quant, scale and min, against gguf's dequantize; ``check_protocol``
+(wgmma_ss_protocol.py) replays the kernel's barrier protocol over real plans with random
+timings, against deadlocks and stale or overwritten slots and stages; ``check_compile`` builds
+the kernels with the local nvcc for sm_90a and fails on any spill.
 
 On the GPU, from the repository root:
 
@@ -352,7 +354,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--check" in sys.argv:
+        from wgmma_ss_protocol import check_protocol
+
         check_layout()
+        check_protocol()
         check_compile()
     elif "--emit" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--emit") + 1])
