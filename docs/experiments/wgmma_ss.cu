@@ -17,7 +17,7 @@
 //   K values of a step as f16 into a decoded stage, in the layout wgmma's A descriptor reads
 //   (K-major, 128-byte swizzle: 16-byte chunk c of row r at r * 128 + ((c ^ (r & 7)) << 4), as
 //   TMA lays out x).  The arithmetic is the tree's (dec2 for Q4_K, dec6 for Q6_K, the same f16
-//   roundings of the scales), so y is the tree's bit for bit.  Q4_K: it loads its row's 48
+//   roundings of the scales), so Q4_K's y is the tree's bit for bit.  Q4_K: it loads its row's 48
 //   bytes a step (block header and one quarter's 32 quant bytes) from global memory into
 //   registers, two steps ahead.  Q6_K, whose 210-byte blocks sit at any even offset: it
 //   copies its row's next block into a quant stage by cp.async (14 aligned 16-byte pieces, as
@@ -99,12 +99,20 @@ __device__ __forceinline__ void sub_scales(const uint4& h, int sb, u32& s2, u32&
 struct SsRaw {
     uint4 h, q0, q1;
 };
+// 16 read-only bytes through the non-coherent path (__ldg's load, spelled out: NVRTC compiles
+// this file without headers)
+__device__ __forceinline__ uint4 ld_nc4(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
 // row: the row's blocks as 16-byte units (a block is 9); hs: the step (64 K values) in the row
 __device__ __forceinline__ void ss_load(SsRaw& b, const uint4* __restrict__ row, int hs) {
     const uint4* blk = row + 9 * (hs >> 2);
-    b.h = __ldg(blk);
-    b.q0 = __ldg(blk + 1 + 2 * (hs & 3));
-    b.q1 = __ldg(blk + 2 + 2 * (hs & 3));
+    b.h = ld_nc4(blk);
+    b.q0 = ld_nc4(blk + 1 + 2 * (hs & 3));
+    b.q1 = ld_nc4(blk + 2 + 2 * (hs & 3));
 }
 // decode one step of a row into its 128-byte row of a decoded stage (dst), chunk c at c ^ sw
 __device__ __forceinline__ void ss_decode_q4(const SsRaw& b, int q, u32 dst, u32 sw) {
@@ -169,7 +177,7 @@ struct SsCfg {
     static constexpr int S = (232448 - 1024 - 192 - D * DSTAGE - QS * QSTAGE) / XSLOT;
     static constexpr int QBASE = S * XSLOT + D * DSTAGE;
     static constexpr int BARS = QBASE + QS * QSTAGE;
-    // wgmma_ss_ab.py's ss_smem mirrors this: the layout, four barriers a slot / stage, slack
+    // wgmma_ss_ab.py's ss_smem mirrors this: the layout, two barriers a slot and two a stage, slack
     static constexpr int SMEM = BARS + 8 * (2 * S + 2 * D) + 1024;
     static_assert(S >= 3 && SMEM <= 232448, "the ring must fit an sm_90 CTA's 227 KiB");
     // setmaxnreg, as the tree's kernel: launched at 168 registers a thread, the decoder gives
