@@ -182,28 +182,58 @@ def check_layout(nblocks: int = 64, seed: int = 0) -> None:
 
 
 def check_compile() -> None:
-    """The combined source through the local nvcc for sm_90a (-Xptxas -v): the four SS kernels
-    (Q4_K, Q6_K; f32, f16 y) must compile without a spill.  Skipped (said so) where nvcc is
-    missing."""
+    """The combined source through the local nvcc for sm_90a (-Xptxas -v): the eight SS kernels
+    (Q4_K, Q6_K; f32, f16 y; two or three stages) must compile without a spill.  Then through
+    NVRTC as the GPU run compiles it (one source, no headers, the kernels by name), where a
+    libnvrtc is found ($NVRTC_LIB, else the system's; the nvidia-cuda-nvrtc wheel has one).
+    Each part is skipped, and says so, where its compiler is missing."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("check_compile: no nvcc here, skipped")
+    else:
+        sig = ("(const u8* __restrict__, const __grid_constant__ TmaMap, void* __restrict__, float* __restrict__, "
+               "u32* __restrict__, int, int, int, int);")
+        inst = "".join(f"template __global__ void {name}{sig}\n" for name in SS_NAMES)
+        with tempfile.TemporaryDirectory() as tmp:
+            cu = Path(tmp) / "wgmma_ss_all.cu"
+            cu.write_text(ss_source(TREE_CU.read_text()) + "\n" + inst)
+            proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", str(cu), "-o",
+                                   str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"check_compile: nvcc failed:\n{proc.stderr}")
+        spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
+        regs = sorted({int(v) for v in re.findall(r"Used (\d+) registers", proc.stderr)})
+        if any(spills):
+            raise SystemExit(f"check_compile: spills ({spills} bytes of spill stores)")
+        print(f"check_compile: nvcc, {len(spills)} kernels, {regs} registers, no spill")
+    check_nvrtc()
+
+
+def check_nvrtc() -> None:
+    """NVRTC on the combined source with the SS kernels' names, as ``ss_launcher`` compiles it."""
+    import ctypes
+    import ctypes.util
+
+    path = os.environ.get("NVRTC_LIB") or ctypes.util.find_library("nvrtc")
+    if not path:
+        print("check_compile: no libnvrtc here (NVRTC_LIB), NVRTC skipped")
         return
-    sig = ("(const u8* __restrict__, const __grid_constant__ TmaMap, void* __restrict__, float* __restrict__, "
-           "u32* __restrict__, int, int, int, int);")
-    inst = "".join(f"template __global__ void {name}{sig}\n" for name in SS_NAMES)
-    with tempfile.TemporaryDirectory() as tmp:
-        cu = Path(tmp) / "wgmma_ss_all.cu"
-        cu.write_text(ss_source(TREE_CU.read_text()) + "\n" + inst)
-        proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", str(cu), "-o",
-                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"check_compile: nvcc failed:\n{proc.stderr}")
-    report = [ln for ln in proc.stderr.splitlines() if "wgmma_ss_gemm" in ln or "spill" in ln or "Used" in ln]
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
-    print("check_compile:\n  " + "\n  ".join(report))
-    if any(spills):
-        raise SystemExit(f"check_compile: spills ({spills} bytes of spill stores)")
+    lib = ctypes.CDLL(path)
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), ss_source(TREE_CU.read_text()).encode(), b"wgmma.cu", 0, None,
+                              None) != 0:
+        raise SystemExit("check_compile: nvrtcCreateProgram failed")
+    for name in SS_NAMES:
+        lib.nvrtcAddNameExpression(prog, name.encode())
+    opts = (ctypes.c_char_p * 2)(b"--std=c++17", b"-arch=sm_90a")
+    rc = lib.nvrtcCompileProgram(prog, 2, opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        raise SystemExit(f"check_compile: NVRTC failed (nvrtcResult {rc}):\n{log.value.decode()}")
+    print(f"check_compile: NVRTC ({path}), the {len(SS_NAMES)} kernels by name")
 
 
 # ---- on the GPU ----------------------------------------------------------------------------
