@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -59,27 +60,28 @@ TREE_CU = HERE.parents[1] / "cupy_kernels" / "wgmma.cu"
 SS_CU = HERE / "wgmma_ss.cu"
 
 SS_NTOK, SS_THREADS = 256, 384
-Q4K, Q6K = 12, 14  # GGML type numbers
+Q4K, Q6K = int(QT.Q4_K), int(QT.Q6_K)
 SS_OUTS = (0, 2)  # f32, f16 y
-
-
 SS_DS = (2, 3)  # decoded stages (SsCfg's DS)
 SMEM_MAX = 232448  # an sm_90 CTA's dynamic shared memory, 227 KiB
 
 
+def _quant_bytes(qtype: int) -> int:
+    """SsCfg's QS * QSTAGE: Q6_K's two quant stages of 128 rows x 224 bytes, none for Q4_K."""
+    return 2 * 128 * 224 if qtype == Q6K else 0
+
+
 def ss_slots(qtype: int, ds: int) -> int:
     """SsCfg<qtype, 256, ds>::S: x slots of one step (256 tokens x 64 K f16) that fit beside ds
-    decoded stages (128 rows x 64 K f16) and Q6_K's two quant stages (128 rows x 224 bytes)."""
-    quant = 2 * 128 * 224 if qtype == Q6K else 0
-    return (SMEM_MAX - 1024 - 192 - ds * 128 * 128 - quant) // (SS_NTOK * 128)
+    decoded stages (128 rows x 64 K f16) and the quant stages."""
+    return (SMEM_MAX - 1024 - 192 - ds * 128 * 128 - _quant_bytes(qtype)) // (SS_NTOK * 128)
 
 
 def ss_smem(qtype: int, ds: int) -> int:
     """SsCfg<qtype, 256, ds>::SMEM: the x slots, the stages, two mbarriers a slot and two a
     decoded stage, 1,024 bytes of alignment slack."""
     slots = ss_slots(qtype, ds)
-    quant = 2 * 128 * 224 if qtype == Q6K else 0
-    smem = slots * SS_NTOK * 128 + ds * 128 * 128 + quant + 8 * (2 * slots + 2 * ds) + 1024
+    smem = slots * SS_NTOK * 128 + ds * 128 * 128 + _quant_bytes(qtype) + 8 * (2 * slots + 2 * ds) + 1024
     assert slots >= 3 and smem <= SMEM_MAX, (qtype, ds, slots, smem)  # as SsCfg's static_assert
     return smem
 
@@ -117,7 +119,7 @@ def check_layout(nblocks: int = 64, seed: int = 0) -> None:
     stores in chunk c (K values 8 c .. 8 c + 7 of the step) from the bits and scales it picks
     (wgmma_ss.cu's byte and bit indexing, the f16 roundings), against gguf's dequantize of the
     block; raises AssertionError on a mismatch."""
-    from gguf import GGMLQuantizationType, quants
+    from gguf import quants
 
     rng = np.random.default_rng(seed)
 
@@ -130,7 +132,7 @@ def check_layout(nblocks: int = 64, seed: int = 0) -> None:
     # Q4_K: ss_load + ss_decode_q4
     raw = rng.integers(0, 256, size=(nblocks, 144), dtype=np.uint8)
     raw[:, 0:4] = rng.uniform(-0.02, 0.02, (nblocks, 2)).astype(np.float16).view(np.uint8)
-    oracle = quants.dequantize(raw, GGMLQuantizationType.Q4_K).reshape(nblocks, 256).astype(np.float64)
+    oracle = quants.dequantize(raw, QT.Q4_K).reshape(nblocks, 256).astype(np.float64)
     d = raw[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
     dmin = raw[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
     sb_bytes = raw[:, 4:16].astype(np.uint32)  # header bytes 4..15: h.y, h.z, h.w
@@ -162,7 +164,7 @@ def check_layout(nblocks: int = 64, seed: int = 0) -> None:
     # Q6_K: ss_decode_q6 on a block at an even offset, as the quant stage holds it
     raw6 = rng.integers(0, 256, size=(nblocks, 210), dtype=np.uint8)
     raw6[:, 208:210] = rng.uniform(-0.02, 0.02, (nblocks, 1)).astype(np.float16).view(np.uint8)
-    oracle6 = quants.dequantize(raw6, GGMLQuantizationType.Q6_K).reshape(nblocks, 256).astype(np.float64)
+    oracle6 = quants.dequantize(raw6, QT.Q6_K).reshape(nblocks, 256).astype(np.float64)
     d6 = raw6[:, 208:210].copy().view(np.float16)[:, 0].astype(np.float32)
     for hs in range(4):  # the block's steps: half H = hs >> 1, P = hs & 1
         h, p = hs >> 1, hs & 1
@@ -248,7 +250,6 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None], ds: int = 2,
     import collections
 
     import cupy as cp
-    from gguf import GGMLQuantizationType as T
 
     from cupy_kernels import launch
 
@@ -273,14 +274,14 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None], ds: int = 2,
     def run(q: Any, xc: Any, wc: Any, y: Any, m: int, n: int, k: int, dev: int, workspace: Any) -> None:
         sms = launch.sm_count(dev)
         qt = int(q)
-        plan = launch.wgmma_plan(m, n, k, sms, T.Q4_K)  # for both formats: units of 128 K values
+        plan = launch.wgmma_plan(m, n, k, sms, QT.Q4_K)  # for both formats: units of 128 K values
         f16_out = y.dtype == cp.float16
         if (qt not in (Q4K, Q6K) or plan.ntok != SS_NTOK or plan.rows != 128
                 or (f16_out and (plan.atomics or n % 8))):
-            counts[f"tree {T(qt).name}"] += 1
+            counts[f"tree {QT(qt).name}"] += 1
             tree_launch(q, xc, wc, y, m, n, k, dev, workspace)
             return
-        counts[f"ss {T(qt).name}"] += 1
+        counts[f"ss {QT(qt).name}"] += 1
         # launch._wgmma's workspace, with the SS kernel
         part = flags = cp.uint64(0)
         if plan.atomics:
@@ -303,7 +304,6 @@ def ss_launcher(src_ss: str, tree_launch: Callable[..., None], ds: int = 2,
 def main() -> None:
     import torch
     import wgmma_ab
-    from gguf import GGMLQuantizationType as T
     from wgmma_q4k_ablation import variants as ablations
 
     from cupy_kernels import launch
@@ -345,12 +345,11 @@ def main() -> None:
         return
     ds = int(os.environ.get("SS_DS") or (best.read_text() if best.exists() else "2"))
     ss_launch = ss_by_ds[ds]
-    q4, q6 = int(T.Q4_K), int(T.Q6_K)
     wide = dict(launch.WGMMA_WIDE)
-    lo, hi, big = wide[q4]
-    wide_q6 = {q4: (lo, hi, big), q6: (129, hi, big)}  # Q6_K from 129: where ss has 256-token tiles
-    wide_attn = {q4: (lo, hi, 3584 * 3584), q6: (129, hi, 3584 * 3584)}
-    wide_2048 = {q4: (lo, 2048, big), q6: (129, 2048, big)}
+    lo, hi, big = wide[Q4K]
+    wide_q6 = {Q4K: (lo, hi, big), Q6K: (129, hi, big)}  # Q6_K from 129: where ss has 256-token tiles
+    wide_attn = {Q4K: (lo, hi, 3584 * 3584), Q6K: (129, hi, 3584 * 3584)}
+    wide_2048 = {Q4K: (lo, 2048, big), Q6K: (129, 2048, big)}
 
     def put(launcher: Callable[..., None], wide_range: dict[int, tuple[int, int, int]]) -> Callable[[], None]:
         def go() -> None:

@@ -62,15 +62,15 @@ class Cta:
     s: int  # x slots
     d: int  # decoded stages
     rng: random.Random
-    xfull: list[Bar] = field(default_factory=list)
-    xempty: list[Bar] = field(default_factory=list)
-    dfull: list[Bar] = field(default_factory=list)
-    dempty: list[Bar] = field(default_factory=list)
-    xslot: list[int] = field(default_factory=list)  # the step each x slot holds (-1: none)
-    dstage: list[list[int]] = field(default_factory=list)  # per stage, the step each decoder warp wrote
+    xfull: list[Bar] = field(init=False)
+    xempty: list[Bar] = field(init=False)
+    dfull: list[Bar] = field(init=False)
+    dempty: list[Bar] = field(init=False)
+    xslot: list[int] = field(init=False)  # the step each x slot holds (-1: none)
+    dstage: list[list[int]] = field(init=False)  # per stage, the step each decoder warp wrote
     readers: dict[tuple[str, int], set[tuple[int, int]]] = field(default_factory=dict)
-    groups: list[list[int]] = field(default_factory=list)  # per MMA warpgroup: outstanding steps, in order
-    issued: list[set[int]] = field(default_factory=list)  # per MMA warpgroup: steps whose group it issued
+    groups: list[list[int]] = field(init=False)  # per MMA warpgroup: outstanding steps, in order
+    issued: list[set[int]] = field(init=False)  # per MMA warpgroup: steps whose group it issued
     landing: list[tuple[int, int]] = field(default_factory=list)  # TMA copies in flight: (slot, step)
 
     def __post_init__(self) -> None:
@@ -215,7 +215,7 @@ def check_protocol(seeds: int = 6) -> None:
     cases = 0
     for m in (256, 512, 2048):
         for n, k in shapes:
-            plan = launch.wgmma_plan(m, n, k, 132, 12)  # an H100's SMs; the SS kernel's Q4_K plans
+            plan = launch.wgmma_plan(m, n, k, 132, Q4K)  # an H100's SMs; the SS kernel's Q4_K plans
             for b in sorted({0, plan.ctas // 2, plan.ctas - 1}):
                 segments = [2 * units for _, _, units in plan.cta_segments(b)]  # two steps a unit
                 if len(segments) > 6:  # a persistent CTA's many tiles: the first six say as much
