@@ -52,6 +52,50 @@ __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
     return ok != 0;
 }
 
+// SS_WATCHDOG (the smoke build, wgmma_ss_ab.py --smoke; never timed): a wait still open after
+// SS_WD_NS records where it stood in ss_hang and gives up, and from then on every wait of the
+// grid gives up at once.  A protocol bug then ends the kernel, with wrong values and a report,
+// instead of hanging the GPU until the device call's timeout ends it (and the run with it).
+// ss_hang: [0] 1 once a wait gave up, [1] the wait (SS_AT_*), [2] block, [3] thread, [4] step,
+// [5] parity, [6] the barrier's shared-memory offset from the CTA's barriers
+enum { SS_AT_DEMPTY = 1, SS_AT_XFULL = 2, SS_AT_DFULL = 3, SS_AT_XPUMP = 4 };
+#ifdef SS_WATCHDOG
+#ifndef SS_WD_NS
+#define SS_WD_NS 250000000ull
+#endif
+extern "C" {
+__device__ u32 ss_hang[8];  // unmangled: the host finds it by name
+}
+__device__ __forceinline__ u64 global_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// whether to stop waiting: another wait gave up, or this one (begun at t0, 0 = not yet) timed out
+__device__ __forceinline__ bool ss_give_up(u64& t0, int at, int step, u32 parity, u32 off) {
+    if (*(volatile u32*)ss_hang) return true;
+    const u64 now = global_ns();
+    if (t0 == 0) t0 = now;
+    if (now - t0 < SS_WD_NS) return false;
+    if (atomicCAS(ss_hang, 0u, 1u) == 0u) {
+        ss_hang[1] = (u32)at, ss_hang[2] = blockIdx.x, ss_hang[3] = threadIdx.x;
+        ss_hang[4] = (u32)step, ss_hang[5] = parity, ss_hang[6] = off;
+        __threadfence();
+    }
+    return true;
+}
+#endif
+// mbar_wait, or with SS_WATCHDOG the bounded wait (at, step, off: what ss_hang reports)
+__device__ __forceinline__ void ss_wait(u32 bar, u32 parity, int at, int step, u32 off) {
+#ifdef SS_WATCHDOG
+    u64 t0 = 0;
+    while (!mbar_test(bar, parity))
+        if (ss_give_up(t0, at, step, parity, off)) return;
+#else
+    mbar_wait(bar, parity);
+#endif
+}
+
 __device__ __forceinline__ void st_shared4(u32 addr, u32 a, u32 b, u32 c, u32 d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -249,7 +293,7 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
         // before decoding a step: x issued where there is room, the stage handed back
         auto claim = [&]() {
             if (r == 0) x_pump();
-            if (st >= D) mbar_wait(dempty(st % D), ((st / D) - 1) & 1);
+            if (st >= D) ss_wait(dempty(st % D), ((st / D) - 1) & 1, SS_AT_DEMPTY, st, dempty(st % D) - bars);
             return dbase + (st % D) * C::DSTAGE + r * 128;
         };
         auto publish = [&]() {
@@ -316,8 +360,14 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
                 }
             }
         }
-        if (r == 0)
+        if (r == 0) {
+#ifdef SS_WATCHDOG
+            u64 t0 = 0;
+            while (!xdone && !ss_give_up(t0, SS_AT_XPUMP, xround * S + xi, (u32)(xround - 1) & 1, xempty(xi) - bars)) x_pump();
+#else
             while (!xdone) x_pump();  // (every slot is issued by now; kept for safety)
+#endif
+        }
         return;
     }
 
@@ -345,8 +395,8 @@ wgmma_ss_gemm(const u8* __restrict__ W, const __grid_constant__ TmaMap XMAP, voi
         };
         for (int i = 0; i < nh; ++i) {
             const int h = st + i;
-            mbar_wait(xfull(h % S), (h / S) & 1);
-            mbar_wait(dfull(h % D), (h / D) & 1);
+            ss_wait(xfull(h % S), (h / S) & 1, SS_AT_XFULL, h, xfull(h % S) - bars);
+            ss_wait(dfull(h % D), (h / D) & 1, SS_AT_DFULL, h, dfull(h % D) - bars);
             fence_proxy_async();
             const u32 a = dbase + (h % D) * C::DSTAGE + wg * 8192;  // this warpgroup's 64 rows
             const u32 b = sbase + (h % S) * C::XSLOT;

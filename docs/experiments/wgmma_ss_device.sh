@@ -4,7 +4,7 @@
 # gguf==0.19.0; carry .whl on each call). Two calls, back to back on a warm machine:
 #   STAGE=1 bash docs/experiments/wgmma_ss_device.sh   # CPU checks + kernel A/B (~5 min)
 #   STAGE=2 bash docs/experiments/wgmma_ss_device.sh   # teacher A/B (1x512, 4x512) + ncu at M = 512
-# Stage 1: tree, ss (two decoded stages), ss3 (three) and bare, torch bf16 and decode + cuBLAS beside them, Q4_K and Q6_K on the
+# Stage 1: the CPU checks; the smoke run (wgmma_ss_ab.py --smoke: each SS case once on the watchdog build); then tree, ss (two decoded stages), ss3 (three) and bare, torch bf16 and decode + cuBLAS beside them, Q4_K and Q6_K on the
 # three large 7B shapes and 3584x3584 at M = 256, 512 and 2048 (MS, SHAPES, TYPES as wgmma_ab.cases).
 # Stage 2: the teacher on the faster of ss and ss3 (TEACHER_4X512=0 skips 4x512), then ncu of ss, the tree and cuBLAS on
 # 18944x3584 at M = 512 (NCU=0 skips it; STAGE=3 runs the ncu alone). Results under $OUT.
@@ -12,13 +12,27 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
 STAGE=${STAGE:-1}
+# the smoke run: every SS case once on the watchdog build (a hang ends in a report, not a stuck
+# GPU); after a crash it resumes past the case that crashed. The timed runs keep what hung or
+# crashed on the tree's kernel (the log, /tmp/wgmma-ss-smoke.jsonl, says which).
+smoke() {
+  for try in 1 2 3 4 5; do
+    timeout ${SMOKE_S:-150} python3 docs/experiments/wgmma_ss_ab.py --smoke >> $OUT/ss-smoke.txt 2>&1 && break
+    echo "smoke try $try ended with rc $?"
+  done
+  cp /tmp/wgmma-ss-smoke.jsonl $OUT/ 2>/dev/null; tail -4 $OUT/ss-smoke.txt
+}
 if [ "$STAGE" = 1 ]; then
   python3 docs/experiments/wgmma_ss_ab.py --check > $OUT/ss-check.txt 2>&1 || { cat $OUT/ss-check.txt; exit 1; }
-  TEACHER=0 timeout ${AB_S:-500} python3 docs/experiments/wgmma_ss_ab.py > $OUT/ss-ab.txt 2>&1
+  rm -f /tmp/wgmma-ss-smoke.jsonl
+  smoke
+  # what is left of the call's 600 s, less a margin for the copies back
+  TEACHER=0 timeout ${AB_S:-$((570 - SECONDS))} python3 docs/experiments/wgmma_ss_ab.py > $OUT/ss-ab.txt 2>&1
   echo "ab rc $?"; grep "^M=" $OUT/ss-ab.txt | tail -40
 fi
 if [ "$STAGE" = 2 ]; then
-  timeout ${T_S:-330} python3 - > $OUT/ss-teacher.txt 2>&1 <<'PY'
+  [ -f /tmp/wgmma-ss-smoke.jsonl ] || smoke  # a fresh machine: the smoke run first
+  timeout ${T_S:-$((335 - SECONDS))} python3 - > $OUT/ss-teacher.txt 2>&1 <<'PY'
 import sys; sys.path.insert(0, "docs/experiments")
 import os
 os.environ["AB_TEACHER_ONLY"] = "1"
